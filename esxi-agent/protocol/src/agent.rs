@@ -1,0 +1,133 @@
+//! Agent HTTP API v1: paths, headers and bodies.
+//!
+//! See `docs/agent-api.md` for the full contract of each route.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::options::{AccessMode, AttachAs, DiskFormat};
+
+/// Version of this API; every path starts with `/v1`.
+pub const API_VERSION: &str = "v1";
+/// Header in which the caller names its VM.
+pub const VM_ID_HEADER: &str = "VM-Id";
+/// `GET`: agent version.
+pub const PATH_VERSION: &str = "/v1/version";
+/// `GET` lists, `POST` creates.
+pub const PATH_VOLUMES: &str = "/v1/volumes";
+
+/// Path of one volume (the name percent-encoded).
+pub fn volume_path(name: &str) -> String {
+    format!("{PATH_VOLUMES}/{}", percent_encode(name))
+}
+
+/// Path of an action (`attach`, `detach`) on one volume.
+pub fn volume_action_path(name: &str, action: &str) -> String {
+    format!("{}/{action}", volume_path(name))
+}
+
+/// Percent-encodes everything but unreserved characters (RFC 3986) and `@`.
+pub fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'@') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// `GET /v1/version` response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionInfo {
+    /// Agent release, e.g. `0.1.0`.
+    pub version: String,
+    /// API version, `v1`.
+    pub api: String,
+    /// Disk backend, e.g. `local`.
+    pub backend: String,
+    /// Configured datastores; the first is the default for short names.
+    pub datastores: Vec<String>,
+}
+
+/// `POST /v1/volumes` request.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct CreateRequest {
+    /// `vol` or `vol@datastore`.
+    pub name: String,
+    /// The `-o` options as Docker passed them.
+    #[serde(default)]
+    pub opts: BTreeMap<String, String>,
+}
+
+/// Whether a volume is attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttachStatus {
+    /// Not attached to any VM.
+    Detached,
+    /// Attached to the VM in [`VolumeInfo::attached_to`].
+    Attached,
+}
+
+/// Everything the agent knows about one volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeInfo {
+    /// Canonical `vol@datastore`.
+    pub name: String,
+    /// The volume part of the name.
+    pub volume: String,
+    /// Datastore holding the disk.
+    pub datastore: String,
+    /// Vmgroup folder under `dockvols/`.
+    pub vmgroup: String,
+    /// Virtual size in bytes.
+    pub capacity_bytes: u64,
+    /// Bytes actually allocated by the extent.
+    pub allocated_bytes: u64,
+    /// Extent allocation.
+    pub disk_format: DiskFormat,
+    /// Filesystem made on first use (`ext4`, `xfs`).
+    pub fstype: String,
+    /// VSAN policy, if one was given.
+    pub vsan_policy: Option<String>,
+    /// Access mode applied at the next mount.
+    pub access: AccessMode,
+    /// Disk mode applied at the next attach.
+    pub attach_as: AttachAs,
+    /// Attach state.
+    pub status: AttachStatus,
+    /// VM the volume is attached to.
+    pub attached_to: Option<String>,
+    /// Creation time, RFC 3339 UTC.
+    pub created: String,
+    /// VM that created the volume.
+    pub created_by: String,
+    /// Source volume, for clones.
+    pub clone_from: Option<String>,
+    /// Disk UUID in ESXi's `60 00 C2 9...` form.
+    pub disk_uuid: String,
+    /// The create options as received.
+    pub options: BTreeMap<String, String>,
+}
+
+/// `GET /v1/volumes` response.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct VolumeList {
+    /// All volumes on all datastores, sorted by name.
+    pub volumes: Vec<VolumeInfo>,
+}
+
+/// `POST /v1/volumes/{name}/attach` response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachInfo {
+    /// The volume after attach.
+    pub volume: VolumeInfo,
+    /// Block device node, when the backend knows it (`local`: `/dev/loopN`).
+    pub device: Option<String>,
+    /// Disk UUID, to find the disk in the guest (`wwn-0x6000c29...`).
+    pub disk_uuid: String,
+}

@@ -1,0 +1,82 @@
+//! Datastores: named directories laid out like ESXi's `dockvols`.
+//!
+//! ```text
+//! <datastore>/dockvols/_DEFAULT/<vol>.vmdk       descriptor
+//! <datastore>/dockvols/_DEFAULT/<vol>-flat.vmdk  extent
+//! <datastore>/dockvols/_DEFAULT/<vol>.vmfd       metadata sidecar
+//! <datastore>/dockvols/_DEFAULT/<vol>.lck        lock file
+//! ```
+//!
+//! Every path is built from a validated [`vmdk_protocol::VolumeRef`] volume
+//! part (no `/`, not `.`/`..`), so no name can leave its vmgroup folder.
+
+use std::path::{Path, PathBuf};
+
+/// Folder of all volumes on a datastore.
+pub const DOCKVOLS: &str = "dockvols";
+/// The vmgroup every VM belongs to until vmgroups are configured.
+pub const DEFAULT_VMGROUP: &str = "_DEFAULT";
+
+/// A configured datastore.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Datastore {
+    /// Name used in `vol@name`.
+    pub name: String,
+    /// Directory holding `dockvols/`.
+    pub root: PathBuf,
+    /// Whether VSAN policies may be used here.
+    pub vsan: bool,
+}
+
+impl Datastore {
+    /// `<root>/dockvols`.
+    pub fn dockvols(&self) -> PathBuf {
+        self.root.join(DOCKVOLS)
+    }
+
+    /// `<root>/dockvols/<vmgroup>`.
+    pub fn group_dir(&self, vmgroup: &str) -> PathBuf {
+        self.dockvols().join(vmgroup)
+    }
+
+    /// The files of one volume in one vmgroup.
+    pub fn disk(&self, vmgroup: &str, volume: &str) -> DiskPaths {
+        DiskPaths::new(&self.group_dir(vmgroup), volume)
+    }
+}
+
+/// The files that make up one volume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskPaths {
+    /// Volume part of the name.
+    pub volume: String,
+    /// Folder holding the files.
+    pub dir: PathBuf,
+    /// `<vol>.vmdk`.
+    pub descriptor: PathBuf,
+    /// `<vol>-flat.vmdk`.
+    pub flat: PathBuf,
+    /// `<vol>.vmfd`.
+    pub meta: PathBuf,
+    /// `<vol>.lck`.
+    pub lock: PathBuf,
+}
+
+impl DiskPaths {
+    /// Paths of `volume` inside `dir`.
+    pub fn new(dir: &Path, volume: &str) -> Self {
+        Self {
+            volume: volume.to_owned(),
+            dir: dir.to_owned(),
+            descriptor: dir.join(format!("{volume}.vmdk")),
+            flat: dir.join(format!("{volume}-flat.vmdk")),
+            meta: dir.join(format!("{volume}.vmfd")),
+            lock: dir.join(format!("{volume}.lck")),
+        }
+    }
+
+    /// File name of the extent, as written in the descriptor.
+    pub fn flat_file_name(&self) -> String {
+        format!("{}-flat.vmdk", self.volume)
+    }
+}

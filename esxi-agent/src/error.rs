@@ -1,0 +1,174 @@
+//! The agent's error type and its one mapping to wire codes.
+
+use std::error::Error as StdError;
+
+use vmdk_protocol::{ErrorBody, ErrorCode, NameError, OptionError};
+
+use crate::backend::BackendError;
+use crate::meta::MetaError;
+use crate::policy::PolicyError;
+
+/// Everything a volume operation can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The request itself is malformed.
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    /// The `VM-Id` header is missing or malformed.
+    #[error("missing or invalid VM-Id header: {0}")]
+    MissingVmId(String),
+    /// The volume name breaks the rules.
+    #[error(transparent)]
+    InvalidName(#[from] NameError),
+    /// A create option is bad.
+    #[error(transparent)]
+    InvalidOption(#[from] OptionError),
+    /// `vol@ds` names a datastore that is not configured.
+    #[error("Invalid datastore '{datastore}'.\nKnown datastores: {}.\nDefault datastore: {default}", known.join(", "))]
+    UnknownDatastore {
+        /// The datastore asked for.
+        datastore: String,
+        /// The configured datastores.
+        known: Vec<String>,
+        /// The default datastore.
+        default: String,
+    },
+    /// A VSAN policy cannot be used.
+    #[error("{0}")]
+    InvalidPolicy(String),
+    /// The volume does not exist.
+    #[error("Volume {name} not found (file: {path})")]
+    NotFound {
+        /// Canonical name.
+        name: String,
+        /// Descriptor path.
+        path: String,
+    },
+    /// The clone source does not exist.
+    #[error("Could not find volume for cloning {source_name}")]
+    CloneSourceNotFound {
+        /// The `clone-from` value.
+        source_name: String,
+    },
+    /// The volume already exists.
+    #[error("Volume {name} already exists (file: {path})")]
+    AlreadyExists {
+        /// Canonical name.
+        name: String,
+        /// Descriptor path.
+        path: String,
+    },
+    /// Remove of an attached volume.
+    #[error("Failed to remove volume {name}, in use by VM = {vm}.")]
+    InUse {
+        /// Canonical name.
+        name: String,
+        /// The VM it is attached to.
+        vm: String,
+    },
+    /// Clone of an attached volume.
+    #[error("Cannot clone volume {name}: it is attached to VM {vm}; only detached volumes can be cloned")]
+    CloneSourceAttached {
+        /// Canonical name of the source.
+        name: String,
+        /// The VM it is attached to.
+        vm: String,
+    },
+    /// Attach of a volume attached to another VM.
+    #[error("Volume {name} is attached to VM {vm}; it must be detached there before VM {requester} can use it")]
+    AttachedElsewhere {
+        /// Canonical name.
+        name: String,
+        /// The VM holding it.
+        vm: String,
+        /// The VM asking.
+        requester: String,
+    },
+    /// Metadata could not be read or written.
+    #[error("volume {name}")]
+    Meta {
+        /// Canonical name.
+        name: String,
+        /// The cause.
+        #[source]
+        source: MetaError,
+    },
+    /// The backend failed.
+    #[error("volume {name}")]
+    Backend {
+        /// Canonical name.
+        name: String,
+        /// The cause.
+        #[source]
+        source: BackendError,
+    },
+    /// A datastore folder could not be created or read.
+    #[error("{op} {path}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The path.
+        path: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A blocking task panicked or was cancelled.
+    #[error("internal error: {0}")]
+    Internal(String),
+    /// A VSAN policy operation failed (see [`PolicyError::code`]).
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    /// `vmdk-agent set` was given options that cannot be changed.
+    #[error("Invalid options: [{}] \nOptions that can be edited: ['access', 'attach-as']", keys.iter().map(|k| format!("'{k}'")).collect::<Vec<_>>().join(", "))]
+    NotEditable {
+        /// The keys that cannot be edited, sorted.
+        keys: Vec<String>,
+    },
+}
+
+impl AgentError {
+    /// The stable wire code. One exhaustive match: a new variant does not
+    /// compile until someone decides its code.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::InvalidRequest(_) => ErrorCode::InvalidRequest,
+            Self::MissingVmId(_) => ErrorCode::MissingVmId,
+            Self::InvalidName(_) => ErrorCode::InvalidName,
+            Self::InvalidOption(_) => ErrorCode::InvalidOption,
+            Self::UnknownDatastore { .. } => ErrorCode::UnknownDatastore,
+            Self::InvalidPolicy(_) => ErrorCode::InvalidPolicy,
+            Self::NotFound { .. } => ErrorCode::NotFound,
+            Self::CloneSourceNotFound { .. } => ErrorCode::InvalidOption,
+            Self::AlreadyExists { .. } => ErrorCode::AlreadyExists,
+            Self::InUse { .. } | Self::CloneSourceAttached { .. } => ErrorCode::InUse,
+            Self::AttachedElsewhere { .. } => ErrorCode::AttachedElsewhere,
+            Self::Backend { .. } => ErrorCode::Backend,
+            Self::Meta { .. } | Self::Io { .. } => ErrorCode::Io,
+            Self::Internal(_) => ErrorCode::Internal,
+            Self::Policy(e) => e.code(),
+            Self::NotEditable { .. } => ErrorCode::InvalidOption,
+        }
+    }
+
+    /// The wire body, with the whole cause chain in `message`.
+    pub fn to_body(&self) -> ErrorBody {
+        ErrorBody::new(self.code(), error_chain(self))
+    }
+}
+
+/// `outer: cause: root cause`, skipping causes whose text the outer message
+/// already contains.
+pub fn error_chain(err: &dyn StdError) -> String {
+    let mut msg = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        let s = e.to_string();
+        if !msg.contains(&s) {
+            msg.push_str(": ");
+            msg.push_str(&s);
+        }
+        cur = e.source();
+    }
+    msg
+}

@@ -1,0 +1,453 @@
+//! `vmdk-agent`: serve the agent API, or run an admin command.
+//!
+//! The admin commands (`ls`, `set`, `policy`, `status`) work on the
+//! datastores of `--config` / `--datastore` directly, whether the service
+//! runs or not, taking the same per-volume file locks it takes. See
+//! `docs/admin-cli.md`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde_json::json;
+use vmdk_agent::admin::{self, probe};
+use vmdk_agent::backend::local::LocalBackend;
+use vmdk_agent::backend::loopdev::LinuxLoops;
+use vmdk_agent::config::{AgentConfig, BackendKind, DEFAULT_SOCKET};
+use vmdk_agent::error::error_chain;
+use vmdk_agent::policy::PolicyExpr;
+use vmdk_agent::server::{serve, Listeners};
+use vmdk_agent::{AgentError, VolumeService};
+
+/// Host agent of vmdk: VMDK volumes for Docker on vSphere datastores.
+///
+/// `serve` runs the agent API; the other commands administer volumes and
+/// VSAN policies on the configured datastores, whether the service runs or
+/// not. Exit status: 0 on success, 2 on failure.
+#[derive(Debug, Parser)]
+#[command(
+    name = "vmdk-agent",
+    version,
+    about,
+    long_about,
+    subcommand_required = true,
+    arg_required_else_help = true
+)]
+struct Cli {
+    /// TOML configuration file (see docs/configuration.md).
+    #[arg(long, global = true, env = "VMDK_AGENT_CONFIG")]
+    config: Option<PathBuf>,
+    /// A datastore as NAME=DIR, or NAME=DIR,vsan for a VSAN datastore;
+    /// repeatable. Added after those in --config.
+    #[arg(long = "datastore", value_name = "NAME=DIR[,vsan]", global = true)]
+    datastores: Vec<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the agent API.
+    Serve {
+        /// Unix socket to listen on (mode 0600).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Also listen on TCP, e.g. 127.0.0.1:7981.
+        #[arg(long)]
+        tcp: Option<std::net::SocketAddr>,
+    },
+    /// List volumes on every configured datastore.
+    Ls(LsArgs),
+    /// Change a volume's access or attach-as; applies at its next attach.
+    Set(SetArgs),
+    /// Manage VSAN storage policies (kept in dockvols/policies on the VSAN
+    /// datastore).
+    #[command(subcommand, arg_required_else_help = true)]
+    Policy(PolicyCommand),
+    /// Show version, service state, datastores and policies.
+    Status(StatusArgs),
+}
+
+/// Output format of the listing commands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Format {
+    /// Aligned columns, for people.
+    Table,
+    /// JSON, for scripts.
+    Json,
+}
+
+#[derive(Debug, Args)]
+struct LsArgs {
+    /// Columns to show, comma-separated: volume, datastore, vmgroup,
+    /// capacity, used, fstype, policy, disk-format, attached-to, access,
+    /// attach-as, created-by, created. Default: all.
+    #[arg(short = 'c', long = "columns", value_name = "COL1,COL2")]
+    columns: Option<String>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    format: Format,
+}
+
+#[derive(Debug, Args)]
+struct SetArgs {
+    /// The volume, as vol@datastore (vol alone means the first datastore).
+    #[arg(long, value_name = "VOL@DS")]
+    volume: String,
+    /// Settings as key=value[,key=value]: access=read-write|read-only,
+    /// attach-as=independent_persistent|persistent.
+    #[arg(long, value_name = "K=V[,K=V]")]
+    options: String,
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// Create a policy.
+    Create {
+        /// Policy name, e.g. SW=2 (becomes a file name: no '/', not '.').
+        #[arg(long)]
+        name: String,
+        /// VSAN policy expression, e.g. '(("stripeWidth" i2))'.
+        #[arg(long)]
+        content: String,
+    },
+    /// Remove a policy; refused while a volume uses it.
+    Rm {
+        /// Policy name.
+        #[arg(long)]
+        name: String,
+    },
+    /// List policies with the volumes using them.
+    Ls {
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Change a policy's content and re-apply it to every volume using it.
+    Update {
+        /// Policy name.
+        #[arg(long)]
+        name: String,
+        /// New VSAN policy expression.
+        #[arg(long)]
+        content: String,
+    },
+}
+
+#[derive(Debug, Args)]
+struct StatusArgs {
+    /// The service's socket. Default: `socket` in --config, else
+    /// /run/vmdk/agent.sock.
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    format: Format,
+}
+
+fn load_config(config: Option<&PathBuf>, datastores: &[String]) -> anyhow::Result<AgentConfig> {
+    let mut cfg = match config {
+        Some(p) => AgentConfig::from_file(p)?,
+        None => AgentConfig::default(),
+    };
+    for d in datastores {
+        cfg.add_datastore_flag(d)?;
+    }
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+fn service(cfg: &AgentConfig) -> anyhow::Result<Arc<VolumeService>> {
+    let backend = match cfg.backend {
+        BackendKind::Local => Arc::new(LocalBackend::new(Arc::new(LinuxLoops::default()))),
+    };
+    Ok(Arc::new(
+        VolumeService::new(cfg, backend).map_err(|e| anyhow::anyhow!(error_chain(&e)))?,
+    ))
+}
+
+/// An agent error with its whole cause chain, for anyhow.
+fn chain(e: AgentError) -> anyhow::Error {
+    anyhow::anyhow!(error_chain(&e))
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The service logs at info; admin commands print their own results and
+    // log only warnings, so their output stays clean.
+    let serving = matches!(cli.command, Command::Serve { .. });
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("VMDK_LOG")
+                .unwrap_or_else(|_| if serving { "info" } else { "warn" }.into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    if serving {
+        logs.init();
+    } else {
+        logs.without_time().with_target(false).init();
+    }
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ERROR: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let cfg = || load_config(cli.config.as_ref(), &cli.datastores);
+    match cli.command {
+        Command::Serve { socket, tcp } => {
+            let cfg = cfg()?;
+            let svc = service(&cfg)?;
+            let listeners = Listeners {
+                socket: socket
+                    .or(cfg.socket.clone())
+                    .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET)),
+                tcp: tcp.or(cfg.tcp),
+            };
+            let rt = tokio::runtime::Runtime::new().context("start runtime")?;
+            rt.block_on(serve(svc, listeners, shutdown_signal()))
+                .context("serve agent API")
+        }
+        Command::Ls(args) => ls(&*service(&cfg()?)?, &args),
+        Command::Set(args) => set(&*service(&cfg()?)?, &args),
+        Command::Policy(cmd) => policy(&*service(&cfg()?)?, cmd),
+        Command::Status(args) => status(cfg(), &args),
+    }
+}
+
+fn ls(svc: &VolumeService, args: &LsArgs) -> anyhow::Result<()> {
+    let cols = match &args.columns {
+        Some(list) => admin::parse_columns(list)?,
+        None => admin::all_columns(),
+    };
+    let volumes = svc.inventory().map_err(chain)?;
+    let out = match args.format {
+        Format::Table => admin::volume_table(&volumes, &cols, |name| {
+            svc.datastores().iter().any(|d| d.name == name && d.vsan)
+        }),
+        Format::Json => format!("{:#}\n", admin::volume_json(&volumes, &cols)),
+    };
+    print_out(&out)
+}
+
+/// Prints to stdout; a closed pipe (`| head`) is not an error.
+fn print_out(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other.context("write output"),
+    }
+}
+
+fn set(svc: &VolumeService, args: &SetArgs) -> anyhow::Result<()> {
+    let failed = || format!("Failed to update {} for {}", args.options, args.volume);
+    let opts = admin::parse_options_arg(&args.options).with_context(failed)?;
+    let info = svc
+        .set_options(&args.volume, &opts)
+        .map_err(chain)
+        .with_context(failed)?;
+    println!("Successfully updated settings for {}", info.name);
+    Ok(())
+}
+
+/// Warns about capabilities vmdk does not check (typos, newer vSAN ones).
+fn warn_unknown(expr: &PolicyExpr) {
+    for (cap, suggestion) in expr.unknown_capabilities() {
+        let hint = match suggestion {
+            Some(s) => format!("; did you mean \"{s}\"?"),
+            None => String::new(),
+        };
+        eprintln!("warning: \"{cap}\" is not a capability vmdk-agent checks; it is stored as given{hint}");
+    }
+}
+
+fn policy(svc: &VolumeService, cmd: PolicyCommand) -> anyhow::Result<()> {
+    match cmd {
+        PolicyCommand::Create { name, content } => {
+            let expr = svc.policy_create(&name, &content).map_err(chain)?;
+            warn_unknown(&expr);
+            println!("Successfully created policy: {name}");
+        }
+        PolicyCommand::Rm { name } => {
+            svc.policy_remove(&name).map_err(chain)?;
+            println!("Successfully removed policy: {name}");
+        }
+        PolicyCommand::Update { name, content } => {
+            let (expr, report) = svc.policy_update(&name, &content).map_err(chain)?;
+            warn_unknown(&expr);
+            println!("Successfully updated policy {name}");
+            let total = report.updated.len() + report.failed.len();
+            if total > 0 {
+                println!(
+                    "Re-applied to {} of {total} volume{} using it.",
+                    report.updated.len(),
+                    if total == 1 { "" } else { "s" }
+                );
+            }
+            if !report.failed.is_empty() {
+                for (vol, why) in &report.failed {
+                    eprintln!("Failed to update {vol}: {why}");
+                }
+                anyhow::bail!(
+                    "policy {name} could not be re-applied to {} of {total} volumes: {}",
+                    report.failed.len(),
+                    report
+                        .failed
+                        .iter()
+                        .map(|(v, _)| v.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+        }
+        PolicyCommand::Ls { format } => {
+            let policies = svc.policies().map_err(chain)?;
+            match format {
+                Format::Json => print_out(&format!("{:#}\n", json!(policies)))?,
+                Format::Table => {
+                    let rows: Vec<Vec<String>> = policies
+                        .iter()
+                        .map(|p| {
+                            let active = match p.volumes.len() {
+                                0 => "Unused".to_owned(),
+                                1 => "In use by 1 volume".to_owned(),
+                                n => format!("In use by {n} volumes"),
+                            };
+                            vec![p.name.clone(), p.content.clone(), active, volume_summary(&p.volumes)]
+                        })
+                        .collect();
+                    print_out(&admin::render_table(
+                        &["Policy Name", "Policy Content", "Active", "Volumes"],
+                        &rows,
+                    ))?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `a@ds, b@ds, c@ds and 7 more` (the JSON output has them all).
+fn volume_summary(volumes: &[String]) -> String {
+    const SHOWN: usize = 3;
+    let mut s = volumes.iter().take(SHOWN).cloned().collect::<Vec<_>>().join(", ");
+    if volumes.len() > SHOWN {
+        s.push_str(&format!(" and {} more", volumes.len() - SHOWN));
+    }
+    s
+}
+
+fn status(cfg: anyhow::Result<AgentConfig>, args: &StatusArgs) -> anyhow::Result<()> {
+    let socket = args
+        .socket
+        .clone()
+        .or_else(|| cfg.as_ref().ok().and_then(|c| c.socket.clone()))
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
+    let state = probe::probe(&socket, Duration::from_secs(5));
+    // Without datastores there is still a service to report on.
+    let svc = cfg.and_then(|c| service(&c));
+    let (usage, policies) = match &svc {
+        Ok(svc) => (
+            Ok(svc.datastore_usage()),
+            match svc.policy_store() {
+                Ok(_) => svc.policies().map(Some).map_err(|e| error_chain(&e)),
+                Err(_) => Ok(None),
+            },
+        ),
+        Err(e) => (Err(format!("{e:#}")), Ok(None)),
+    };
+    if args.format == Format::Json {
+        let service = match &state {
+            probe::ServiceState::Running(v) => json!({"status": "running", "socket": socket, "agent": v}),
+            probe::ServiceState::Stopped { reason } => {
+                json!({"status": "stopped", "socket": socket, "reason": reason})
+            }
+            probe::ServiceState::NotResponding { reason } => {
+                json!({"status": "not responding", "socket": socket, "reason": reason})
+            }
+        };
+        let doc = json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "service": service,
+            "datastores": usage.as_ref().ok(),
+            "datastores_error": usage.as_ref().err(),
+            "policies": policies.as_ref().ok().and_then(Option::as_ref),
+            "policies_error": policies.as_ref().err(),
+        });
+        return print_out(&format!("{doc:#}\n"));
+    }
+    let mut out = String::new();
+    out.push_str("=== Service:\n");
+    out.push_str(&format!("Version: {}\n", env!("CARGO_PKG_VERSION")));
+    out.push_str(&format!("Status: {}\n", state.label()));
+    out.push_str(&format!("Socket: {}\n", socket.display()));
+    match &state {
+        probe::ServiceState::Running(v) => {
+            out.push_str(&format!("Service version: {} (API {})\n", v.version, v.api));
+            out.push_str(&format!("Backend: {}\n", v.backend));
+            out.push_str(&format!("Serving datastores: {}\n", v.datastores.join(", ")));
+        }
+        probe::ServiceState::Stopped { reason } | probe::ServiceState::NotResponding { reason } => {
+            out.push_str(&format!("Reason: {reason}\n"));
+        }
+    }
+    out.push_str("=== Datastores:\n");
+    match &usage {
+        Ok(usage) => {
+            let rows: Vec<Vec<String>> = usage
+                .iter()
+                .map(|d| {
+                    vec![
+                        d.name.clone(),
+                        d.path.display().to_string(),
+                        if d.vsan { "yes" } else { "no" }.to_owned(),
+                        d.volumes.to_string(),
+                        d.free_bytes.map_or("N/A".into(), admin::human_size),
+                        d.total_bytes.map_or("N/A".into(), admin::human_size),
+                    ]
+                })
+                .collect();
+            out.push_str(&admin::render_table(
+                &["Datastore", "Path", "VSAN", "Volumes", "Free", "Size"],
+                &rows,
+            ));
+        }
+        Err(e) => out.push_str(&format!("N/A: {e}\n")),
+    }
+    out.push_str("=== Policies:\n");
+    match &policies {
+        Ok(Some(list)) if list.is_empty() => out.push_str("None\n"),
+        Ok(Some(list)) => {
+            let rows: Vec<Vec<String>> = list
+                .iter()
+                .map(|p| vec![p.name.clone(), p.content.clone(), p.volumes.len().to_string()])
+                .collect();
+            out.push_str(&admin::render_table(
+                &["Policy Name", "Policy Content", "Volumes"],
+                &rows,
+            ));
+        }
+        Ok(None) => out.push_str("N/A (no VSAN datastore configured)\n"),
+        Err(e) => out.push_str(&format!("N/A: {e}\n")),
+    }
+    print_out(&out)
+}

@@ -1,0 +1,411 @@
+//! VSAN storage policies: named policy expressions kept on the datastore.
+//!
+//! A policy is a file `<vsan datastore>/dockvols/policies/<name>` holding
+//! one VSAN policy expression and a newline, exactly as the original vDVS
+//! kept them, so every host that sees the datastore sees the same policies.
+//! Policies live on the first datastore configured with `vsan = true` (the
+//! original's rule: a host sees one vSAN datastore).
+//!
+//! * [`expr`]: the expression parser and capability checks;
+//! * [`PolicyStore`]: the folder, its files and its lock;
+//! * the operations themselves (create, update, remove, list, use by a
+//!   volume) are [`crate::VolumeService`] methods, because they need the
+//!   volumes that use a policy.
+//!
+//! Locking: `dockvols/policies/.lock` is taken shared by a volume create
+//! that uses a policy and exclusive by policy create, update and remove, so
+//! a policy cannot disappear between the check and the volume's metadata
+//! write. The policy lock is always taken before any volume lock.
+
+pub mod expr;
+
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{Flock, FlockArg};
+use vmdk_protocol::ErrorCode;
+
+pub use expr::{ContentError, PolicyExpr};
+
+use crate::datastore::Datastore;
+
+/// Folder of the policy files under `dockvols/`.
+pub const POLICIES_DIR: &str = "policies";
+/// Lock file inside the policy folder (hidden, so never a policy name).
+pub const LOCK_FILE: &str = ".lock";
+/// Longest policy name, in characters.
+pub const MAX_NAME_CHARS: usize = 100;
+/// Longest policy name in UTF-8 bytes (it is a file name).
+pub const MAX_NAME_BYTES: usize = 240;
+
+/// Why a policy operation failed. The texts follow the original where it
+/// had one.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    /// The name cannot be a policy name.
+    #[error("invalid policy name {name:?}: {reason}")]
+    BadName {
+        /// The name given.
+        name: String,
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// The content is not a valid policy expression.
+    #[error("policy {name}")]
+    BadContent {
+        /// The policy.
+        name: String,
+        /// Where and what.
+        #[source]
+        source: ContentError,
+    },
+    /// No datastore is marked VSAN.
+    #[error("VSAN datastore does not exist: policies live in dockvols/policies on a datastore marked `vsan = true` in the agent configuration (or --datastore NAME=DIR,vsan)")]
+    NoVsanDatastore,
+    /// A policy was used for a volume on a datastore that is not VSAN.
+    #[error("Cannot use a VSAN policy on a non-VSAN datastore (datastore {datastore} is not marked vsan in the agent configuration)")]
+    NotVsan {
+        /// The volume's datastore.
+        datastore: String,
+    },
+    /// `policy create` of a name that exists.
+    #[error("Policy {name} already exists (file: {path})")]
+    AlreadyExists {
+        /// The policy.
+        name: String,
+        /// Its file.
+        path: String,
+    },
+    /// The policy does not exist.
+    #[error("Policy {name} does not exist.{}", available_text(.available))]
+    NotFound {
+        /// The policy asked for.
+        name: String,
+        /// The policies that do exist, sorted.
+        available: Vec<String>,
+    },
+    /// `policy rm` of a policy that volumes still use.
+    #[error("Cannot remove. Policy {name} is in use by {}", in_use_text(.volumes))]
+    InUse {
+        /// The policy.
+        name: String,
+        /// The volumes using it (`vol@ds`), sorted.
+        volumes: Vec<String>,
+    },
+    /// `policy update` with the content the policy already has.
+    #[error("New policy is identical to old policy. Ignoring. (policy {name})")]
+    Identical {
+        /// The policy.
+        name: String,
+    },
+    /// `policy update` could not re-apply the policy to any volume using
+    /// it, so the old content was restored.
+    #[error("Failed to update policy {name}: it could not be applied to any of the {} volumes using it; the old policy content was restored.{}", failures.len(), failures_text(.failures))]
+    UpdateFailed {
+        /// The policy.
+        name: String,
+        /// Each volume and why it failed.
+        failures: Vec<(String, String)>,
+    },
+    /// The policy folder or a policy file could not be read or written.
+    #[error("{op} {path}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The file or folder.
+        path: String,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn available_text(available: &[String]) -> String {
+    if available.is_empty() {
+        return String::new();
+    }
+    let quoted: Vec<String> = available.iter().map(|p| format!("'{p}'")).collect();
+    format!(" Available policies are: [{}]", quoted.join(", "))
+}
+
+fn in_use_text(volumes: &[String]) -> String {
+    const NAMED: usize = 5;
+    match volumes {
+        [] => "no volume".into(),
+        [one] => one.clone(),
+        [first, rest @ ..] => format!(
+            "{first} and {} more volume{} ({}{})",
+            rest.len(),
+            if rest.len() == 1 { "" } else { "s" },
+            rest.iter().take(NAMED).cloned().collect::<Vec<_>>().join(", "),
+            if rest.len() > NAMED { ", ..." } else { "" }
+        ),
+    }
+}
+
+fn failures_text(failures: &[(String, String)]) -> String {
+    failures.iter().map(|(v, e)| format!("\n  {v}: {e}")).collect()
+}
+
+impl PolicyError {
+    /// The wire code (one exhaustive match, like [`crate::AgentError::code`]).
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::BadName { .. }
+            | Self::BadContent { .. }
+            | Self::NoVsanDatastore
+            | Self::NotVsan { .. }
+            | Self::NotFound { .. }
+            | Self::Identical { .. } => ErrorCode::InvalidPolicy,
+            Self::AlreadyExists { .. } => ErrorCode::AlreadyExists,
+            Self::InUse { .. } => ErrorCode::InUse,
+            Self::UpdateFailed { .. } => ErrorCode::Backend,
+            Self::Io { .. } => ErrorCode::Io,
+        }
+    }
+}
+
+/// Checks that `name` can be a policy (and so a file) name: 1–100
+/// characters, none of `/ \ "`, NUL or control characters, not starting
+/// with `.` (hidden files are the store's own) and not ending in `.tmp`
+/// (atomic writes use it). `SW=2`, `gold`, `RAID-5 fast` are fine.
+pub fn validate_name(name: &str) -> Result<(), PolicyError> {
+    let reason = if name.is_empty() {
+        Some("it is empty")
+    } else if name.chars().count() > MAX_NAME_CHARS || name.len() > MAX_NAME_BYTES {
+        Some("it is longer than 100 characters (240 bytes)")
+    } else if name
+        .chars()
+        .any(|c| matches!(c, '/' | '\\' | '"' | '\0') || c.is_control())
+    {
+        Some("it contains '/', '\\', '\"', NUL or control characters")
+    } else if name.starts_with('.') {
+        Some("it starts with '.' ('.', '..' and hidden files are reserved)")
+    } else if name.ends_with(".tmp") {
+        Some("it ends with '.tmp' (reserved for files being written)")
+    } else if name.trim() != name {
+        Some("it starts or ends with whitespace")
+    } else {
+        None
+    };
+    match reason {
+        Some(reason) => Err(PolicyError::BadName {
+            name: name.to_owned(),
+            reason,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Parses `content` as the content of policy `name`.
+pub fn parse_content(name: &str, content: &str) -> Result<PolicyExpr, PolicyError> {
+    PolicyExpr::parse(content).map_err(|source| PolicyError::BadContent {
+        name: name.to_owned(),
+        source,
+    })
+}
+
+/// A held policy-folder lock, released on drop.
+#[derive(Debug)]
+pub struct PolicyLock {
+    _file: Flock<File>,
+}
+
+/// The policy folder of one VSAN datastore.
+#[derive(Debug, Clone)]
+pub struct PolicyStore {
+    dir: PathBuf,
+    datastore: String,
+}
+
+impl PolicyStore {
+    /// The store of the first VSAN datastore in `datastores`.
+    pub fn of(datastores: &[Datastore]) -> Result<Self, PolicyError> {
+        let ds = datastores.iter().find(|d| d.vsan).ok_or(PolicyError::NoVsanDatastore)?;
+        Ok(Self {
+            dir: ds.dockvols().join(POLICIES_DIR),
+            datastore: ds.name.clone(),
+        })
+    }
+
+    /// `<datastore>/dockvols/policies`.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The datastore holding the policies.
+    pub fn datastore(&self) -> &str {
+        &self.datastore
+    }
+
+    /// The file of a (validated) policy name.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> PolicyError + 'a {
+        move |source| PolicyError::Io {
+            op,
+            path: path.display().to_string(),
+            source,
+        }
+    }
+
+    fn lock(&self, arg: FlockArg) -> Result<PolicyLock, PolicyError> {
+        let path = self.dir.join(LOCK_FILE);
+        let file = crate::lock::lock_file(&path, arg).map_err(Self::io("lock", &path))?;
+        Ok(PolicyLock { _file: file })
+    }
+
+    /// Shared lock for using a policy; `None` when no policy was ever
+    /// created (the folder does not exist, and using a policy creates
+    /// nothing).
+    pub fn lock_shared(&self) -> Result<Option<PolicyLock>, PolicyError> {
+        if !self.dir.is_dir() {
+            return Ok(None);
+        }
+        self.lock(FlockArg::LockShared).map(Some)
+    }
+
+    /// Exclusive lock for changing policies; creates the folder.
+    pub fn lock_exclusive(&self) -> Result<PolicyLock, PolicyError> {
+        std::fs::create_dir_all(&self.dir).map_err(Self::io("create policy folder", &self.dir))?;
+        self.lock(FlockArg::LockExclusive)
+    }
+
+    /// The content of a policy (without the trailing newline).
+    pub fn read(&self, name: &str) -> Result<Option<String>, PolicyError> {
+        let path = self.path(name);
+        match std::fs::read_to_string(&path) {
+            Ok(s) => Ok(Some(s.trim_end_matches(['\n', '\r']).to_owned())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Self::io("read policy", &path)(e)),
+        }
+    }
+
+    /// Every policy as (name, content), sorted by name. Files that cannot
+    /// be policies (the lock, temp files) are skipped.
+    pub fn list(&self) -> Result<Vec<(String, String)>, PolicyError> {
+        let entries = match std::fs::read_dir(&self.dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(Self::io("list policies in", &self.dir)(e)),
+        };
+        let mut out = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(Self::io("list policies in", &self.dir))?;
+            let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+                continue;
+            };
+            if validate_name(&name).is_err() || !entry.file_type().is_ok_and(|t| t.is_file()) {
+                continue;
+            }
+            if let Some(content) = self.read(&name)? {
+                out.push((name, content));
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// The policy names, sorted.
+    pub fn names(&self) -> Result<Vec<String>, PolicyError> {
+        Ok(self.list()?.into_iter().map(|(n, _)| n).collect())
+    }
+
+    /// Writes a policy file atomically (content plus a newline).
+    pub fn write(&self, name: &str, content: &str) -> Result<(), PolicyError> {
+        let path = self.path(name);
+        crate::fsutil::atomic_write(&path, format!("{content}\n").as_bytes()).map_err(Self::io("write policy", &path))
+    }
+
+    /// Removes a policy file.
+    pub fn remove(&self, name: &str) -> Result<(), PolicyError> {
+        let path = self.path(name);
+        std::fs::remove_file(&path).map_err(Self::io("remove policy", &path))?;
+        crate::fsutil::fsync_dir(&self.dir).map_err(Self::io("sync", &self.dir))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        for ok in ["SW=2", "gold", "RAID-5 fast", "a.b", "FTT=1,SW=2", "ünï"] {
+            validate_name(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            ".hidden",
+            "a/b",
+            "../x",
+            "a\\b",
+            "a\"b",
+            "a\0b",
+            "a\nb",
+            "x.tmp",
+            " x",
+            "x ",
+            &"n".repeat(101),
+        ] {
+            assert!(validate_name(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn messages_follow_the_original() {
+        let e = PolicyError::NotFound {
+            name: "X".into(),
+            available: vec!["gold".into(), "silver".into()],
+        };
+        assert_eq!(
+            e.to_string(),
+            "Policy X does not exist. Available policies are: ['gold', 'silver']"
+        );
+        let e = PolicyError::NotFound {
+            name: "X".into(),
+            available: vec![],
+        };
+        assert_eq!(e.to_string(), "Policy X does not exist.");
+        let e = PolicyError::InUse {
+            name: "SW=2".into(),
+            volumes: vec!["a@vsan".into(), "b@vsan".into()],
+        };
+        assert_eq!(
+            e.to_string(),
+            "Cannot remove. Policy SW=2 is in use by a@vsan and 1 more volume (b@vsan)"
+        );
+    }
+
+    #[test]
+    fn store_round_trip_skips_non_policies() {
+        let dir = tempfile::tempdir().unwrap();
+        let ds = Datastore {
+            name: "vsan".into(),
+            root: dir.path().to_owned(),
+            vsan: true,
+        };
+        let store = PolicyStore::of(std::slice::from_ref(&ds)).unwrap();
+        assert!(store.lock_shared().unwrap().is_none());
+        assert!(!store.dir().exists(), "a shared lock must not create the folder");
+        let _l = store.lock_exclusive().unwrap();
+        store.write("SW=2", r#"(("stripeWidth" i2))"#).unwrap();
+        std::fs::write(store.dir().join("junk.tmp"), "x").unwrap();
+        std::fs::create_dir(store.dir().join("subdir")).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(store.path("SW=2")).unwrap(),
+            "((\"stripeWidth\" i2))\n"
+        );
+        assert_eq!(
+            store.list().unwrap(),
+            vec![("SW=2".to_string(), r#"(("stripeWidth" i2))"#.to_string())]
+        );
+        let plain = Datastore { vsan: false, ..ds };
+        assert!(matches!(PolicyStore::of(&[plain]), Err(PolicyError::NoVsanDatastore)));
+    }
+}

@@ -1,0 +1,436 @@
+//! The administrator's operations on the volume service: VSAN policies,
+//! volume settings, the inventory behind `vmdk-agent ls`, datastore usage.
+//!
+//! They follow the service's rules: input is validated before anything
+//! touches the disk, a volume is changed only under its lock, and the
+//! policy lock (see [`crate::policy`]) is taken before any volume lock.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::Serialize;
+use vmdk_protocol::options::{self as opt, VolumeOptions};
+use vmdk_protocol::{AccessMode, AttachAs, VolumeInfo};
+
+use super::{Target, VolumeService};
+use crate::datastore::{Datastore, DiskPaths, DEFAULT_VMGROUP};
+use crate::error::AgentError;
+use crate::meta::VolumeMeta;
+use crate::policy::{self, PolicyError, PolicyExpr, PolicyLock, PolicyStore};
+
+/// Keys `vmdk-agent set` may change.
+pub const EDITABLE_OPTIONS: &[&str] = &[opt::ACCESS, opt::ATTACH_AS];
+
+/// A policy with the volumes that use it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PolicyInfo {
+    /// Policy name.
+    pub name: String,
+    /// Policy expression as stored.
+    pub content: String,
+    /// Volumes (`vol@ds`) whose metadata names this policy, sorted.
+    pub volumes: Vec<String>,
+}
+
+/// What `policy update` did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PolicyUpdate {
+    /// The policy.
+    pub name: String,
+    /// Volumes the new content was applied to.
+    pub updated: Vec<String>,
+    /// Volumes it could not be applied to, with the reason.
+    pub failed: Vec<(String, String)>,
+}
+
+/// A datastore's space and volume count.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DatastoreUsage {
+    /// Datastore name.
+    pub name: String,
+    /// Its directory.
+    pub path: PathBuf,
+    /// Whether it is VSAN.
+    pub vsan: bool,
+    /// Volumes in `dockvols/_DEFAULT`.
+    pub volumes: usize,
+    /// Bytes available to the agent, if the file system could be read.
+    pub free_bytes: Option<u64>,
+    /// File system size, if it could be read.
+    pub total_bytes: Option<u64>,
+}
+
+/// Runs `f` over `items` on a few threads, keeping the order. Listing is
+/// dominated by small reads of many files, which overlap well.
+fn par_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    const PER_THREAD: usize = 256;
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = (cpus * 2).min(items.len().div_ceil(PER_THREAD)).max(1);
+    if threads == 1 {
+        return items.iter().map(f).collect();
+    }
+    let chunk = items.len().div_ceil(threads);
+    let f = &f;
+    std::thread::scope(|s| {
+        let handles: Vec<_> = items
+            .chunks(chunk)
+            .map(|c| s.spawn(move || c.iter().map(f).collect::<Vec<R>>()))
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("listing thread panicked"))
+            .collect()
+    })
+}
+
+impl VolumeService {
+    /// The policy folder (on the first VSAN datastore).
+    pub fn policy_store(&self) -> Result<PolicyStore, AgentError> {
+        Ok(PolicyStore::of(&self.datastores)?)
+    }
+
+    /// Checks that policy `name` may be used for a new volume on `ds` and
+    /// returns the shared policy lock to hold until the volume's metadata
+    /// is written.
+    pub(super) fn use_policy(&self, ds: &Datastore, name: &str) -> Result<Option<PolicyLock>, AgentError> {
+        if !ds.vsan {
+            return Err(PolicyError::NotVsan {
+                datastore: ds.name.clone(),
+            }
+            .into());
+        }
+        policy::validate_name(name)?;
+        let store = self.policy_store()?;
+        let lock = store.lock_shared()?;
+        if lock.is_none() || store.read(name)?.is_none() {
+            return Err(PolicyError::NotFound {
+                name: name.to_owned(),
+                available: store.names()?,
+            }
+            .into());
+        }
+        Ok(lock)
+    }
+
+    /// Applies the create options' policy to a just-created disk; on
+    /// failure the disk is deleted, so the create leaves nothing behind.
+    pub(super) fn apply_new_policy(&self, t: &Target<'_>, opts: &VolumeOptions) -> Result<(), AgentError> {
+        let Some(name) = &opts.vsan_policy else {
+            return Ok(());
+        };
+        let applied = self.policy_store().and_then(|store| {
+            let content = store.read(name)?.ok_or_else(|| PolicyError::NotFound {
+                name: name.clone(),
+                available: Vec::new(),
+            })?;
+            self.backend
+                .apply_policy(&t.disk, name, &content)
+                .map_err(Self::backend_err(t))
+        });
+        if applied.is_err() {
+            let _ = self.backend.delete_disk(&t.disk);
+        }
+        applied
+    }
+
+    /// Every volume on every datastore: a target per `<vol>.vmfd`.
+    fn volume_targets(&self) -> Result<Vec<Target<'_>>, AgentError> {
+        let mut out = Vec::new();
+        for ds in &self.datastores {
+            let dir = ds.group_dir(DEFAULT_VMGROUP);
+            let entries = match std::fs::read_dir(&dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(source) => {
+                    return Err(AgentError::Io {
+                        op: "list",
+                        path: dir.display().to_string(),
+                        source,
+                    })
+                }
+            };
+            for entry in entries.flatten() {
+                let fname = entry.file_name();
+                let Some(volume) = fname.to_str().and_then(|n| n.strip_suffix(".vmfd")) else {
+                    continue;
+                };
+                if vmdk_protocol::name::validate_volume(volume).is_err() {
+                    continue;
+                }
+                out.push(Target {
+                    full: format!("{volume}@{}", ds.name),
+                    ds,
+                    disk: DiskPaths::new(&dir, volume),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every volume's metadata, read in parallel; unreadable ones are
+    /// logged and skipped.
+    fn all_metadata(&self) -> Result<Vec<(Target<'_>, VolumeMeta)>, AgentError> {
+        let targets = self.volume_targets()?;
+        let metas = par_map(&targets, |t| Self::load_meta(t));
+        Ok(targets
+            .into_iter()
+            .zip(metas)
+            .filter_map(|(t, m)| match m {
+                Ok(Some(m)) => Some((t, m)),
+                Ok(None) => None,
+                Err(e) => {
+                    tracing::warn!(volume = %t.full, error = %crate::error::error_chain(&e), "skipping unreadable volume");
+                    None
+                }
+            })
+            .collect())
+    }
+
+    /// Volumes whose metadata names each policy.
+    fn policy_users(&self) -> Result<BTreeMap<String, Vec<String>>, AgentError> {
+        let mut users: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (t, meta) in self.all_metadata()? {
+            if let Some(p) = meta.opt(opt::VSAN_POLICY_NAME) {
+                users.entry(p.to_owned()).or_default().push(t.full);
+            }
+        }
+        for v in users.values_mut() {
+            v.sort();
+        }
+        Ok(users)
+    }
+
+    /// Like [`VolumeService::list`], reading the volumes in parallel; what
+    /// `vmdk-agent ls` shows. Sorted by name; unreadable volumes are logged
+    /// and skipped.
+    pub fn inventory(&self) -> Result<Vec<VolumeInfo>, AgentError> {
+        let targets = self.volume_targets()?;
+        let infos = par_map(&targets, |t| {
+            Self::load_meta(t).and_then(|m| match m {
+                Some(m) => self.info(t, &m).map(Some),
+                None => Ok(None),
+            })
+        });
+        let mut out: Vec<VolumeInfo> = targets
+            .iter()
+            .zip(infos)
+            .filter_map(|(t, r)| match r {
+                Ok(info) => info,
+                Err(e) => {
+                    tracing::warn!(volume = %t.full, error = %crate::error::error_chain(&e), "skipping unreadable volume");
+                    None
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    /// `policy create`: validates name and content, refuses an existing
+    /// name, then writes the policy file.
+    pub fn policy_create(&self, name: &str, content: &str) -> Result<PolicyExpr, AgentError> {
+        policy::validate_name(name)?;
+        let content = content.trim();
+        let expr = policy::parse_content(name, content)?;
+        let store = self.policy_store()?;
+        let _lock = store.lock_exclusive()?;
+        if store.read(name)?.is_some() {
+            return Err(PolicyError::AlreadyExists {
+                name: name.to_owned(),
+                path: store.path(name).display().to_string(),
+            }
+            .into());
+        }
+        store.write(name, content)?;
+        tracing::info!(policy = name, content, "created policy");
+        Ok(expr)
+    }
+
+    /// The store after checking that policy `name` exists in it; errors
+    /// name the available policies. Creates nothing.
+    fn existing_policy(&self, name: &str) -> Result<(PolicyStore, PolicyLock, String), AgentError> {
+        policy::validate_name(name)?;
+        let store = self.policy_store()?;
+        let not_found = |store: &PolicyStore| -> Result<AgentError, AgentError> {
+            Ok(PolicyError::NotFound {
+                name: name.to_owned(),
+                available: store.names()?,
+            }
+            .into())
+        };
+        if !store.dir().is_dir() {
+            return Err(not_found(&store)?);
+        }
+        let lock = store.lock_exclusive()?;
+        match store.read(name)? {
+            Some(old) => Ok((store, lock, old)),
+            None => Err(not_found(&store)?),
+        }
+    }
+
+    /// `policy update`: writes the new content, then re-applies the policy
+    /// to every volume using it. When it cannot be applied to any of them,
+    /// the old content is restored and the update fails.
+    pub fn policy_update(&self, name: &str, content: &str) -> Result<(PolicyExpr, PolicyUpdate), AgentError> {
+        policy::validate_name(name)?;
+        let content = content.trim();
+        let expr = policy::parse_content(name, content)?;
+        let (store, _lock, old) = self.existing_policy(name)?;
+        let same = match PolicyExpr::parse(&old) {
+            Ok(old_expr) => old_expr == expr,
+            Err(_) => old.trim() == content,
+        };
+        if same {
+            return Err(PolicyError::Identical { name: name.to_owned() }.into());
+        }
+        store.write(name, content)?;
+        let users: Vec<Target<'_>> = self
+            .all_metadata()?
+            .into_iter()
+            .filter(|(_, m)| m.opt(opt::VSAN_POLICY_NAME) == Some(name))
+            .map(|(t, _)| t)
+            .collect();
+        let mut report = PolicyUpdate {
+            name: name.to_owned(),
+            updated: Vec::new(),
+            failed: Vec::new(),
+        };
+        for t in &users {
+            let applied = self.locked(t, |_| {
+                let meta = Self::load_meta(t)?.ok_or_else(|| Self::not_found(t))?;
+                if meta.opt(opt::VSAN_POLICY_NAME) != Some(name) {
+                    return Ok(false);
+                }
+                self.backend
+                    .apply_policy(&t.disk, name, content)
+                    .map_err(Self::backend_err(t))?;
+                Ok(true)
+            });
+            match applied {
+                Ok(true) => report.updated.push(t.full.clone()),
+                Ok(false) => {}
+                Err(e) => report.failed.push((t.full.clone(), crate::error::error_chain(&e))),
+            }
+        }
+        report.updated.sort();
+        report.failed.sort();
+        if report.updated.is_empty() && !report.failed.is_empty() {
+            store.write(name, &old)?;
+            tracing::warn!(
+                policy = name,
+                "policy update failed on every volume; old content restored"
+            );
+            return Err(PolicyError::UpdateFailed {
+                name: name.to_owned(),
+                failures: report.failed,
+            }
+            .into());
+        }
+        tracing::info!(
+            policy = name,
+            content,
+            updated = report.updated.len(),
+            failed = report.failed.len(),
+            "updated policy"
+        );
+        Ok((expr, report))
+    }
+
+    /// `policy rm`: refused while any volume uses the policy.
+    pub fn policy_remove(&self, name: &str) -> Result<(), AgentError> {
+        let (store, _lock, _) = self.existing_policy(name)?;
+        if let Some(volumes) = self.policy_users()?.remove(name) {
+            return Err(PolicyError::InUse {
+                name: name.to_owned(),
+                volumes,
+            }
+            .into());
+        }
+        store.remove(name)?;
+        tracing::info!(policy = name, "removed policy");
+        Ok(())
+    }
+
+    /// `policy ls`: every policy with the volumes using it.
+    pub fn policies(&self) -> Result<Vec<PolicyInfo>, AgentError> {
+        let store = self.policy_store()?;
+        let list = store.list()?;
+        let mut users = if list.is_empty() {
+            BTreeMap::new()
+        } else {
+            self.policy_users()?
+        };
+        Ok(list
+            .into_iter()
+            .map(|(name, content)| PolicyInfo {
+                volumes: users.remove(&name).unwrap_or_default(),
+                name,
+                content,
+            })
+            .collect())
+    }
+
+    /// `vmdk-agent set`: changes `access` and `attach-as` of a volume, under
+    /// its lock. They take effect at the next attach (mount).
+    pub fn set_options(&self, name: &str, opts: &BTreeMap<String, String>) -> Result<VolumeInfo, AgentError> {
+        let t = self.resolve(name)?;
+        let bad: Vec<String> = opts
+            .keys()
+            .filter(|k| !EDITABLE_OPTIONS.contains(&k.as_str()))
+            .cloned()
+            .collect();
+        if !bad.is_empty() {
+            return Err(AgentError::NotEditable { keys: bad });
+        }
+        if opts.is_empty() {
+            return Err(AgentError::InvalidRequest(
+                "no options given; editable options are access and attach-as".into(),
+            ));
+        }
+        let access = opts.get(opt::ACCESS).map(|v| v.parse::<AccessMode>()).transpose()?;
+        let attach_as = opts.get(opt::ATTACH_AS).map(|v| v.parse::<AttachAs>()).transpose()?;
+        self.locked(&t, |_| {
+            let mut meta = Self::load_meta(&t)?.ok_or_else(|| Self::not_found(&t))?;
+            if let Some(a) = access {
+                meta.vol_opts.insert(opt::ACCESS.into(), a.to_string());
+            }
+            if let Some(a) = attach_as {
+                meta.vol_opts.insert(opt::ATTACH_AS.into(), a.to_string());
+            }
+            Self::store_meta(&t, &meta)?;
+            tracing::info!(volume = %t.full, ?access, ?attach_as, "updated volume settings");
+            self.info(&t, &meta)
+        })
+    }
+
+    /// Free space and volume count of every datastore.
+    pub fn datastore_usage(&self) -> Vec<DatastoreUsage> {
+        self.datastores
+            .iter()
+            .map(|ds| {
+                let volumes = std::fs::read_dir(ds.group_dir(DEFAULT_VMGROUP))
+                    .map(|entries| {
+                        entries
+                            .flatten()
+                            .filter(|e| {
+                                e.file_name()
+                                    .to_str()
+                                    .and_then(|n| n.strip_suffix(".vmfd"))
+                                    .is_some_and(|v| vmdk_protocol::name::validate_volume(v).is_ok())
+                            })
+                            .count()
+                    })
+                    .unwrap_or(0);
+                let fs = nix::sys::statvfs::statvfs(&ds.root).ok();
+                DatastoreUsage {
+                    name: ds.name.clone(),
+                    path: ds.root.clone(),
+                    vsan: ds.vsan,
+                    volumes,
+                    free_bytes: fs.as_ref().map(|s| s.blocks_available() * s.fragment_size()),
+                    total_bytes: fs.as_ref().map(|s| s.blocks() * s.fragment_size()),
+                }
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,206 @@
+//! How the guest reaches the agent: in-process, or over its HTTP API.
+//!
+//! Both forms answer with the same [`ErrorBody`] codes, so the volume logic
+//! above never knows which one it talks to.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::{Method, StatusCode};
+use serde::de::DeserializeOwned;
+use vmdk_agent::VolumeService;
+use vmdk_protocol::{
+    agent as paths, AttachInfo, CreateRequest, ErrorBody, ErrorCode, VersionInfo, VolumeInfo, VolumeList, VM_ID_HEADER,
+};
+
+use crate::http1::{self, Endpoint};
+
+const QUERY_TIMEOUT: Duration = Duration::from_secs(60);
+const MUTATE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// A failed agent call.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AgentCallError {
+    /// The agent answered with an error.
+    #[error("{0}")]
+    Api(ErrorBody),
+    /// The agent could not be reached or answered garbage.
+    #[error("cannot reach vmdk agent: {0}")]
+    Transport(String),
+}
+
+impl AgentCallError {
+    /// The agent's error code, if it answered.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            Self::Api(b) => Some(b.code),
+            Self::Transport(_) => None,
+        }
+    }
+}
+
+/// The agent the plugin talks to.
+#[derive(Debug, Clone)]
+pub enum AgentClient {
+    /// The agent runs in this process.
+    Embedded(Arc<VolumeService>),
+    /// A `vmdk-agent serve` reached over HTTP.
+    Http(Endpoint),
+}
+
+impl AgentClient {
+    async fn embedded<T: Send + 'static>(
+        svc: &Arc<VolumeService>,
+        f: impl FnOnce(&VolumeService) -> Result<T, vmdk_agent::AgentError> + Send + 'static,
+    ) -> Result<T, AgentCallError> {
+        let svc = svc.clone();
+        tokio::task::spawn_blocking(move || f(&svc).map_err(|e| AgentCallError::Api(e.to_body())))
+            .await
+            .map_err(|e| {
+                AgentCallError::Api(ErrorBody::new(ErrorCode::Internal, format!("agent worker failed: {e}")))
+            })?
+    }
+
+    async fn call<T: DeserializeOwned>(
+        ep: &Endpoint,
+        method: Method,
+        path: &str,
+        vm: &str,
+        body: Option<Vec<u8>>,
+        timeout: Duration,
+    ) -> Result<Option<T>, AgentCallError> {
+        let (status, bytes) = http1::request(ep, method, path, &[(VM_ID_HEADER, vm)], body, timeout)
+            .await
+            .map_err(|e| AgentCallError::Transport(e.to_string()))?;
+        if status.is_success() {
+            if status == StatusCode::NO_CONTENT {
+                return Ok(None);
+            }
+            return serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| AgentCallError::Transport(format!("bad response from {ep}{path}: {e}")));
+        }
+        match serde_json::from_slice::<ErrorBody>(&bytes) {
+            Ok(b) => Err(AgentCallError::Api(b)),
+            Err(_) => Err(AgentCallError::Transport(format!(
+                "{ep}{path} answered {status}: {}",
+                String::from_utf8_lossy(&bytes)
+            ))),
+        }
+    }
+
+    fn must<T>(v: Option<T>, what: &str) -> Result<T, AgentCallError> {
+        v.ok_or_else(|| AgentCallError::Transport(format!("empty response to {what}")))
+    }
+
+    /// `GET /v1/version`.
+    pub async fn version(&self, vm: &str) -> Result<VersionInfo, AgentCallError> {
+        match self {
+            Self::Embedded(s) => Ok(s.version()),
+            Self::Http(ep) => Self::must(
+                Self::call(ep, Method::GET, paths::PATH_VERSION, vm, None, QUERY_TIMEOUT).await?,
+                "version",
+            ),
+        }
+    }
+
+    /// `GET /v1/volumes`.
+    pub async fn list(&self, vm: &str) -> Result<Vec<VolumeInfo>, AgentCallError> {
+        match self {
+            Self::Embedded(s) => Self::embedded(s, |s| s.list()).await,
+            Self::Http(ep) => Self::must(
+                Self::call::<VolumeList>(ep, Method::GET, paths::PATH_VOLUMES, vm, None, QUERY_TIMEOUT).await?,
+                "list",
+            )
+            .map(|l| l.volumes),
+        }
+    }
+
+    /// `GET /v1/volumes/{name}`.
+    pub async fn get(&self, vm: &str, name: &str) -> Result<VolumeInfo, AgentCallError> {
+        match self {
+            Self::Embedded(s) => {
+                let name = name.to_owned();
+                Self::embedded(s, move |s| s.get(&name)).await
+            }
+            Self::Http(ep) => Self::must(
+                Self::call(ep, Method::GET, &paths::volume_path(name), vm, None, QUERY_TIMEOUT).await?,
+                "get",
+            ),
+        }
+    }
+
+    /// `POST /v1/volumes`.
+    pub async fn create(&self, vm: &str, req: CreateRequest) -> Result<VolumeInfo, AgentCallError> {
+        match self {
+            Self::Embedded(s) => {
+                let vm = vm.to_owned();
+                Self::embedded(s, move |s| s.create(&vm, &req)).await
+            }
+            Self::Http(ep) => {
+                let body = serde_json::to_vec(&req).expect("request serializes");
+                Self::must(
+                    Self::call(ep, Method::POST, paths::PATH_VOLUMES, vm, Some(body), MUTATE_TIMEOUT).await?,
+                    "create",
+                )
+            }
+        }
+    }
+
+    /// `DELETE /v1/volumes/{name}`.
+    pub async fn remove(&self, vm: &str, name: &str) -> Result<(), AgentCallError> {
+        match self {
+            Self::Embedded(s) => {
+                let (vm, name) = (vm.to_owned(), name.to_owned());
+                Self::embedded(s, move |s| s.remove(&vm, &name)).await
+            }
+            Self::Http(ep) => {
+                Self::call::<serde_json::Value>(ep, Method::DELETE, &paths::volume_path(name), vm, None, MUTATE_TIMEOUT)
+                    .await
+                    .map(|_| ())
+            }
+        }
+    }
+
+    /// `POST /v1/volumes/{name}/attach`.
+    pub async fn attach(&self, vm: &str, name: &str) -> Result<AttachInfo, AgentCallError> {
+        match self {
+            Self::Embedded(s) => {
+                let (vm, name) = (vm.to_owned(), name.to_owned());
+                Self::embedded(s, move |s| s.attach(&vm, &name)).await
+            }
+            Self::Http(ep) => Self::must(
+                Self::call(
+                    ep,
+                    Method::POST,
+                    &paths::volume_action_path(name, "attach"),
+                    vm,
+                    Some(b"{}".to_vec()),
+                    MUTATE_TIMEOUT,
+                )
+                .await?,
+                "attach",
+            ),
+        }
+    }
+
+    /// `POST /v1/volumes/{name}/detach`.
+    pub async fn detach(&self, vm: &str, name: &str) -> Result<(), AgentCallError> {
+        match self {
+            Self::Embedded(s) => {
+                let (vm, name) = (vm.to_owned(), name.to_owned());
+                Self::embedded(s, move |s| s.detach(&vm, &name)).await
+            }
+            Self::Http(ep) => Self::call::<serde_json::Value>(
+                ep,
+                Method::POST,
+                &paths::volume_action_path(name, "detach"),
+                vm,
+                Some(b"{}".to_vec()),
+                MUTATE_TIMEOUT,
+            )
+            .await
+            .map(|_| ()),
+        }
+    }
+}

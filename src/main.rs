@@ -1,0 +1,111 @@
+//! `vmdk-plugin`: the vmdk Docker volume plugin daemon.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use vmdk_plugin::config::{self, ServeConfig};
+
+/// Docker volume plugin `vmdk`: VMDK disks for containers.
+#[derive(Debug, Parser)]
+#[command(name = "vmdk-plugin", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the Docker volume plugin API.
+    Serve {
+        /// Plugin socket; its file name is the driver name.
+        #[arg(long, default_value = config::DEFAULT_SOCKET, env = "VMDK_PLUGIN_SOCKET")]
+        socket: PathBuf,
+        /// Agent URL (unix:///path or http://host:port). Without it the
+        /// agent runs in this process on the --datastore directories.
+        #[arg(long, env = "VMDK_AGENT_URL")]
+        agent: Option<String>,
+        /// Embedded-agent datastore as NAME=DIR, or NAME=DIR,vsan for a VSAN
+        /// datastore; repeatable. Default: local=/var/lib/vmdk/datastores/local.
+        #[arg(long = "datastore", value_name = "NAME=DIR[,vsan]")]
+        datastores: Vec<String>,
+        /// This VM's id. Default: /sys/class/dmi/id/product_uuid, else
+        /// /etc/machine-id.
+        #[arg(long, env = "VMDK_VM_ID")]
+        vm_id: Option<String>,
+        /// Where volumes are mounted.
+        #[arg(long, default_value = config::DEFAULT_MOUNT_ROOT)]
+        mount_root: PathBuf,
+        /// Where mount state is kept.
+        #[arg(long, default_value = config::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        /// Docker API socket, used to reconcile mounts after a restart.
+        #[arg(long, default_value = vmdk_plugin::docker_api::DOCKER_SOCKET)]
+        docker_socket: PathBuf,
+        /// Seconds between reconcile passes against Docker (0: only at start).
+        #[arg(long, default_value_t = 60)]
+        reconcile_interval: u64,
+    },
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down; mounts stay in place for running containers");
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("VMDK_LOG").unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ERROR: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve {
+            socket,
+            agent,
+            datastores,
+            vm_id,
+            mount_root,
+            state_dir,
+            docker_socket,
+            reconcile_interval,
+        } => {
+            if agent.is_some() && !datastores.is_empty() {
+                anyhow::bail!("--datastore configures the embedded agent; it cannot be combined with --agent");
+            }
+            let vm_id = match vm_id {
+                Some(v) => v,
+                None => config::detect_vm_id().map_err(anyhow::Error::msg)?,
+            };
+            vmdk_agent::service::validate_vm_id(&vm_id).map_err(|e| anyhow::anyhow!("--vm-id: {e}"))?;
+            let cfg = ServeConfig {
+                socket,
+                agent,
+                datastores,
+                vm_id,
+                mount_root,
+                state_dir,
+                docker_socket,
+                reconcile_interval,
+            };
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(vmdk_plugin::serve::run(cfg, shutdown_signal()))
+                .map_err(|e| anyhow::anyhow!(vmdk_plugin::error_chain(&e)))
+        }
+    }
+}

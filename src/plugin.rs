@@ -1,0 +1,276 @@
+//! Docker's volume plugin protocol (v1) over HTTP on a unix socket.
+//!
+//! Docker calls `POST /Plugin.Activate` and `POST /VolumeDriver.<Method>`
+//! with no Content-Type, sometimes an empty body, and `"Opts": null`; the
+//! [`DockerRequest`] decoding here accepts exactly that. Handlers translate
+//! to [`VolumeManager`] calls and back; errors become HTTP 500 with
+//! `{"Err": "<cause chain>"}`, which Docker shows as
+//! `VolumeDriver.<Method>: <Err>`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::Router;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::volume::{inspect_status, VolumeManager};
+
+/// Content type of every response.
+pub const CONTENT_TYPE: &str = "application/vnd.docker.plugins.v1.1+json";
+
+/// The fields Docker sends to any VolumeDriver endpoint.
+#[derive(Debug, Default, Deserialize, PartialEq, Eq)]
+pub struct DockerRequest {
+    /// Volume name.
+    #[serde(rename = "Name", default)]
+    pub name: String,
+    /// Create options; `null` and absent both mean none.
+    #[serde(rename = "Opts", default)]
+    pub opts: Option<BTreeMap<String, String>>,
+    /// Mount ID (Mount, Unmount).
+    #[serde(rename = "ID", default)]
+    pub id: String,
+}
+
+/// A volume in Get and List responses.
+#[derive(Debug, Serialize)]
+struct DockerVolume {
+    #[serde(rename = "Name")]
+    name: String,
+    #[serde(rename = "Mountpoint")]
+    mountpoint: String,
+    #[serde(rename = "CreatedAt", skip_serializing_if = "Option::is_none")]
+    created_at: Option<String>,
+    #[serde(rename = "Status", skip_serializing_if = "Option::is_none")]
+    status: Option<serde_json::Map<String, Value>>,
+}
+
+fn reply(status: StatusCode, body: Value) -> Response {
+    (status, [(header::CONTENT_TYPE, CONTENT_TYPE)], body.to_string()).into_response()
+}
+
+fn ok(body: Value) -> Response {
+    reply(StatusCode::OK, body)
+}
+
+fn err(method: &str, msg: String) -> Response {
+    tracing::warn!(method, error = %msg, "request failed");
+    reply(StatusCode::INTERNAL_SERVER_ERROR, json!({ "Err": msg }))
+}
+
+/// Decodes a Docker request body. `needs_name`: an empty body or name is an
+/// error (Create, Remove, Mount, Unmount), because a retried request may
+/// arrive with its body already consumed.
+fn decode(method: &str, body: &Bytes, needs_name: bool) -> Result<DockerRequest, Response> {
+    let req = if body.iter().all(u8::is_ascii_whitespace) {
+        DockerRequest::default()
+    } else {
+        serde_json::from_slice::<DockerRequest>(body).map_err(|e| {
+            err(
+                method,
+                format!("malformed request body for {method}: {e}; expected JSON like {{\"Name\": \"vol\", \"Opts\": {{\"size\": \"10gb\"}}}}"),
+            )
+        })?
+    };
+    if needs_name && req.name.is_empty() {
+        return Err(err(
+            method,
+            format!("{method} request has no volume name (empty body or \"Name\"); expected {{\"Name\": \"vol\"}}"),
+        ));
+    }
+    Ok(req)
+}
+
+type Mgr = State<Arc<VolumeManager>>;
+
+async fn activate() -> Response {
+    ok(json!({"Implements": ["VolumeDriver"]}))
+}
+
+async fn capabilities() -> Response {
+    ok(json!({"Capabilities": {"Scope": "global"}}))
+}
+
+async fn create(State(m): Mgr, body: Bytes) -> Response {
+    const M: &str = "VolumeDriver.Create";
+    let req = match decode(M, &body, true) {
+        Ok(r) => r,
+        Err(e) => return e,
+    };
+    tracing::info!(volume = %req.name, opts = ?req.opts, "{M}");
+    match m.create(&req.name, req.opts.unwrap_or_default()).await {
+        Ok(()) => ok(json!({"Err": ""})),
+        Err(e) => err(M, crate::error_chain(&e)),
+    }
+}
+
+async fn remove(State(m): Mgr, body: Bytes) -> Response {
+    const M: &str = "VolumeDriver.Remove";
+    let req = match decode(M, &body, true) {
+        Ok(r) => r,
+        Err(e) => return e,
+    };
+    tracing::info!(volume = %req.name, "{M}");
+    match m.remove(&req.name).await {
+        Ok(()) => ok(json!({"Err": ""})),
+        Err(e) => err(M, crate::error_chain(&e)),
+    }
+}
+
+async fn mount(State(m): Mgr, body: Bytes) -> Response {
+    const M: &str = "VolumeDriver.Mount";
+    let req = match decode(M, &body, true) {
+        Ok(r) => r,
+        Err(e) => return e,
+    };
+    if req.id.is_empty() {
+        return err(M, "VolumeDriver.Mount request has no \"ID\"".into());
+    }
+    tracing::info!(volume = %req.name, id = %req.id, "{M}");
+    match m.mount(&req.name, &req.id).await {
+        Ok(mp) => ok(json!({"Mountpoint": mp, "Err": ""})),
+        Err(e) => err(M, crate::error_chain(&e)),
+    }
+}
+
+async fn unmount(State(m): Mgr, body: Bytes) -> Response {
+    const M: &str = "VolumeDriver.Unmount";
+    let req = match decode(M, &body, true) {
+        Ok(r) => r,
+        Err(e) => return e,
+    };
+    tracing::info!(volume = %req.name, id = %req.id, "{M}");
+    match m.unmount(&req.name, &req.id).await {
+        Ok(()) => ok(json!({"Err": ""})),
+        Err(e) => err(M, crate::error_chain(&e)),
+    }
+}
+
+async fn path(State(m): Mgr, body: Bytes) -> Response {
+    const M: &str = "VolumeDriver.Path";
+    let req = match decode(M, &body, false) {
+        Ok(r) => r,
+        Err(e) => return e,
+    };
+    if req.name.is_empty() {
+        return ok(json!({"Mountpoint": "", "Err": ""}));
+    }
+    ok(json!({"Mountpoint": m.path(&req.name).await, "Err": ""}))
+}
+
+async fn get(State(m): Mgr, body: Bytes) -> Response {
+    const M: &str = "VolumeDriver.Get";
+    let req = match decode(M, &body, false) {
+        Ok(r) => r,
+        Err(e) => return e,
+    };
+    if req.name.is_empty() {
+        return ok(json!({"Volume": null, "Err": ""}));
+    }
+    match m.get(&req.name).await {
+        Ok(Some(info)) => {
+            let rec = m.record(&info.name);
+            let v = DockerVolume {
+                name: req.name.clone(),
+                mountpoint: m.mountpoint(&info.name).display().to_string(),
+                created_at: Some(info.created.clone()),
+                status: Some(inspect_status(&info, rec.as_ref())),
+            };
+            ok(json!({"Volume": v, "Err": ""}))
+        }
+        Ok(None) => ok(json!({"Volume": null, "Err": ""})),
+        Err(e) => {
+            // Docker treats any Get error as "no such volume" and drops its
+            // record, so a volume this VM has mounted is reported from the
+            // local state with the failure in its Status instead.
+            let full = m.full_name_hint(&req.name).await;
+            match m.record(&full) {
+                Some(rec) => {
+                    let mut status = serde_json::Map::new();
+                    status.insert("health".into(), json!("degraded"));
+                    status.insert("error".into(), json!(crate::error_chain(&e)));
+                    status.insert("mounts".into(), json!(rec.ids.len()));
+                    let v = DockerVolume {
+                        name: req.name.clone(),
+                        mountpoint: m.mountpoint(&full).display().to_string(),
+                        created_at: None,
+                        status: Some(status),
+                    };
+                    ok(json!({"Volume": v, "Err": ""}))
+                }
+                None => err(M, crate::error_chain(&e)),
+            }
+        }
+    }
+}
+
+async fn list(State(m): Mgr) -> Response {
+    const M: &str = "VolumeDriver.List";
+    match m.list().await {
+        Ok(vols) => {
+            let vols: Vec<DockerVolume> = vols
+                .into_iter()
+                .map(|(name, mp)| DockerVolume {
+                    name,
+                    mountpoint: mp.display().to_string(),
+                    created_at: None,
+                    status: None,
+                })
+                .collect();
+            ok(json!({"Volumes": vols, "Err": ""}))
+        }
+        Err(e) => err(M, crate::error_chain(&e)),
+    }
+}
+
+async fn unknown(uri: axum::http::Uri) -> Response {
+    reply(
+        StatusCode::NOT_FOUND,
+        json!({"Err": format!("{} is not a Docker volume plugin endpoint", uri.path())}),
+    )
+}
+
+/// The plugin router.
+pub fn router(manager: Arc<VolumeManager>) -> Router {
+    Router::new()
+        .route("/Plugin.Activate", post(activate))
+        .route("/VolumeDriver.Capabilities", post(capabilities))
+        .route("/VolumeDriver.Create", post(create))
+        .route("/VolumeDriver.Remove", post(remove))
+        .route("/VolumeDriver.Mount", post(mount))
+        .route("/VolumeDriver.Unmount", post(unmount))
+        .route("/VolumeDriver.Path", post(path))
+        .route("/VolumeDriver.Get", post(get))
+        .route("/VolumeDriver.List", post(list))
+        .fallback(unknown)
+        .with_state(manager)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_what_docker_sends() {
+        let r = decode("x", &Bytes::from_static(b"{\"Name\":\"v\",\"Opts\":null}\n"), true).unwrap();
+        assert_eq!(r.name, "v");
+        assert_eq!(r.opts, None);
+        let r = decode("x", &Bytes::from_static(b""), false).unwrap();
+        assert_eq!(r, DockerRequest::default());
+        assert!(decode("x", &Bytes::from_static(b""), true).is_err());
+        assert!(decode("x", &Bytes::from_static(b"{\"Name\": 5}"), false).is_err());
+        let r = decode(
+            "x",
+            &Bytes::from_static(b"{\"Name\":\"v\",\"ID\":\"abc\",\"Extra\":1}"),
+            true,
+        )
+        .unwrap();
+        assert_eq!(r.id, "abc");
+    }
+}

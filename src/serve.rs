@@ -1,0 +1,128 @@
+//! `vmdk-plugin serve`: bind the socket at once, recover in the background.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use vmdk_agent::backend::local::LocalBackend;
+use vmdk_agent::backend::loopdev::LinuxLoops;
+use vmdk_agent::config::AgentConfig;
+use vmdk_agent::VolumeService;
+
+use crate::agent_client::AgentClient;
+use crate::config::ServeConfig;
+use crate::http1::Endpoint;
+use crate::sys::{LinuxSystem, System};
+use crate::volume::{ManagerConfig, VolumeManager};
+
+/// Why the plugin could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Bad flag or config.
+    #[error("{0}")]
+    Config(String),
+    /// A startup I/O step failed.
+    #[error("{op} {path}")]
+    Io {
+        /// The step.
+        op: &'static str,
+        /// The path.
+        path: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Builds the agent client: remote when a URL is given, else an embedded
+/// agent on the given datastores (directories created if missing).
+pub fn agent_client(cfg: &ServeConfig) -> Result<AgentClient, ServeError> {
+    if let Some(url) = &cfg.agent {
+        return Endpoint::parse(url).map(AgentClient::Http).map_err(ServeError::Config);
+    }
+    let mut acfg = AgentConfig::default();
+    let flags = if cfg.datastores.is_empty() {
+        vec![crate::config::DEFAULT_DATASTORE.to_owned()]
+    } else {
+        cfg.datastores.clone()
+    };
+    for d in &flags {
+        acfg.add_datastore_flag(d)
+            .map_err(|e| ServeError::Config(e.to_string()))?;
+    }
+    acfg.validate().map_err(|e| ServeError::Config(e.to_string()))?;
+    for ds in &acfg.datastores {
+        std::fs::create_dir_all(&ds.path).map_err(|source| ServeError::Io {
+            op: "create datastore directory",
+            path: ds.path.display().to_string(),
+            source,
+        })?;
+    }
+    let backend = Arc::new(LocalBackend::new(Arc::new(LinuxLoops::default())));
+    let svc = VolumeService::new(&acfg, backend).map_err(|e| ServeError::Config(crate::error_chain(&e)))?;
+    svc.release_unrecorded_attachments();
+    Ok(AgentClient::Embedded(Arc::new(svc)))
+}
+
+/// Runs the plugin until `shutdown` resolves.
+pub async fn run(
+    cfg: ServeConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let agent = agent_client(&cfg)?;
+    run_with(cfg, agent, Arc::new(LinuxSystem), shutdown).await
+}
+
+/// [`run`] with an explicit agent and kernel seam.
+pub async fn run_with(
+    cfg: ServeConfig,
+    agent: AgentClient,
+    sys: Arc<dyn System>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let manager = VolumeManager::new(
+        agent,
+        sys,
+        ManagerConfig {
+            vm_id: cfg.vm_id.clone(),
+            mount_root: cfg.mount_root.clone(),
+            state_dir: cfg.state_dir.clone(),
+            docker_socket: cfg.docker_socket.clone(),
+        },
+    )
+    .map_err(|source| ServeError::Io {
+        op: "prepare",
+        path: format!("{} and {}", cfg.mount_root.display(), cfg.state_dir.display()),
+        source,
+    })?;
+    let listener = vmdk_agent::server::bind_unix(&cfg.socket, 0o660)
+        .await
+        .map_err(|source| ServeError::Io {
+            op: "bind plugin socket",
+            path: cfg.socket.display().to_string(),
+            source,
+        })?;
+    tracing::info!(socket = %cfg.socket.display(), vm = %cfg.vm_id, "vmdk plugin listening");
+    let m = manager.clone();
+    let interval = cfg.reconcile_interval;
+    let recovery = manager.spawn_recovery().await;
+    let background = tokio::spawn(async move {
+        let _ = recovery.await;
+        if interval == 0 {
+            return;
+        }
+        loop {
+            tokio::time::sleep(Duration::from_secs(interval)).await;
+            m.reconcile().await;
+        }
+    });
+    let res = axum::serve(listener, crate::plugin::router(manager))
+        .with_graceful_shutdown(shutdown)
+        .await;
+    background.abort();
+    let _ = std::fs::remove_file(&cfg.socket);
+    res.map_err(|source| ServeError::Io {
+        op: "serve",
+        path: cfg.socket.display().to_string(),
+        source,
+    })
+}

@@ -1,0 +1,145 @@
+//! The plugin's durable mount state: which Docker mount IDs hold which
+//! volume, and what is mounted for it.
+//!
+//! Written atomically after every change to `<state-dir>/mounts.json`. At
+//! start it is only a hint: recovery checks it against `/proc/self/mountinfo`,
+//! the agent's attachments and Docker's running containers.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Current state file version.
+pub const STATE_VERSION: u32 = 1;
+/// File name inside the state dir.
+pub const STATE_FILE: &str = "mounts.json";
+
+/// What the plugin holds for one mounted volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MountRecord {
+    /// Docker mount IDs holding the volume, with the unix time each was
+    /// taken. IDs named `recovered:<container>` stand for a running
+    /// container found at recovery whose real mount ID was lost.
+    pub ids: BTreeMap<String, u64>,
+    /// Mounts of an ID beyond its first, each still owed an Unmount.
+    /// Docker mounts a running container's volumes again under the
+    /// container's own mount ID for `docker cp` and the like
+    /// (`MountPoint.Setup` reuses `m.ID` and counts `active`), then sends
+    /// one Unmount per Mount; the container keeps its hold throughout.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub nested: BTreeMap<String, u32>,
+    /// The block device mounted.
+    pub device: String,
+    /// Filesystem type.
+    pub fstype: String,
+    /// Whether it is mounted read-only.
+    pub read_only: bool,
+}
+
+/// The whole state file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PluginState {
+    /// Format version, [`STATE_VERSION`].
+    pub version: u32,
+    /// Mounted volumes by canonical `vol@ds`.
+    pub mounts: BTreeMap<String, MountRecord>,
+}
+
+impl Default for PluginState {
+    fn default() -> Self {
+        Self {
+            version: STATE_VERSION,
+            mounts: BTreeMap::new(),
+        }
+    }
+}
+
+/// Loads and saves [`PluginState`].
+#[derive(Debug, Clone)]
+pub struct StateStore {
+    path: PathBuf,
+}
+
+impl StateStore {
+    /// A store in `dir` (created if missing).
+    pub fn new(dir: &Path) -> io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        Ok(Self {
+            path: dir.join(STATE_FILE),
+        })
+    }
+
+    /// The state file path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Loads the state. A missing file is an empty state; an unreadable or
+    /// foreign-version file is moved aside (`mounts.json.corrupt`) and an
+    /// empty state returned, since recovery rebuilds what it can from the
+    /// live system.
+    pub fn load(&self) -> PluginState {
+        let bytes = match std::fs::read(&self.path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return PluginState::default(),
+            Err(e) => {
+                tracing::error!(path = %self.path.display(), error = %e, "cannot read state; starting empty");
+                return PluginState::default();
+            }
+        };
+        match serde_json::from_slice::<PluginState>(&bytes) {
+            Ok(s) if s.version == STATE_VERSION => s,
+            Ok(s) => {
+                self.set_aside(&format!("version {} is not {STATE_VERSION}", s.version));
+                PluginState::default()
+            }
+            Err(e) => {
+                self.set_aside(&e.to_string());
+                PluginState::default()
+            }
+        }
+    }
+
+    fn set_aside(&self, why: &str) {
+        let aside = self.path.with_extension("json.corrupt");
+        tracing::error!(path = %self.path.display(), aside = %aside.display(), why, "unusable state file set aside; recovering from the live system");
+        let _ = std::fs::rename(&self.path, aside);
+    }
+
+    /// Saves atomically.
+    pub fn save(&self, state: &PluginState) -> io::Result<()> {
+        let mut json = serde_json::to_vec_pretty(state).expect("state serializes");
+        json.push(b'\n');
+        vmdk_agent::fsutil::atomic_write(&self.path, &json)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_corrupt_file_is_set_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::new(dir.path()).unwrap();
+        assert_eq!(store.load(), PluginState::default());
+        let mut s = PluginState::default();
+        s.mounts.insert(
+            "v@local".into(),
+            MountRecord {
+                ids: [("abc".to_string(), 1)].into(),
+                nested: [("abc".to_string(), 2)].into(),
+                device: "/dev/loop0".into(),
+                fstype: "ext4".into(),
+                read_only: false,
+            },
+        );
+        store.save(&s).unwrap();
+        assert_eq!(store.load(), s);
+        std::fs::write(store.path(), b"{not json").unwrap();
+        assert_eq!(store.load(), PluginState::default());
+        assert!(dir.path().join("mounts.json.corrupt").exists());
+    }
+}

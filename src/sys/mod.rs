@@ -1,0 +1,301 @@
+//! The guest's kernel seam: mounts, filesystems and block devices.
+//!
+//! Everything the plugin does to the kernel goes through [`System`], so the
+//! volume logic can be tested with a recording fake, and the real
+//! [`LinuxSystem`] is exercised by the root-only tests. This is the only
+//! module that calls `mount(2)` or spawns programs.
+
+pub mod mountinfo;
+
+use std::fmt;
+use std::io;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use nix::mount::{MntFlags, MsFlags};
+use vmdk_protocol::FsType;
+
+pub use mountinfo::MountEntry;
+
+/// A failed kernel call or program.
+#[derive(Debug, thiserror::Error)]
+pub enum SysError {
+    /// A system call failed.
+    #[error("{op} {path}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The path involved.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// A program exited non-zero.
+    #[error("{program} {args} failed with {status}: {stderr}")]
+    Command {
+        /// The program.
+        program: String,
+        /// Its arguments, space-joined.
+        args: String,
+        /// The exit status.
+        status: String,
+        /// What it printed on stderr (trimmed).
+        stderr: String,
+    },
+    /// A device did not appear in time.
+    #[error("device {device} did not appear within {seconds}s")]
+    DeviceTimeout {
+        /// The device path.
+        device: PathBuf,
+        /// How long we waited.
+        seconds: u64,
+    },
+}
+
+/// Mounts, filesystems and devices.
+pub trait System: Send + Sync + fmt::Debug {
+    /// Mounts `device` at `target`.
+    fn mount(&self, device: &Path, target: &Path, fstype: &str, read_only: bool) -> Result<(), SysError>;
+    /// Changes a mount between read-only and read-write.
+    fn remount(&self, target: &Path, read_only: bool) -> Result<(), SysError>;
+    /// Unmounts `target`; an unmounted target is not an error.
+    fn unmount(&self, target: &Path) -> Result<(), SysError>;
+    /// All current mounts.
+    fn mounts(&self) -> Result<Vec<MountEntry>, SysError>;
+    /// The filesystem on `device`, or `None` if it holds no known signature.
+    fn probe_fs(&self, device: &Path) -> Result<Option<String>, SysError>;
+    /// Makes a filesystem.
+    fn mkfs(&self, device: &Path, fstype: FsType, label: &str) -> Result<(), SysError>;
+    /// Whether `mkfs.<fstype>` is installed.
+    fn mkfs_available(&self, fstype: FsType) -> bool;
+    /// Waits until `device` exists as a block device.
+    fn wait_for_device(&self, device: &Path, timeout: Duration) -> Result<(), SysError>;
+}
+
+/// The real thing.
+#[derive(Debug, Clone, Default)]
+pub struct LinuxSystem;
+
+const SEARCH_PATH: &[&str] = &["/usr/sbin", "/sbin", "/usr/bin", "/bin"];
+
+fn find_program(name: &str) -> Option<PathBuf> {
+    SEARCH_PATH.iter().map(|d| Path::new(d).join(name)).find(|p| p.exists())
+}
+
+fn run(program: &str, args: &[&str]) -> Result<std::process::Output, SysError> {
+    let path = find_program(program).ok_or_else(|| SysError::Io {
+        op: "find program",
+        path: PathBuf::from(program),
+        source: io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("{program} is not installed in {}", SEARCH_PATH.join(":")),
+        ),
+    })?;
+    std::process::Command::new(&path)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .env_clear()
+        .env("PATH", SEARCH_PATH.join(":"))
+        .env("LC_ALL", "C")
+        .output()
+        .map_err(|source| SysError::Io {
+            op: "run",
+            path: path.clone(),
+            source,
+        })
+}
+
+fn check(program: &str, args: &[&str], out: std::process::Output) -> Result<std::process::Output, SysError> {
+    if out.status.success() {
+        return Ok(out);
+    }
+    Err(SysError::Command {
+        program: program.to_owned(),
+        args: args.join(" "),
+        status: out.status.to_string(),
+        stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+    })
+}
+
+/// Recognizes ext4 (magic 0xEF53 at byte 1080, with the extents feature)
+/// and xfs (`XFSB` at byte 0) from the first 2 KiB of a device. Anything
+/// else, including an unreadable device, is left to `blkid`.
+fn read_magic(device: &Path) -> Option<&'static str> {
+    use std::io::Read;
+    let mut buf = [0u8; 2048];
+    let mut f = std::fs::File::open(device).ok()?;
+    f.read_exact(&mut buf).ok()?;
+    classify_superblock(&buf)
+}
+
+/// The pure part of [`read_magic`].
+pub fn classify_superblock(buf: &[u8; 2048]) -> Option<&'static str> {
+    if &buf[0..4] == b"XFSB" {
+        return Some("xfs");
+    }
+    let sb = &buf[1024..];
+    if sb[56] == 0x53 && sb[57] == 0xEF {
+        // s_feature_incompat at 0x60: INCOMPAT_EXTENTS (0x40) means ext4.
+        let incompat = u32::from_le_bytes([sb[0x60], sb[0x61], sb[0x62], sb[0x63]]);
+        if incompat & 0x40 != 0 {
+            return Some("ext4");
+        }
+    }
+    None
+}
+
+/// Truncates a label to `max` bytes on a character boundary.
+pub fn fs_label(name: &str, max: usize) -> String {
+    let mut end = name.len().min(max);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    name[..end].to_owned()
+}
+
+impl System for LinuxSystem {
+    fn mount(&self, device: &Path, target: &Path, fstype: &str, read_only: bool) -> Result<(), SysError> {
+        let mut flags = MsFlags::empty();
+        if read_only {
+            flags |= MsFlags::MS_RDONLY;
+        }
+        nix::mount::mount(Some(device), target, Some(fstype), flags, None::<&str>).map_err(|e| SysError::Io {
+            op: "mount",
+            path: target.to_owned(),
+            source: io::Error::other(format!(
+                "mount {} ({fstype}) at {}: {e}",
+                device.display(),
+                target.display()
+            )),
+        })
+    }
+
+    fn remount(&self, target: &Path, read_only: bool) -> Result<(), SysError> {
+        let mut flags = MsFlags::MS_REMOUNT;
+        if read_only {
+            flags |= MsFlags::MS_RDONLY;
+        }
+        nix::mount::mount(None::<&str>, target, None::<&str>, flags, None::<&str>).map_err(|e| SysError::Io {
+            op: "remount",
+            path: target.to_owned(),
+            source: e.into(),
+        })
+    }
+
+    fn unmount(&self, target: &Path) -> Result<(), SysError> {
+        match nix::mount::umount2(target, MntFlags::empty()) {
+            Ok(()) => Ok(()),
+            Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => Ok(()),
+            Err(e) => Err(SysError::Io {
+                op: "unmount",
+                path: target.to_owned(),
+                source: e.into(),
+            }),
+        }
+    }
+
+    fn mounts(&self) -> Result<Vec<MountEntry>, SysError> {
+        let path = Path::new("/proc/self/mountinfo");
+        let text = std::fs::read_to_string(path).map_err(|source| SysError::Io {
+            op: "read",
+            path: path.to_owned(),
+            source,
+        })?;
+        Ok(mountinfo::parse(&text))
+    }
+
+    fn probe_fs(&self, device: &Path) -> Result<Option<String>, SysError> {
+        // Fast path: the two filesystems we make, recognized by their
+        // superblock magic without spawning blkid.
+        if let Some(t) = read_magic(device) {
+            return Ok(Some(t.to_owned()));
+        }
+        let dev = device.to_string_lossy();
+        let args = ["-p", "-o", "value", "-s", "TYPE", dev.as_ref()];
+        let out = run("blkid", &args)?;
+        // blkid -p exits 2 when it finds no signature.
+        if out.status.code() == Some(2) {
+            return Ok(None);
+        }
+        let out = check("blkid", &args, out)?;
+        let t = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        Ok(if t.is_empty() { None } else { Some(t) })
+    }
+
+    fn mkfs(&self, device: &Path, fstype: FsType, label: &str) -> Result<(), SysError> {
+        let dev = device.to_string_lossy();
+        match fstype {
+            FsType::Ext4 => {
+                // nodiscard: a discard on a loop device punches holes and
+                // would turn a thick disk thin.
+                let label = fs_label(label, 16);
+                let args = ["-F", "-q", "-E", "nodiscard", "-L", &label, dev.as_ref()];
+                check("mkfs.ext4", &args, run("mkfs.ext4", &args)?)?;
+            }
+            FsType::Xfs => {
+                let label = fs_label(label, 12);
+                let args = ["-f", "-q", "-K", "-L", &label, dev.as_ref()];
+                check("mkfs.xfs", &args, run("mkfs.xfs", &args)?)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn mkfs_available(&self, fstype: FsType) -> bool {
+        find_program(&format!("mkfs.{fstype}")).is_some()
+    }
+
+    fn wait_for_device(&self, device: &Path, timeout: Duration) -> Result<(), SysError> {
+        let start = Instant::now();
+        loop {
+            match std::fs::metadata(device) {
+                Ok(m) if m.file_type().is_block_device() => return Ok(()),
+                Ok(_) => {
+                    return Err(SysError::Io {
+                        op: "open device",
+                        path: device.to_owned(),
+                        source: io::Error::other("not a block device"),
+                    })
+                }
+                Err(_) if start.elapsed() < timeout => std::thread::sleep(Duration::from_millis(20)),
+                Err(_) => {
+                    return Err(SysError::DeviceTimeout {
+                        device: device.to_owned(),
+                        seconds: timeout.as_secs(),
+                    })
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn superblocks_are_classified() {
+        let mut b = [0u8; 2048];
+        assert_eq!(classify_superblock(&b), None);
+        b[1024 + 56] = 0x53;
+        b[1024 + 57] = 0xEF;
+        assert_eq!(classify_superblock(&b), None, "ext2/3 without extents is left to blkid");
+        b[1024 + 0x60] = 0x40;
+        assert_eq!(classify_superblock(&b), Some("ext4"));
+        let mut x = [0u8; 2048];
+        x[..4].copy_from_slice(b"XFSB");
+        assert_eq!(classify_superblock(&x), Some("xfs"));
+    }
+
+    #[test]
+    fn labels_truncate_on_char_boundaries() {
+        assert_eq!(fs_label("vsanvol1", 16), "vsanvol1");
+        assert_eq!(fs_label("a-very-long-volume-name", 12), "a-very-long-");
+        assert_eq!(fs_label("ééééééé", 5), "éé");
+    }
+}

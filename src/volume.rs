@@ -1,0 +1,851 @@
+//! What each Docker volume operation means on this VM.
+//!
+//! [`VolumeManager`] owns the mount state: it attaches a volume through the
+//! agent, finds the device, formats it on first use, mounts it under
+//! `<mount-root>/<vol@ds>/`, and reference-counts Docker mount IDs. It knows
+//! no HTTP; [`crate::plugin`] translates Docker's requests into calls here.
+//!
+//! Concurrency: Mount, Unmount and Remove of one volume are serialized by a
+//! per-volume lock (Docker sends concurrent Mounts of one volume when two
+//! containers start together); different volumes proceed in parallel.
+//! Until start-up recovery has finished, those three operations wait for it.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{OnceCell, RwLock};
+use vmdk_protocol::options::{self as opt, VolumeOptions};
+use vmdk_protocol::size::human_bytes;
+use vmdk_protocol::{
+    AccessMode, AttachStatus, CreateRequest, ErrorCode, FsType, NameError, OptionError, VolumeInfo, VolumeRef,
+};
+
+use crate::agent_client::{AgentCallError, AgentClient};
+use crate::docker_api;
+use crate::state::{MountRecord, PluginState, StateStore};
+use crate::sys::{SysError, System};
+
+/// Name of the directory inside each volume that Docker mounts.
+pub const DATA_DIR: &str = "data";
+/// How long a device may take to appear after attach.
+pub const DEVICE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Mount IDs younger than this are never released by the periodic
+/// reconcile (the container may still be starting).
+pub const ID_GRACE: Duration = Duration::from_secs(120);
+/// Prefix of IDs standing for containers found running at recovery.
+pub const RECOVERED_PREFIX: &str = "recovered:";
+
+/// Why a volume operation failed. The text is what Docker shows.
+#[derive(Debug, thiserror::Error)]
+pub enum PluginError {
+    /// The volume name breaks the rules.
+    #[error(transparent)]
+    InvalidName(#[from] NameError),
+    /// A create option is bad.
+    #[error(transparent)]
+    InvalidOption(#[from] OptionError),
+    /// The filesystem asked for cannot be made on this VM.
+    #[error("Not found mkfs for {fstype}\nSupported filesystems found: {found}")]
+    MkfsMissing {
+        /// The fstype asked for.
+        fstype: FsType,
+        /// The filesystems whose mkfs exists.
+        found: String,
+    },
+    /// The agent refused or failed.
+    #[error("{source}")]
+    Agent {
+        /// The volume.
+        name: String,
+        /// The cause.
+        source: AgentCallError,
+    },
+    /// The volume does not exist.
+    #[error("volume {0} does not exist")]
+    NotFound(String),
+    /// Remove of a volume this VM still has mounted.
+    #[error("Remove failure - volume is still mounted.  volume={name}, refcount={refcount}")]
+    StillMounted {
+        /// The volume.
+        name: String,
+        /// Mount IDs holding it.
+        refcount: usize,
+    },
+    /// The agent attached the disk but did not say where it is.
+    #[error("volume {name}: the agent attached disk {disk_uuid} but reported no device node; this guest can only find disks of the local backend")]
+    NoDevice {
+        /// The volume.
+        name: String,
+        /// The disk UUID.
+        disk_uuid: String,
+    },
+    /// A kernel call or program failed.
+    #[error("volume {name}: {op} failed")]
+    Sys {
+        /// The volume.
+        name: String,
+        /// The step.
+        op: &'static str,
+        /// The cause.
+        #[source]
+        source: SysError,
+    },
+    /// The state file could not be written.
+    #[error("volume {name}: cannot save mount state")]
+    State {
+        /// The volume.
+        name: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl PluginError {
+    fn agent(name: &str) -> impl FnOnce(AgentCallError) -> PluginError + '_ {
+        move |source| PluginError::Agent {
+            name: name.to_owned(),
+            source,
+        }
+    }
+}
+
+/// Settings of a [`VolumeManager`].
+#[derive(Debug, Clone)]
+pub struct ManagerConfig {
+    /// This VM's id, sent to the agent.
+    pub vm_id: String,
+    /// Where volumes are mounted (`/mnt/vmdk`).
+    pub mount_root: PathBuf,
+    /// Where the state file lives (`/var/lib/vmdk-plugin`).
+    pub state_dir: PathBuf,
+    /// Docker's API socket, for recovery.
+    pub docker_socket: PathBuf,
+}
+
+/// The mount logic and state of this VM.
+#[derive(Debug)]
+pub struct VolumeManager {
+    agent: AgentClient,
+    sys: Arc<dyn System>,
+    cfg: ManagerConfig,
+    store: StateStore,
+    state: Mutex<PluginState>,
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    gate: Arc<RwLock<()>>,
+    default_ds: OnceCell<String>,
+    docker_reconciled: std::sync::atomic::AtomicBool,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl VolumeManager {
+    /// A manager; call [`VolumeManager::recover`] once before serving
+    /// mounts (the plugin does this in the background).
+    pub fn new(agent: AgentClient, sys: Arc<dyn System>, cfg: ManagerConfig) -> std::io::Result<Arc<Self>> {
+        std::fs::create_dir_all(&cfg.mount_root)?;
+        let store = StateStore::new(&cfg.state_dir)?;
+        Ok(Arc::new(Self {
+            agent,
+            sys,
+            store,
+            state: Mutex::new(PluginState::default()),
+            locks: Mutex::new(HashMap::new()),
+            gate: Arc::new(RwLock::new(())),
+            default_ds: OnceCell::new(),
+            docker_reconciled: std::sync::atomic::AtomicBool::new(false),
+            cfg,
+        }))
+    }
+
+    /// This VM's id.
+    pub fn vm_id(&self) -> &str {
+        &self.cfg.vm_id
+    }
+
+    /// `<mount-root>/<vol@ds>`.
+    pub fn mount_dir(&self, full: &str) -> PathBuf {
+        self.cfg.mount_root.join(full)
+    }
+
+    /// `<mount-root>/<vol@ds>/data`, the path Docker mounts into containers.
+    pub fn mountpoint(&self, full: &str) -> PathBuf {
+        self.mount_dir(full).join(DATA_DIR)
+    }
+
+    /// A copy of the current mount state.
+    pub fn snapshot(&self) -> PluginState {
+        self.state.lock().unwrap().clone()
+    }
+
+    fn volume_lock(&self, full: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.locks.lock().unwrap().entry(full.to_owned()).or_default().clone()
+    }
+
+    fn save(&self, name: &str, state: &PluginState) -> Result<(), PluginError> {
+        self.store.save(state).map_err(|source| PluginError::State {
+            name: name.to_owned(),
+            source,
+        })
+    }
+
+    /// Applies `f` to the state and persists it; on a failed save the
+    /// in-memory state is rolled back.
+    fn update<T>(&self, name: &str, f: impl FnOnce(&mut PluginState) -> T) -> Result<T, PluginError> {
+        let mut guard = self.state.lock().unwrap();
+        let before = guard.clone();
+        let out = f(&mut guard);
+        if *guard != before {
+            if let Err(e) = self.save(name, &guard) {
+                *guard = before;
+                return Err(e);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn sys<T: Send + 'static>(
+        &self,
+        name: &str,
+        op: &'static str,
+        f: impl FnOnce(&dyn System) -> Result<T, SysError> + Send + 'static,
+    ) -> Result<T, PluginError> {
+        let sys = self.sys.clone();
+        tokio::task::spawn_blocking(move || f(sys.as_ref()))
+            .await
+            .unwrap_or_else(|e| {
+                Err(SysError::Io {
+                    op: "worker",
+                    path: PathBuf::new(),
+                    source: std::io::Error::other(e.to_string()),
+                })
+            })
+            .map_err(|source| PluginError::Sys {
+                name: name.to_owned(),
+                op,
+                source,
+            })
+    }
+
+    /// The default datastore (the agent's first), for short names.
+    pub async fn default_datastore(&self) -> Option<String> {
+        self.default_ds
+            .get_or_try_init(|| async {
+                let v = self.agent.version(&self.cfg.vm_id).await?;
+                v.datastores
+                    .first()
+                    .cloned()
+                    .ok_or(AgentCallError::Transport("agent has no datastore".into()))
+            })
+            .await
+            .ok()
+            .cloned()
+    }
+
+    /// The canonical name for `name` without asking the agent: as given if
+    /// it has `@`, else on the default datastore.
+    pub async fn full_name_hint(&self, name: &str) -> String {
+        if name.contains('@') {
+            return name.to_owned();
+        }
+        // Path is called constantly: look in the state without copying it.
+        let mounted = {
+            let st = self.state.lock().unwrap();
+            st.mounts
+                .keys()
+                .find(|k| k.rsplit_once('@').map(|(v, _)| v) == Some(name))
+                .cloned()
+        };
+        if let Some(full) = mounted {
+            return full;
+        }
+        match self.default_datastore().await {
+            Some(ds) => format!("{name}@{ds}"),
+            None => name.to_owned(),
+        }
+    }
+
+    // ----- Docker operations -------------------------------------------
+
+    /// `VolumeDriver.Create`. Creating a volume that exists succeeds (Docker
+    /// and users retry).
+    pub async fn create(&self, name: &str, opts: BTreeMap<String, String>) -> Result<(), PluginError> {
+        VolumeRef::parse(name)?;
+        let parsed = VolumeOptions::parse(&opts)?;
+        if let Some(fs) = parsed.fstype {
+            if !self.sys.mkfs_available(fs) {
+                let found: Vec<&str> = [FsType::Ext4, FsType::Xfs]
+                    .into_iter()
+                    .filter(|f| self.sys.mkfs_available(*f))
+                    .map(FsType::as_str)
+                    .collect();
+                return Err(PluginError::MkfsMissing {
+                    fstype: fs,
+                    found: found.join(", "),
+                });
+            }
+        }
+        let req = CreateRequest {
+            name: name.to_owned(),
+            opts,
+        };
+        match self.agent.create(&self.cfg.vm_id, req).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.code() == Some(ErrorCode::AlreadyExists) => Ok(()),
+            Err(e) => Err(PluginError::agent(name)(e)),
+        }
+    }
+
+    /// `VolumeDriver.Get`: `Ok(None)` means "does not exist".
+    pub async fn get(&self, name: &str) -> Result<Option<VolumeInfo>, PluginError> {
+        if VolumeRef::parse(name).is_err() {
+            return Ok(None);
+        }
+        match self.agent.get(&self.cfg.vm_id, name).await {
+            Ok(info) => Ok(Some(info)),
+            Err(e)
+                if matches!(
+                    e.code(),
+                    Some(ErrorCode::NotFound | ErrorCode::InvalidName | ErrorCode::UnknownDatastore)
+                ) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(PluginError::agent(name)(e)),
+        }
+    }
+
+    /// `VolumeDriver.List`: canonical names, shortened on the default
+    /// datastore.
+    pub async fn list(&self) -> Result<Vec<(String, PathBuf)>, PluginError> {
+        let vols = self
+            .agent
+            .list(&self.cfg.vm_id)
+            .await
+            .map_err(PluginError::agent("*"))?;
+        let default = self.default_datastore().await;
+        Ok(vols
+            .into_iter()
+            .map(|v| {
+                let shown = if Some(&v.datastore) == default.as_ref() {
+                    v.volume.clone()
+                } else {
+                    v.name.clone()
+                };
+                let mp = self.mountpoint(&v.name);
+                (shown, mp)
+            })
+            .collect())
+    }
+
+    /// The mount record of a volume, if this VM has it mounted.
+    pub fn record(&self, full: &str) -> Option<MountRecord> {
+        self.state.lock().unwrap().mounts.get(full).cloned()
+    }
+
+    /// `VolumeDriver.Remove`. Refused while this VM has it mounted; the
+    /// agent refuses while any VM has it attached.
+    pub async fn remove(&self, name: &str) -> Result<(), PluginError> {
+        VolumeRef::parse(name)?;
+        let _gate = self.gate.read().await;
+        let info = match self.get(name).await? {
+            Some(i) => i,
+            None => return Ok(()),
+        };
+        let lock = self.volume_lock(&info.name);
+        let _l = lock.lock().await;
+        if let Some(rec) = self.record(&info.name) {
+            return Err(PluginError::StillMounted {
+                name: info.name.clone(),
+                refcount: rec.ids.len(),
+            });
+        }
+        match self.agent.remove(&self.cfg.vm_id, &info.name).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.code() == Some(ErrorCode::NotFound) => Ok(()),
+            Err(e) => Err(PluginError::agent(name)(e)),
+        }
+    }
+
+    /// `VolumeDriver.Mount`: returns the mountpoint. A Mount of an ID
+    /// already held is counted, and needs its own Unmount (see
+    /// [`MountRecord::nested`]).
+    pub async fn mount(&self, name: &str, id: &str) -> Result<PathBuf, PluginError> {
+        VolumeRef::parse(name)?;
+        let _gate = self.gate.read().await;
+        let info = self
+            .get(name)
+            .await?
+            .ok_or_else(|| PluginError::NotFound(name.to_owned()))?;
+        let full = info.name.clone();
+        let lock = self.volume_lock(&full);
+        let _l = lock.lock().await;
+        let now = now_secs();
+        let id = id.to_owned();
+        let joined = self.update(&full, |s| match s.mounts.get_mut(&full) {
+            Some(rec) => {
+                if rec.ids.contains_key(&id) {
+                    *rec.nested.entry(id.clone()).or_insert(0) += 1;
+                } else {
+                    rec.ids.insert(id.clone(), now);
+                }
+                true
+            }
+            None => false,
+        })?;
+        if joined {
+            return Ok(self.mountpoint(&full));
+        }
+        let rec = self.activate(&info).await?;
+        let mut rec = rec;
+        rec.ids.insert(id, now);
+        let saved = self.update(&full, |s| {
+            s.mounts.insert(full.clone(), rec.clone());
+        });
+        if let Err(e) = saved {
+            self.deactivate(&full).await.ok();
+            return Err(e);
+        }
+        tracing::info!(volume = %full, device = %rec.device, "mounted");
+        Ok(self.mountpoint(&full))
+    }
+
+    /// `VolumeDriver.Unmount`: drops one Mount of the ID, and the ID with
+    /// its last; the last ID unmounts and detaches. An unknown ID succeeds.
+    pub async fn unmount(&self, name: &str, id: &str) -> Result<(), PluginError> {
+        let _gate = self.gate.read().await;
+        let full = {
+            let st = self.state.lock().unwrap();
+            match st.mounts.iter().find(|(_, r)| r.ids.contains_key(id)) {
+                Some((k, _)) => k.clone(),
+                None => {
+                    tracing::info!(volume = name, id, "unmount of an unknown mount ID; nothing to do");
+                    return Ok(());
+                }
+            }
+        };
+        let lock = self.volume_lock(&full);
+        let _l = lock.lock().await;
+        let left = self.update(&full, |s| {
+            s.mounts.get_mut(&full).map(|r| {
+                match r.nested.get_mut(id) {
+                    Some(n) if *n > 1 => *n -= 1,
+                    Some(_) => {
+                        r.nested.remove(id);
+                    }
+                    None => {
+                        r.ids.remove(id);
+                    }
+                }
+                r.ids.len()
+            })
+        })?;
+        match left {
+            Some(0) => self.deactivate(&full).await,
+            _ => Ok(()),
+        }
+    }
+
+    /// `VolumeDriver.Path`: the would-be mountpoint; never fails.
+    pub async fn path(&self, name: &str) -> PathBuf {
+        self.mountpoint(&self.full_name_hint(name).await)
+    }
+
+    // ----- attach + format + mount, and the way back ----------------------
+
+    /// Attaches, formats on first use and mounts. Rolls everything back on
+    /// failure, because Docker sends no Unmount after a failed Mount.
+    async fn activate(&self, info: &VolumeInfo) -> Result<MountRecord, PluginError> {
+        let full = info.name.clone();
+        let dir = self.mount_dir(&full);
+        let att = self
+            .agent
+            .attach(&self.cfg.vm_id, &full)
+            .await
+            .map_err(PluginError::agent(&full))?;
+        let res = self
+            .format_and_mount(info, att.device.clone(), &att.disk_uuid, &dir)
+            .await;
+        match res {
+            Ok(rec) => Ok(rec),
+            Err(e) => {
+                tracing::warn!(volume = %full, error = %crate::error_chain(&e), "mount failed; rolling back");
+                let d = dir.clone();
+                let _ = self.sys(&full, "unmount", move |s| s.unmount(&d)).await;
+                let _ = std::fs::remove_dir(&dir);
+                if let Err(de) = self.agent.detach(&self.cfg.vm_id, &full).await {
+                    tracing::error!(volume = %full, error = %de, "rollback detach failed");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn format_and_mount(
+        &self,
+        info: &VolumeInfo,
+        device: Option<String>,
+        disk_uuid: &str,
+        dir: &Path,
+    ) -> Result<MountRecord, PluginError> {
+        let full = info.name.clone();
+        let device = device.ok_or_else(|| PluginError::NoDevice {
+            name: full.clone(),
+            disk_uuid: disk_uuid.to_owned(),
+        })?;
+        let dev = PathBuf::from(&device);
+        let d = dev.clone();
+        self.sys(&full, "wait for device", move |s| s.wait_for_device(&d, DEVICE_TIMEOUT))
+            .await?;
+        let d = dev.clone();
+        let found = self.sys(&full, "probe filesystem", move |s| s.probe_fs(&d)).await?;
+        let fstype = match found {
+            Some(t) => {
+                if t != info.fstype {
+                    tracing::warn!(volume = %full, found = %t, recorded = %info.fstype, "disk holds another filesystem than recorded; using what is on disk");
+                }
+                t
+            }
+            None => {
+                let want: FsType = info.fstype.parse().unwrap_or(FsType::Ext4);
+                let d = dev.clone();
+                let label = info.volume.clone();
+                tracing::info!(volume = %full, fstype = %want, "formatting on first use");
+                self.sys(&full, "make filesystem", move |s| s.mkfs(&d, want, &label))
+                    .await?;
+                want.to_string()
+            }
+        };
+        std::fs::create_dir_all(dir).map_err(|source| PluginError::Sys {
+            name: full.clone(),
+            op: "create mount directory",
+            source: SysError::Io {
+                op: "mkdir",
+                path: dir.to_owned(),
+                source,
+            },
+        })?;
+        let read_only = info.access == AccessMode::ReadOnly;
+        let (d, t, fs) = (dev.clone(), dir.to_owned(), fstype.clone());
+        self.sys(&full, "mount", move |s| s.mount(&d, &t, &fs, read_only))
+            .await?;
+        let data = dir.join(DATA_DIR);
+        if !data.is_dir() {
+            // A fresh filesystem: make the data directory (empty, so Docker
+            // copies image content into it), briefly read-write if needed.
+            let t = dir.to_owned();
+            if read_only {
+                self.sys(&full, "remount read-write", move |s| s.remount(&t, false))
+                    .await?;
+            }
+            let made = std::fs::create_dir(&data).map_err(|source| PluginError::Sys {
+                name: full.clone(),
+                op: "create data directory",
+                source: SysError::Io {
+                    op: "mkdir",
+                    path: data.clone(),
+                    source,
+                },
+            });
+            if read_only {
+                let t = dir.to_owned();
+                self.sys(&full, "remount read-only", move |s| s.remount(&t, true))
+                    .await?;
+            }
+            made?;
+        }
+        Ok(MountRecord {
+            ids: BTreeMap::new(),
+            nested: BTreeMap::new(),
+            device,
+            fstype,
+            read_only,
+        })
+    }
+
+    /// Unmounts and detaches a volume whose last ID is gone. If the
+    /// unmount fails (something still holds the filesystem), the record is
+    /// kept with no IDs so the periodic reconcile retries.
+    async fn deactivate(&self, full: &str) -> Result<(), PluginError> {
+        let dir = self.mount_dir(full);
+        let d = dir.clone();
+        self.sys(full, "unmount", move |s| s.unmount(&d)).await?;
+        let _ = std::fs::remove_dir(&dir);
+        let detached = match self.agent.detach(&self.cfg.vm_id, full).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.code() == Some(ErrorCode::NotFound) => Ok(()),
+            Err(e) => Err(e),
+        };
+        self.update(full, |s| {
+            s.mounts.remove(full);
+        })?;
+        match detached {
+            Ok(()) => {
+                tracing::info!(volume = %full, "unmounted and detached");
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(volume = %full, error = %e, "unmounted, but detach failed; the reconcile pass retries it");
+                Err(PluginError::agent(full)(e))
+            }
+        }
+    }
+
+    // ----- recovery ----------------------------------------------------------
+
+    /// Start-up recovery. Holds off Mount, Unmount and Remove until done.
+    ///
+    /// 1. Load the state file (a hint).
+    /// 2. Adopt volumes mounted under the mount root that the state lacks.
+    /// 3. Ask Docker which running containers use which volumes: release
+    ///    volumes nobody uses, remount volumes in use that lost their mount,
+    ///    and stand in for lost mount IDs with `recovered:<container>`.
+    ///    If Docker does not answer, the state is kept as is and the
+    ///    periodic reconcile retries.
+    /// 4. Detach disks the agent says are attached to this VM that nothing
+    ///    here holds, and remove empty leftover mount directories.
+    pub async fn recover(self: &Arc<Self>) {
+        let gate = self.gate.clone().write_owned().await;
+        self.recover_holding(gate).await;
+    }
+
+    /// Takes the recovery gate at once, then finishes [`Self::recover`] in
+    /// the background: a Mount that arrives as soon as the socket is served
+    /// waits for recovery instead of overtaking it.
+    pub async fn spawn_recovery(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let gate = self.gate.clone().write_owned().await;
+        let me = self.clone();
+        tokio::spawn(async move { me.recover_holding(gate).await })
+    }
+
+    async fn recover_holding(self: &Arc<Self>, _gate: tokio::sync::OwnedRwLockWriteGuard<()>) {
+        let mut state = self.store.load();
+        let mounted = self.mounted_here().await;
+        for (name, m) in &mounted {
+            state.mounts.entry(name.clone()).or_insert_with(|| {
+                tracing::warn!(volume = %name, "found mounted without state; adopting");
+                MountRecord {
+                    ids: BTreeMap::new(),
+                    nested: BTreeMap::new(),
+                    device: m.source.clone(),
+                    fstype: m.fstype.clone(),
+                    read_only: m.read_only,
+                }
+            });
+        }
+        *self.state.lock().unwrap() = state;
+        if let Err(e) = self.update("*", |_| ()) {
+            tracing::error!(error = %crate::error_chain(&e), "cannot save state");
+        }
+        match docker_api::volume_users(&self.cfg.docker_socket, &self.cfg.mount_root).await {
+            Ok(users) => {
+                self.reconcile_users(&users, None).await;
+                self.docker_reconciled.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+            Err(e) => tracing::warn!(error = %e, "Docker did not answer; keeping recorded mounts until it does"),
+        }
+        self.release_stray_attachments().await;
+        self.clean_mount_root().await;
+        let st = self.snapshot();
+        tracing::info!(
+            mounted = st.mounts.len(),
+            ids = st.mounts.values().map(|r| r.ids.len()).sum::<usize>(),
+            "recovery finished"
+        );
+    }
+
+    /// Periodic pass: the same checks as recovery, releasing only IDs older
+    /// than [`ID_GRACE`] (unless Docker has never answered before, in which
+    /// case this is the first real reconcile).
+    pub async fn reconcile(self: &Arc<Self>) {
+        let users = match docker_api::volume_users(&self.cfg.docker_socket, &self.cfg.mount_root).await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::debug!(error = %e, "Docker did not answer; skipping reconcile");
+                return;
+            }
+        };
+        let first = !self.docker_reconciled.swap(true, std::sync::atomic::Ordering::SeqCst);
+        let grace = if first { None } else { Some(ID_GRACE) };
+        self.reconcile_users(&users, grace).await;
+        self.release_stray_attachments().await;
+    }
+
+    async fn mounted_here(&self) -> BTreeMap<String, crate::sys::MountEntry> {
+        let root = self.cfg.mount_root.clone();
+        match self.sys("*", "read mounts", |s| s.mounts()).await {
+            Ok(all) => all
+                .into_iter()
+                .filter(|m| m.target.parent() == Some(root.as_path()))
+                .filter_map(|m| {
+                    let name = m.target.file_name()?.to_string_lossy().into_owned();
+                    Some((name, m))
+                })
+                .collect(),
+            Err(e) => {
+                tracing::error!(error = %crate::error_chain(&e), "cannot read mounts");
+                BTreeMap::new()
+            }
+        }
+    }
+
+    /// Brings the state in line with Docker's running containers.
+    /// `grace: None` releases every ID no running container explains.
+    async fn reconcile_users(self: &Arc<Self>, users: &docker_api::VolumeUsers, grace: Option<Duration>) {
+        let names: Vec<String> = self.snapshot().mounts.keys().cloned().collect();
+        let mounted = self.mounted_here().await;
+        let now = now_secs();
+        let default_ds = if users.keys().any(|k| !k.contains('@')) {
+            self.default_datastore().await
+        } else {
+            None
+        };
+        for full in names {
+            let lock = self.volume_lock(&full);
+            let _l = lock.lock().await;
+            let containers: BTreeSet<String> = users
+                .iter()
+                .filter(|(k, _)| docker_api::names_volume(k, &full, default_ds.as_deref()))
+                .flat_map(|(_, cs)| cs.iter().cloned())
+                .collect();
+            let containers = &containers;
+            let is_mounted = mounted.contains_key(&full);
+            let res = self.update(&full, |s| {
+                let rec = s.mounts.get_mut(&full)?;
+                rec.ids.retain(|id, at| match id.strip_prefix(RECOVERED_PREFIX) {
+                    Some(c) => containers.contains(c),
+                    None => !containers.is_empty() || grace.is_some_and(|g| now.saturating_sub(*at) < g.as_secs()),
+                });
+                let ids = &rec.ids;
+                rec.nested.retain(|id, _| ids.contains_key(id));
+                if rec.ids.is_empty() {
+                    for c in containers {
+                        rec.ids.insert(format!("{RECOVERED_PREFIX}{c}"), now);
+                    }
+                }
+                Some((rec.ids.len(), rec.clone()))
+            });
+            match res {
+                Ok(Some((0, _))) => {
+                    tracing::info!(volume = %full, "no running container uses it; releasing");
+                    if let Err(e) = self.deactivate(&full).await {
+                        tracing::error!(volume = %full, error = %crate::error_chain(&e), "release failed");
+                    }
+                }
+                Ok(Some((_, rec))) if !is_mounted => {
+                    tracing::warn!(volume = %full, "in use but not mounted (VM rebooted?); mounting again");
+                    if let Err(e) = self.remount(&full, rec).await {
+                        tracing::error!(volume = %full, error = %crate::error_chain(&e), "recovery mount failed");
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => tracing::error!(volume = %full, error = %crate::error_chain(&e), "cannot save state"),
+            }
+        }
+    }
+
+    async fn remount(&self, full: &str, rec: MountRecord) -> Result<(), PluginError> {
+        let info = self
+            .get(full)
+            .await?
+            .ok_or_else(|| PluginError::NotFound(full.to_owned()))?;
+        let fresh = self.activate(&info).await?;
+        self.update(full, |s| {
+            s.mounts.insert(
+                full.to_owned(),
+                MountRecord {
+                    ids: rec.ids,
+                    nested: rec.nested,
+                    ..fresh
+                },
+            );
+        })
+    }
+
+    async fn release_stray_attachments(&self) {
+        let vols = match self.agent.list(&self.cfg.vm_id).await {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list volumes to find stray attachments");
+                return;
+            }
+        };
+        for v in vols {
+            if v.status != AttachStatus::Attached || v.attached_to.as_deref() != Some(self.cfg.vm_id.as_str()) {
+                continue;
+            }
+            let lock = self.volume_lock(&v.name);
+            let _l = lock.lock().await;
+            if self.record(&v.name).is_some() {
+                continue;
+            }
+            tracing::warn!(volume = %v.name, "attached to this VM but not mounted; detaching");
+            if let Err(e) = self.agent.detach(&self.cfg.vm_id, &v.name).await {
+                tracing::error!(volume = %v.name, error = %e, "detach of stray attachment failed");
+            }
+        }
+    }
+
+    async fn clean_mount_root(&self) {
+        let st = self.snapshot();
+        let Ok(entries) = std::fs::read_dir(&self.cfg.mount_root) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !st.mounts.contains_key(&name) && e.path().is_dir() {
+                // remove_dir refuses non-empty directories: only leftovers go.
+                if std::fs::remove_dir(e.path()).is_ok() {
+                    tracing::info!(dir = %e.path().display(), "removed leftover mount directory");
+                }
+            }
+        }
+    }
+}
+
+/// The `Status` map shown by `docker volume inspect`.
+pub fn inspect_status(info: &VolumeInfo, rec: Option<&MountRecord>) -> serde_json::Map<String, serde_json::Value> {
+    use serde_json::json;
+    let mut m = serde_json::Map::new();
+    m.insert("datastore".into(), json!(info.datastore));
+    m.insert(
+        "capacity".into(),
+        json!({"size": human_bytes(info.capacity_bytes), "allocated": human_bytes(info.allocated_bytes)}),
+    );
+    m.insert("diskformat".into(), json!(info.disk_format.as_str()));
+    m.insert("fstype".into(), json!(info.fstype));
+    m.insert(
+        opt::VSAN_POLICY_NAME.into(),
+        json!(info.vsan_policy.clone().unwrap_or_else(|| "[VSAN default]".into())),
+    );
+    m.insert("access".into(), json!(info.access.as_str()));
+    m.insert("attach-as".into(), json!(info.attach_as.as_str()));
+    m.insert(
+        "status".into(),
+        json!(match info.status {
+            AttachStatus::Attached => "attached",
+            AttachStatus::Detached => "detached",
+        }),
+    );
+    m.insert(
+        "attached to VM".into(),
+        json!(info.attached_to.clone().unwrap_or_else(|| "detached".into())),
+    );
+    m.insert("created".into(), json!(info.created));
+    m.insert("created by VM".into(), json!(info.created_by));
+    m.insert(
+        "clone-from".into(),
+        json!(info.clone_from.clone().unwrap_or_else(|| "None".into())),
+    );
+    m.insert("disk-uuid".into(), json!(info.disk_uuid));
+    m.insert("vmgroup".into(), json!(info.vmgroup));
+    m.insert("mounts".into(), json!(rec.map(|r| r.ids.len()).unwrap_or(0)));
+    m
+}

@@ -1,0 +1,499 @@
+//! Docker's volume plugin protocol against the plugin, with requests shaped
+//! exactly like the engine's, an embedded agent on a temp datastore, and a
+//! recording fake of the kernel (no root needed; `privileged.rs` repeats the
+//! important paths on real loop devices and mounts).
+
+mod support;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+use support::{docker_call, err, fake_plugin, ok, FakeSys, SysCall};
+
+fn datastore_entries(p: &support::Plugin) -> Vec<PathBuf> {
+    fn walk(d: &std::path::Path, out: &mut Vec<PathBuf>) {
+        if let Ok(rd) = std::fs::read_dir(d) {
+            for e in rd.flatten() {
+                out.push(e.path());
+                if e.path().is_dir() {
+                    walk(&e.path(), out);
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(&p.datastore(), &mut out);
+    out
+}
+
+#[tokio::test]
+async fn handshake_and_capabilities() {
+    let p = fake_plugin(Arc::new(FakeSys::default())).await;
+    let (s, v) = docker_call(&p.app, "Plugin.Activate", None).await;
+    assert_eq!(s, 200);
+    assert_eq!(v, json!({"Implements": ["VolumeDriver"]}));
+    let v = ok(&p.app, "VolumeDriver.Capabilities", "{}").await;
+    assert_eq!(v, json!({"Capabilities": {"Scope": "global"}}));
+    let (s, v) = docker_call(&p.app, "VolumeDriver.Snapshot", Some("{}")).await;
+    assert_eq!(s, 404);
+    assert!(v["Err"]
+        .as_str()
+        .unwrap()
+        .contains("not a Docker volume plugin endpoint"));
+}
+
+#[tokio::test]
+async fn create_get_list_path_remove_as_docker_sends_them() {
+    let p = fake_plugin(Arc::new(FakeSys::default())).await;
+    ok(
+        &p.app,
+        "VolumeDriver.Create",
+        r#"{"Name":"vsanvol1","Opts":{"size":"50gb"}}"#,
+    )
+    .await;
+    ok(&p.app, "VolumeDriver.Create", r#"{"Name":"plain","Opts":null}"#).await;
+    // Docker retries: a create of an existing name succeeds and changes nothing.
+    ok(
+        &p.app,
+        "VolumeDriver.Create",
+        r#"{"Name":"vsanvol1","Opts":{"size":"1gb"}}"#,
+    )
+    .await;
+
+    let v = ok(&p.app, "VolumeDriver.Get", r#"{"Name":"vsanvol1"}"#).await;
+    let vol = &v["Volume"];
+    assert_eq!(vol["Name"], "vsanvol1", "Get must echo the requested name");
+    let mp = p.mount_root().join("vsanvol1@local/data");
+    assert_eq!(vol["Mountpoint"], mp.display().to_string());
+    let st = &vol["Status"];
+    assert_eq!(st["datastore"], "local");
+    assert_eq!(st["capacity"]["size"], "50GB");
+    assert_eq!(st["capacity"]["allocated"], "0B");
+    assert_eq!(st["diskformat"], "thin");
+    assert_eq!(st["fstype"], "ext4");
+    assert_eq!(st["access"], "read-write");
+    assert_eq!(st["attach-as"], "independent_persistent");
+    assert_eq!(st["attached to VM"], "detached");
+    assert_eq!(st["created by VM"], "vm-test");
+    assert_eq!(st["vsan-policy-name"], "[VSAN default]");
+    // CreatedAt is RFC 3339, which Docker decodes as a Go time.Time.
+    let created = vol["CreatedAt"].as_str().unwrap();
+    assert!(humantime::parse_rfc3339(created).is_ok(), "{created}");
+
+    // The long name works too, and is echoed as asked.
+    let v = ok(&p.app, "VolumeDriver.Get", r#"{"Name":"vsanvol1@local"}"#).await;
+    assert_eq!(v["Volume"]["Name"], "vsanvol1@local");
+
+    let v = ok(&p.app, "VolumeDriver.List", "{}").await;
+    let names: Vec<&str> = v["Volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["Name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["plain", "vsanvol1"]);
+
+    let v = ok(&p.app, "VolumeDriver.Path", r#"{"Name":"vsanvol1"}"#).await;
+    assert_eq!(v["Mountpoint"], mp.display().to_string());
+
+    ok(&p.app, "VolumeDriver.Remove", r#"{"Name":"vsanvol1"}"#).await;
+    let v = ok(&p.app, "VolumeDriver.Get", r#"{"Name":"vsanvol1"}"#).await;
+    assert_eq!(v["Volume"], Value::Null);
+    // Remove is idempotent.
+    ok(&p.app, "VolumeDriver.Remove", r#"{"Name":"vsanvol1"}"#).await;
+}
+
+#[tokio::test]
+async fn get_of_missing_or_invalid_names_is_null_not_an_error() {
+    let p = fake_plugin(Arc::new(FakeSys::default())).await;
+    for body in [
+        r#"{"Name":"nope"}"#,
+        r#"{"Name":""}"#,
+        r#"{"Name":"../x"}"#,
+        r#"{"Name":"v@nods"}"#,
+        "{}",
+    ] {
+        let v = ok(&p.app, "VolumeDriver.Get", body).await;
+        assert_eq!(v["Volume"], Value::Null, "{body}");
+    }
+    let (s, v) = docker_call(&p.app, "VolumeDriver.Get", None).await;
+    assert_eq!((s.as_u16(), &v["Volume"]), (200, &Value::Null));
+}
+
+#[tokio::test]
+async fn every_kind_of_bad_input_is_refused_and_nothing_is_created() {
+    let sys = Arc::new(FakeSys {
+        no_xfs: true,
+        ..Default::default()
+    });
+    let p = fake_plugin(sys.clone()).await;
+    let cases = [
+        (r#"{"Name":"../x"}"#, "illegal characters"),
+        (r#"{"Name":"a/b"}"#, "illegal characters"),
+        (r#"{"Name":"a\\b"}"#, "illegal characters"),
+        (r#"{"Name":"a\u0000b"}"#, "illegal characters"),
+        (r#"{"Name":".."}"#, "reserved"),
+        (r#"{"Name":"Volume-123456"}"#, "-NNNNNN"),
+        (r#"{"Name":"x-flat"}"#, "-flat"),
+        (
+            r#"{"Name":"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"}"#,
+            "too long (max len is 100)",
+        ),
+        (r#"{"Name":"v@"}"#, "Invalid datastore name"),
+        (
+            r#"{"Name":"v@nosuch"}"#,
+            "Invalid datastore 'nosuch'.\nKnown datastores: local.",
+        ),
+        (r#"{"Name":"v","Opts":{"size":"100mbb"}}"#, "Invalid format for size"),
+        (r#"{"Name":"v","Opts":{"size":"-5gb"}}"#, "Invalid format for size"),
+        (r#"{"Name":"v","Opts":{"size":"0gb"}}"#, "Invalid volume size"),
+        (r#"{"Name":"v","Opts":{"sizes":"10gb"}}"#, "Invalid options: ['sizes']"),
+        (
+            r#"{"Name":"v","Opts":{"diskformat":"zeroedthickk"}}"#,
+            "Disk Allocation Format 'zeroedthickk'",
+        ),
+        (
+            r#"{"Name":"v","Opts":{"access":"write-only"}}"#,
+            "Access type 'write-only'",
+        ),
+        (r#"{"Name":"v","Opts":{"attach-as":"shared"}}"#, "Attach type 'shared'"),
+        (
+            r#"{"Name":"v","Opts":{"fstype":"xfs_ext"}}"#,
+            "Filesystem type 'xfs_ext'",
+        ),
+        (
+            r#"{"Name":"v","Opts":{"fstype":"xfs","size":"1gb"}}"#,
+            "Not found mkfs for xfs",
+        ),
+        (
+            r#"{"Name":"v","Opts":{"clone-from":"IDontExist"}}"#,
+            "Could not find volume for cloning",
+        ),
+        (
+            r#"{"Name":"v","Opts":{"clone-from":"a","size":"1gb"}}"#,
+            "Cannot define the size for a clone",
+        ),
+        (r#"{"Name":"v","Opts":{"size":5}}"#, "malformed request body"),
+        (r#"{"Name":"v","Opts":"#, "malformed request body"),
+        (r#"{"Opts":{}}"#, "no volume name"),
+        ("", "no volume name"),
+    ];
+    for (body, want) in cases {
+        let e = err(&p.app, "VolumeDriver.Create", body).await;
+        assert!(e.contains(want), "{body:?}: {e:?} lacks {want:?}");
+    }
+    // Every mutating endpoint refuses an empty body (a retried request whose
+    // body was already consumed) instead of guessing.
+    for ep in ["VolumeDriver.Remove", "VolumeDriver.Mount", "VolumeDriver.Unmount"] {
+        let (s, v) = docker_call(&p.app, ep, None).await;
+        assert_eq!(s, 500, "{ep}: {v}");
+        assert!(v["Err"].as_str().unwrap().contains("no volume name"), "{ep}: {v}");
+    }
+    let e = err(&p.app, "VolumeDriver.Mount", r#"{"Name":"ghost","ID":"abc"}"#).await;
+    assert!(e.contains("ghost"), "{e}");
+    assert_eq!(
+        datastore_entries(&p),
+        Vec::<PathBuf>::new(),
+        "bad input changed the datastore"
+    );
+    assert!(
+        sys.calls().is_empty(),
+        "bad input reached the kernel: {:?}",
+        sys.calls()
+    );
+    assert_eq!(p.manager.snapshot().mounts.len(), 0);
+}
+
+#[tokio::test]
+async fn mount_formats_once_refcounts_ids_and_unmount_detaches_at_zero() {
+    let sys = Arc::new(FakeSys::default());
+    let p = fake_plugin(sys.clone()).await;
+    ok(&p.app, "VolumeDriver.Create", r#"{"Name":"vol","Opts":{"size":"1gb"}}"#).await;
+    let mp = p.mount_root().join("vol@local/data").display().to_string();
+
+    let v = ok(&p.app, "VolumeDriver.Mount", r#"{"Name":"vol","ID":"id-one"}"#).await;
+    assert_eq!(v["Mountpoint"], mp);
+    assert!(
+        std::fs::read_dir(&mp).unwrap().next().is_none(),
+        "data dir of a fresh volume must be empty"
+    );
+    // Same ID again (Docker does this for `docker cp` into a running
+    // container): counted, no second mount, and owed its own Unmount.
+    ok(&p.app, "VolumeDriver.Mount", r#"{"Name":"vol","ID":"id-one"}"#).await;
+    let v = ok(&p.app, "VolumeDriver.Mount", r#"{"Name":"vol@local","ID":"id-two"}"#).await;
+    assert_eq!(v["Mountpoint"], mp);
+    assert_eq!(sys.count(|c| matches!(c, SysCall::Mkfs { .. })), 1);
+    assert_eq!(sys.count(|c| matches!(c, SysCall::Mount { .. })), 1);
+    let st = ok(&p.app, "VolumeDriver.Get", r#"{"Name":"vol"}"#).await["Volume"]["Status"].clone();
+    assert_eq!(st["attached to VM"], "vm-test");
+    assert_eq!(st["mounts"], 2);
+    // The label is the volume name.
+    assert!(sys
+        .calls()
+        .iter()
+        .any(|c| matches!(c, SysCall::Mkfs { label, fstype: vmdk_protocol::FsType::Ext4, .. } if label == "vol")));
+
+    // Removing a mounted volume is refused with the original's text.
+    let e = err(&p.app, "VolumeDriver.Remove", r#"{"Name":"vol"}"#).await;
+    assert_eq!(
+        e,
+        "Remove failure - volume is still mounted.  volume=vol@local, refcount=2"
+    );
+
+    ok(&p.app, "VolumeDriver.Unmount", r#"{"Name":"vol","ID":"id-one"}"#).await;
+    ok(&p.app, "VolumeDriver.Unmount", r#"{"Name":"vol","ID":"id-one"}"#).await;
+    assert_eq!(
+        sys.count(|c| matches!(c, SysCall::Unmount { .. })),
+        0,
+        "still used by id-two"
+    );
+    ok(&p.app, "VolumeDriver.Unmount", r#"{"Name":"vol","ID":"never-mounted"}"#).await;
+    ok(&p.app, "VolumeDriver.Unmount", r#"{"Name":"vol","ID":"id-two"}"#).await;
+    assert_eq!(sys.count(|c| matches!(c, SysCall::Unmount { .. })), 1);
+    let st = ok(&p.app, "VolumeDriver.Get", r#"{"Name":"vol"}"#).await["Volume"]["Status"].clone();
+    assert_eq!(st["attached to VM"], "detached");
+    assert!(p.loops.list().unwrap().is_empty(), "loop device leaked");
+    assert!(!p.mount_root().join("vol@local").exists(), "mount dir left behind");
+
+    // A second use finds the filesystem and does not format again.
+    ok(&p.app, "VolumeDriver.Mount", r#"{"Name":"vol","ID":"id-three"}"#).await;
+    assert_eq!(sys.count(|c| matches!(c, SysCall::Mkfs { .. })), 1);
+    ok(&p.app, "VolumeDriver.Unmount", r#"{"Name":"vol","ID":"id-three"}"#).await;
+    ok(&p.app, "VolumeDriver.Remove", r#"{"Name":"vol"}"#).await;
+}
+
+#[tokio::test]
+async fn concurrent_mounts_of_one_volume_attach_once() {
+    let sys = Arc::new(FakeSys::default());
+    let p = fake_plugin(sys.clone()).await;
+    ok(&p.app, "VolumeDriver.Create", r#"{"Name":"busy"}"#).await;
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let app = p.app.clone();
+        tasks.push(tokio::spawn(async move {
+            ok(
+                &app,
+                "VolumeDriver.Mount",
+                &format!(r#"{{"Name":"busy","ID":"id{i}"}}"#),
+            )
+            .await
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(sys.count(|c| matches!(c, SysCall::Mount { .. })), 1);
+    assert_eq!(p.manager.snapshot().mounts["busy@local"].ids.len(), 16);
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let app = p.app.clone();
+        tasks.push(tokio::spawn(async move {
+            ok(
+                &app,
+                "VolumeDriver.Unmount",
+                &format!(r#"{{"Name":"busy","ID":"id{i}"}}"#),
+            )
+            .await
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(sys.count(|c| matches!(c, SysCall::Unmount { .. })), 1);
+    assert!(p.manager.snapshot().mounts.is_empty());
+    assert!(p.loops.list().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_failed_mount_rolls_back_because_docker_sends_no_unmount() {
+    let sys = Arc::new(FakeSys::default());
+    let p = fake_plugin(sys.clone()).await;
+    ok(&p.app, "VolumeDriver.Create", r#"{"Name":"fragile"}"#).await;
+    *sys.fail_mkfs.lock().unwrap() = true;
+    let e = err(&p.app, "VolumeDriver.Mount", r#"{"Name":"fragile","ID":"x"}"#).await;
+    assert!(
+        e.contains("make filesystem failed") && e.contains("scripted failure"),
+        "{e}"
+    );
+    assert!(p.loops.list().unwrap().is_empty(), "attachment leaked");
+    assert!(p.manager.snapshot().mounts.is_empty());
+    let st = ok(&p.app, "VolumeDriver.Get", r#"{"Name":"fragile"}"#).await["Volume"]["Status"].clone();
+    assert_eq!(st["attached to VM"], "detached");
+    *sys.fail_mkfs.lock().unwrap() = false;
+    *sys.fail_mount.lock().unwrap() = true;
+    let e = err(&p.app, "VolumeDriver.Mount", r#"{"Name":"fragile","ID":"x"}"#).await;
+    assert!(e.contains("mount failed"), "{e}");
+    assert!(p.loops.list().unwrap().is_empty(), "attachment leaked");
+    assert!(!p.mount_root().join("fragile@local").exists());
+    *sys.fail_mount.lock().unwrap() = false;
+    ok(&p.app, "VolumeDriver.Mount", r#"{"Name":"fragile","ID":"x"}"#).await;
+    ok(&p.app, "VolumeDriver.Unmount", r#"{"Name":"fragile","ID":"x"}"#).await;
+}
+
+#[tokio::test]
+async fn read_only_volumes_mount_read_only_with_a_data_dir() {
+    let sys = Arc::new(FakeSys::default());
+    let p = fake_plugin(sys.clone()).await;
+    ok(
+        &p.app,
+        "VolumeDriver.Create",
+        r#"{"Name":"ro","Opts":{"access":"read-only"}}"#,
+    )
+    .await;
+    ok(&p.app, "VolumeDriver.Mount", r#"{"Name":"ro","ID":"a"}"#).await;
+    let calls = sys.calls();
+    assert!(
+        calls
+            .iter()
+            .any(|c| matches!(c, SysCall::Mount { read_only: true, .. })),
+        "{calls:?}"
+    );
+    // The fresh filesystem got its data dir through a brief read-write remount.
+    assert!(calls.contains(&SysCall::Remount {
+        target: p.mount_root().join("ro@local"),
+        read_only: true
+    }));
+    assert!(p.mount_root().join("ro@local/data").is_dir());
+    assert!(p.manager.snapshot().mounts["ro@local"].read_only);
+    ok(&p.app, "VolumeDriver.Unmount", r#"{"Name":"ro","ID":"a"}"#).await;
+}
+
+#[tokio::test]
+async fn mount_state_survives_a_plugin_restart() {
+    let sys = Arc::new(FakeSys::default());
+    let mut p = fake_plugin(sys.clone()).await;
+    ok(&p.app, "VolumeDriver.Create", r#"{"Name":"keep"}"#).await;
+    ok(&p.app, "VolumeDriver.Mount", r#"{"Name":"keep","ID":"live-id"}"#).await;
+    let state: Value = serde_json::from_slice(&std::fs::read(p.state_dir().join("mounts.json")).unwrap()).unwrap();
+    assert_eq!(state["version"], 1);
+    assert!(state["mounts"]["keep@local"]["ids"]["live-id"].is_u64(), "{state}");
+    // Restart with Docker unreachable: nothing is released.
+    p.restart().await;
+    assert!(p.manager.snapshot().mounts["keep@local"].ids.contains_key("live-id"));
+    assert_eq!(sys.count(|c| matches!(c, SysCall::Unmount { .. })), 0);
+    // The later Unmount with the old ID (live-restore) releases the volume.
+    ok(&p.app, "VolumeDriver.Unmount", r#"{"Name":"keep","ID":"live-id"}"#).await;
+    assert_eq!(sys.count(|c| matches!(c, SysCall::Unmount { .. })), 1);
+    assert!(p.loops.list().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_remote_agent_over_http_behaves_like_the_embedded_one() {
+    use vmdk_agent::backend::local::LocalBackend;
+    use vmdk_agent::backend::loopdev::FakeLoops;
+    use vmdk_agent::config::AgentConfig;
+    use vmdk_plugin::agent_client::AgentClient;
+    use vmdk_plugin::http1::Endpoint;
+    use vmdk_plugin::volume::{ManagerConfig, VolumeManager};
+
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dir.path().join("ds");
+    std::fs::create_dir_all(&ds).unwrap();
+    let mut cfg = AgentConfig::default();
+    cfg.add_datastore_flag(&format!("shared={}", ds.display())).unwrap();
+    let svc = Arc::new(
+        vmdk_agent::VolumeService::new(&cfg, Arc::new(LocalBackend::new(Arc::new(FakeLoops::default())))).unwrap(),
+    );
+    let sock = dir.path().join("agent.sock");
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(vmdk_agent::server::serve(
+        svc,
+        vmdk_agent::server::Listeners {
+            socket: sock.clone(),
+            tcp: None,
+        },
+        async move {
+            let _ = rx.await;
+        },
+    ));
+    for _ in 0..100 {
+        if sock.exists() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777,
+        0o600,
+        "agent socket must be root-only"
+    );
+    let managers: Vec<_> = ["vm-a", "vm-b"]
+        .iter()
+        .map(|vm| {
+            let sys = Arc::new(FakeSys::default());
+            let m = VolumeManager::new(
+                AgentClient::Http(Endpoint::Unix(sock.clone())),
+                sys,
+                ManagerConfig {
+                    vm_id: vm.to_string(),
+                    mount_root: dir.path().join(format!("mnt-{vm}")),
+                    state_dir: dir.path().join(format!("state-{vm}")),
+                    docker_socket: dir.path().join("no-docker.sock"),
+                },
+            )
+            .unwrap();
+            vmdk_plugin::plugin::router(m)
+        })
+        .collect();
+    let (a, b) = (&managers[0], &managers[1]);
+    ok(a, "VolumeDriver.Create", r#"{"Name":"db","Opts":{"size":"10gb"}}"#).await;
+    ok(a, "VolumeDriver.Create", r#"{"Name":"db","Opts":null}"#).await;
+    let e = err(a, "VolumeDriver.Create", r#"{"Name":"x@elsewhere"}"#).await;
+    assert!(e.contains("Known datastores: shared"), "{e}");
+    let v = ok(b, "VolumeDriver.Get", r#"{"Name":"db"}"#).await;
+    assert_eq!(v["Volume"]["Status"]["created by VM"], "vm-a");
+    let names = ok(b, "VolumeDriver.List", "{}").await;
+    assert_eq!(names["Volumes"][0]["Name"], "db");
+    ok(a, "VolumeDriver.Mount", r#"{"Name":"db","ID":"1"}"#).await;
+    // VM B cannot use a volume VM A holds, and is told who holds it.
+    let e = err(b, "VolumeDriver.Mount", r#"{"Name":"db","ID":"2"}"#).await;
+    assert!(e.contains("attached to VM vm-a"), "{e}");
+    let e = err(b, "VolumeDriver.Remove", r#"{"Name":"db"}"#).await;
+    assert_eq!(e, "Failed to remove volume db@shared, in use by VM = vm-a.");
+    ok(a, "VolumeDriver.Unmount", r#"{"Name":"db","ID":"1"}"#).await;
+    ok(b, "VolumeDriver.Mount", r#"{"Name":"db","ID":"2"}"#).await;
+    ok(b, "VolumeDriver.Unmount", r#"{"Name":"db","ID":"2"}"#).await;
+    ok(b, "VolumeDriver.Remove", r#"{"Name":"db"}"#).await;
+    let _ = tx.send(());
+    server.await.unwrap().unwrap();
+    assert!(!sock.exists(), "socket left behind after shutdown");
+}
+
+#[tokio::test]
+async fn get_reports_a_mounted_volume_even_when_the_agent_is_unreachable() {
+    use vmdk_plugin::agent_client::AgentClient;
+    use vmdk_plugin::http1::Endpoint;
+    use vmdk_plugin::volume::{ManagerConfig, VolumeManager};
+
+    let sys = Arc::new(FakeSys::default());
+    let p = fake_plugin(sys.clone()).await;
+    ok(&p.app, "VolumeDriver.Create", r#"{"Name":"vital"}"#).await;
+    ok(&p.app, "VolumeDriver.Mount", r#"{"Name":"vital@local","ID":"1"}"#).await;
+    // Same state dir, but the agent is gone.
+    let m = VolumeManager::new(
+        AgentClient::Http(Endpoint::Unix(p.dir.path().join("nobody-listens.sock"))),
+        sys,
+        ManagerConfig {
+            vm_id: "vm-test".into(),
+            mount_root: p.mount_root(),
+            state_dir: p.state_dir(),
+            docker_socket: p.docker_socket(),
+        },
+    )
+    .unwrap();
+    m.recover().await;
+    let app = vmdk_plugin::plugin::router(m);
+    // Docker would drop its record of a volume whose Get fails.
+    let v = ok(&app, "VolumeDriver.Get", r#"{"Name":"vital@local"}"#).await;
+    assert_eq!(v["Volume"]["Name"], "vital@local");
+    assert_eq!(v["Volume"]["Status"]["health"], "degraded");
+    assert!(v["Volume"]["Status"]["error"]
+        .as_str()
+        .unwrap()
+        .contains("cannot reach vmdk agent"));
+    // Without the agent, an unknown volume is an error, not "does not exist".
+    let e = err(&app, "VolumeDriver.Get", r#"{"Name":"other"}"#).await;
+    assert!(e.contains("cannot reach vmdk agent"), "{e}");
+}

@@ -1,0 +1,213 @@
+//! Root-only tests: the plugin on real loop devices, mkfs and mount(2).
+//! They fail (never skip) when not run as root; `tests/run.sh` runs as root.
+
+mod support;
+
+use std::io::Write;
+use std::os::unix::fs::MetadataExt;
+
+use serde_json::Value;
+use support::{err, fake_docker, loops_under, mounts_at, ok, real_plugin, KernelCleanup};
+
+fn canonical_tmp(p: &support::Plugin) -> std::path::PathBuf {
+    std::fs::canonicalize(p.dir.path()).unwrap()
+}
+
+#[tokio::test]
+async fn ext4_and_xfs_volumes_format_once_mount_and_keep_data() {
+    let p = real_plugin().await;
+    let _c = KernelCleanup(canonical_tmp(&p));
+    for (name, opts) in [
+        ("ext", r#"{"size":"200mb"}"#),
+        ("xfsvol", r#"{"size":"300mb","fstype":"xfs"}"#),
+    ] {
+        ok(
+            &p.app,
+            "VolumeDriver.Create",
+            &format!(r#"{{"Name":"{name}","Opts":{opts}}}"#),
+        )
+        .await;
+        let v = ok(
+            &p.app,
+            "VolumeDriver.Mount",
+            &format!(r#"{{"Name":"{name}","ID":"m1"}}"#),
+        )
+        .await;
+        let data = std::path::PathBuf::from(v["Mountpoint"].as_str().unwrap());
+        let dir = p.mount_root().join(format!("{name}@local"));
+        assert_eq!(data, dir.join("data"));
+        let m = mounts_at(&dir);
+        assert_eq!(m.len(), 1, "{name}: {m:?}");
+        assert!(m[0].source.starts_with("/dev/loop"), "{m:?}");
+        assert_eq!(m[0].fstype, if name == "ext" { "ext4" } else { "xfs" });
+        assert!(!m[0].read_only);
+        // The data dir is empty on a fresh volume (no lost+found), so
+        // Docker's copy-up works.
+        assert_eq!(std::fs::read_dir(&data).unwrap().count(), 0);
+        std::fs::File::create(data.join("note.txt"))
+            .unwrap()
+            .write_all(b"persist me")
+            .unwrap();
+        ok(
+            &p.app,
+            "VolumeDriver.Unmount",
+            &format!(r#"{{"Name":"{name}","ID":"m1"}}"#),
+        )
+        .await;
+        assert!(mounts_at(&dir).is_empty(), "{name} still mounted");
+        assert!(loops_under(&canonical_tmp(&p)).is_empty(), "loop device leaked");
+        // Mount again: same filesystem (not reformatted), same data.
+        ok(
+            &p.app,
+            "VolumeDriver.Mount",
+            &format!(r#"{{"Name":"{name}","ID":"m2"}}"#),
+        )
+        .await;
+        assert_eq!(std::fs::read_to_string(data.join("note.txt")).unwrap(), "persist me");
+        ok(
+            &p.app,
+            "VolumeDriver.Unmount",
+            &format!(r#"{{"Name":"{name}","ID":"m2"}}"#),
+        )
+        .await;
+        ok(&p.app, "VolumeDriver.Remove", &format!(r#"{{"Name":"{name}"}}"#)).await;
+    }
+    assert!(loops_under(&canonical_tmp(&p)).is_empty());
+}
+
+#[tokio::test]
+async fn a_read_only_volume_refuses_writes_with_erofs() {
+    let p = real_plugin().await;
+    let _c = KernelCleanup(canonical_tmp(&p));
+    ok(
+        &p.app,
+        "VolumeDriver.Create",
+        r#"{"Name":"rovol","Opts":{"access":"read-only"}}"#,
+    )
+    .await;
+    let v = ok(&p.app, "VolumeDriver.Mount", r#"{"Name":"rovol","ID":"r"}"#).await;
+    let data = std::path::PathBuf::from(v["Mountpoint"].as_str().unwrap());
+    assert!(data.is_dir());
+    let e = std::fs::File::create(data.join("x")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
+    assert!(mounts_at(&p.mount_root().join("rovol@local"))[0].read_only);
+    ok(&p.app, "VolumeDriver.Unmount", r#"{"Name":"rovol","ID":"r"}"#).await;
+}
+
+#[tokio::test]
+async fn thick_volumes_stay_thick_after_mkfs() {
+    let p = real_plugin().await;
+    let _c = KernelCleanup(canonical_tmp(&p));
+    ok(
+        &p.app,
+        "VolumeDriver.Create",
+        r#"{"Name":"thick","Opts":{"size":"64mb","diskformat":"zeroedthick"}}"#,
+    )
+    .await;
+    ok(&p.app, "VolumeDriver.Mount", r#"{"Name":"thick","ID":"t"}"#).await;
+    ok(&p.app, "VolumeDriver.Unmount", r#"{"Name":"thick","ID":"t"}"#).await;
+    let flat = p.datastore().join("dockvols/_DEFAULT/thick-flat.vmdk");
+    let allocated = std::fs::metadata(&flat).unwrap().blocks() * 512;
+    assert!(
+        allocated >= 64 << 20,
+        "mkfs discarded a thick extent: {allocated} bytes allocated"
+    );
+}
+
+#[tokio::test]
+async fn plugin_restart_with_a_volume_mounted_keeps_it_for_the_running_container() {
+    let mut p = real_plugin().await;
+    let _c = KernelCleanup(canonical_tmp(&p));
+    ok(&p.app, "VolumeDriver.Create", r#"{"Name":"keep"}"#).await;
+    let v = ok(&p.app, "VolumeDriver.Mount", r#"{"Name":"keep","ID":"ctr-mount"}"#).await;
+    let data = std::path::PathBuf::from(v["Mountpoint"].as_str().unwrap());
+    std::fs::write(data.join("f"), "before the crash").unwrap();
+    // Docker says one running container uses the volume.
+    let docker = fake_docker(&p.docker_socket(), vec![("c1", vec![data.display().to_string()])]).await;
+    // "kill -9": the old manager is dropped without unmounting anything.
+    p.restart().await;
+    let st = p.manager.snapshot();
+    let rec = &st.mounts["keep@local"];
+    assert!(rec.ids.contains_key("ctr-mount"), "{st:?}");
+    assert_eq!(
+        mounts_at(&p.mount_root().join("keep@local")).len(),
+        1,
+        "mounted twice or not at all"
+    );
+    assert_eq!(std::fs::read_to_string(data.join("f")).unwrap(), "before the crash");
+    let status = ok(&p.app, "VolumeDriver.Get", r#"{"Name":"keep"}"#).await["Volume"]["Status"].clone();
+    assert_eq!(status["mounts"], 1);
+    assert_eq!(status["attached to VM"], "vm-test");
+    // Removing is still refused; the container's Unmount releases it.
+    err(&p.app, "VolumeDriver.Remove", r#"{"Name":"keep"}"#).await;
+    ok(&p.app, "VolumeDriver.Unmount", r#"{"Name":"keep","ID":"ctr-mount"}"#).await;
+    assert!(mounts_at(&p.mount_root().join("keep@local")).is_empty());
+    assert!(loops_under(&canonical_tmp(&p)).is_empty());
+    docker.abort();
+}
+
+#[tokio::test]
+async fn recovery_releases_volumes_no_running_container_uses() {
+    let mut p = real_plugin().await;
+    let _c = KernelCleanup(canonical_tmp(&p));
+    ok(&p.app, "VolumeDriver.Create", r#"{"Name":"orphan"}"#).await;
+    ok(&p.app, "VolumeDriver.Mount", r#"{"Name":"orphan","ID":"gone"}"#).await;
+    // Docker restarted meanwhile; no container uses the volume any more.
+    let docker = fake_docker(&p.docker_socket(), vec![]).await;
+    p.restart().await;
+    assert!(p.manager.snapshot().mounts.is_empty());
+    assert!(mounts_at(&p.mount_root().join("orphan@local")).is_empty());
+    assert!(loops_under(&canonical_tmp(&p)).is_empty());
+    let v: Value = ok(&p.app, "VolumeDriver.Get", r#"{"Name":"orphan"}"#).await;
+    assert_eq!(v["Volume"]["Status"]["attached to VM"], "detached");
+    ok(&p.app, "VolumeDriver.Remove", r#"{"Name":"orphan"}"#).await;
+    docker.abort();
+}
+
+#[tokio::test]
+async fn recovery_adopts_a_mount_whose_state_was_lost_and_detaches_strays() {
+    let mut p = real_plugin().await;
+    let _c = KernelCleanup(canonical_tmp(&p));
+    ok(&p.app, "VolumeDriver.Create", r#"{"Name":"adopt"}"#).await;
+    ok(&p.app, "VolumeDriver.Create", r#"{"Name":"stray"}"#).await;
+    let v = ok(&p.app, "VolumeDriver.Mount", r#"{"Name":"adopt","ID":"lost-id"}"#).await;
+    let source = v["Mountpoint"].as_str().unwrap().to_owned();
+    // An attach that crashed before the plugin recorded anything.
+    p.svc.attach("vm-test", "stray").unwrap();
+    std::fs::remove_file(p.state_dir().join("mounts.json")).unwrap();
+    let docker = fake_docker(&p.docker_socket(), vec![("c9", vec![source])]).await;
+    p.restart().await;
+    let st = p.manager.snapshot();
+    assert_eq!(st.mounts.len(), 1, "{st:?}");
+    assert!(st.mounts["adopt@local"].ids.contains_key("recovered:c9"), "{st:?}");
+    assert_eq!(p.svc.get("stray").unwrap().attached_to, None, "stray attachment kept");
+    // Once the container is gone, the reconcile pass releases the volume.
+    docker.abort();
+    let _ = std::fs::remove_file(p.docker_socket());
+    let docker = fake_docker(&p.docker_socket(), vec![]).await;
+    p.manager.reconcile().await;
+    assert!(p.manager.snapshot().mounts.is_empty());
+    assert!(mounts_at(&p.mount_root().join("adopt@local")).is_empty());
+    assert!(loops_under(&canonical_tmp(&p)).is_empty());
+    docker.abort();
+}
+
+#[tokio::test]
+async fn recovery_remounts_a_volume_in_use_whose_mount_vanished() {
+    let mut p = real_plugin().await;
+    let _c = KernelCleanup(canonical_tmp(&p));
+    ok(&p.app, "VolumeDriver.Create", r#"{"Name":"reboot"}"#).await;
+    let v = ok(&p.app, "VolumeDriver.Mount", r#"{"Name":"reboot","ID":"rid"}"#).await;
+    let data = std::path::PathBuf::from(v["Mountpoint"].as_str().unwrap());
+    std::fs::write(data.join("f"), "x").unwrap();
+    // The mount and the attachment disappear behind the plugin's back.
+    nix::mount::umount(&p.mount_root().join("reboot@local")).unwrap();
+    p.svc.detach("vm-test", "reboot").unwrap();
+    let docker = fake_docker(&p.docker_socket(), vec![("c1", vec![data.display().to_string()])]).await;
+    p.restart().await;
+    assert_eq!(mounts_at(&p.mount_root().join("reboot@local")).len(), 1);
+    assert_eq!(std::fs::read_to_string(data.join("f")).unwrap(), "x");
+    ok(&p.app, "VolumeDriver.Unmount", r#"{"Name":"reboot","ID":"rid"}"#).await;
+    assert!(loops_under(&canonical_tmp(&p)).is_empty());
+    docker.abort();
+}

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The one command that runs every test: formatting, lints, unit tests,
+# root-only tests (loop devices, mkfs, mount) and the Docker Engine tests.
+# It installs what it needs from Debian's packages first. Run as root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [[ $(id -u) -ne 0 ]]; then
+    echo "tests/run.sh must run as root (loop devices, mount, Docker)" >&2
+    exit 1
+fi
+
+need=()
+# docker-registry and postgresql only provide files for the Docker Engine
+# tests' images (tests/images/build-image.sh); their services are not used.
+for pkg in e2fsprogs xfsprogs util-linux busybox-static qemu-utils docker-compose docker-registry postgresql; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+done
+if ((${#need[@]})); then
+    echo "==> installing ${need[*]}"
+    # Keep maintainer scripts from starting services (a PostgreSQL cluster,
+    # a registry) on this host: the standard policy-rc.d "deny" answer.
+    policy=/usr/sbin/policy-rc.d
+    own_policy=
+    if [[ ! -e $policy ]]; then
+        printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod 0755 "$policy" && own_policy=1
+    fi
+    rc=0
+    { apt-get update -qq &&
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null; } || rc=$?
+    [[ -z $own_policy ]] || rm -f "$policy"
+    ((rc == 0)) || exit "$rc"
+fi
+
+if ! docker info >/dev/null 2>&1; then
+    echo "==> starting dockerd"
+    (setsid /usr/sbin/dockerd >>/var/log/dockerd.log 2>&1 &)
+    for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
+    docker info >/dev/null 2>&1 || { echo "Docker Engine is not available" >&2; exit 1; }
+fi
+
+echo "==> cargo fmt --check"
+cargo fmt --all -- --check
+echo "==> cargo clippy"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+echo "==> cargo test (unit, root-only and Docker Engine tests)"
+cargo test --workspace --all-targets -- --test-threads=2 "$@"
