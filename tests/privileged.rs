@@ -211,3 +211,40 @@ async fn recovery_remounts_a_volume_in_use_whose_mount_vanished() {
     assert!(loops_under(&canonical_tmp(&p)).is_empty());
     docker.abort();
 }
+
+/// Listing bound loop devices must not fail while another process binds
+/// and releases devices (the kernel answers ENODEV/ENXIO for a device in
+/// teardown). CI once failed an Unmount this way.
+#[test]
+fn listing_loop_devices_tolerates_devices_coming_and_going() {
+    use vmdk_agent::backend::loopdev::{LinuxLoops, LoopDevices};
+    let dir = tempfile::tempdir().unwrap();
+    let _c = KernelCleanup(std::fs::canonicalize(dir.path()).unwrap());
+    let file = std::fs::canonicalize(dir.path()).unwrap().join("churn.img");
+    std::fs::File::create(&file).unwrap().set_len(1 << 20).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let churn = {
+        let (file, stop) = (file.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let loops = LinuxLoops::default();
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) || n < 50 {
+                let dev = loops.attach(&file).unwrap();
+                loops.detach(&dev).unwrap();
+                n += 1;
+            }
+            n
+        })
+    };
+    let loops = LinuxLoops::default();
+    for _ in 0..2000 {
+        if let Err(e) = loops.list() {
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            churn.join().unwrap();
+            panic!("list failed while devices churn: {e}");
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(churn.join().unwrap() >= 50);
+    assert!(loops_under(dir.path()).is_empty());
+}
