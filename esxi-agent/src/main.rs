@@ -294,21 +294,30 @@ fn policy(svc: &VolumeService, cmd: PolicyCommand) -> anyhow::Result<()> {
         PolicyCommand::Update { name, content } => {
             let (expr, report) = svc.policy_update(&name, &content).map_err(chain)?;
             warn_unknown(&expr);
-            println!("Successfully updated policy {name}");
             let total = report.updated.len() + report.failed.len();
-            if total > 0 {
+            let volumes = |n: usize| if n == 1 { "volume" } else { "volumes" };
+            if report.retried {
                 println!(
-                    "Re-applied to {} of {total} volume{} using it.",
-                    report.updated.len(),
-                    if total == 1 { "" } else { "s" }
+                    "Policy {name} is unchanged; retried the {total} {} its last update failed on.",
+                    volumes(total)
                 );
+                println!("Re-applied to {} of {total} {}.", report.updated.len(), volumes(total));
+            } else {
+                println!("Successfully updated policy {name}");
+                if total > 0 {
+                    println!(
+                        "Re-applied to {} of {total} {} using it.",
+                        report.updated.len(),
+                        volumes(total)
+                    );
+                }
             }
             if !report.failed.is_empty() {
                 for (vol, why) in &report.failed {
                     eprintln!("Failed to update {vol}: {why}");
                 }
                 anyhow::bail!(
-                    "policy {name} could not be re-applied to {} of {total} volumes: {}",
+                    "policy {name} could not be re-applied to {} of {total} volumes (run the same update again to retry them): {}",
                     report.failed.len(),
                     report
                         .failed
@@ -327,11 +336,14 @@ fn policy(svc: &VolumeService, cmd: PolicyCommand) -> anyhow::Result<()> {
                     let rows: Vec<Vec<String>> = policies
                         .iter()
                         .map(|p| {
-                            let active = match p.volumes.len() {
+                            let mut active = match p.volumes.len() {
                                 0 => "Unused".to_owned(),
                                 1 => "In use by 1 volume".to_owned(),
                                 n => format!("In use by {n} volumes"),
                             };
+                            if !p.failed_updates.is_empty() {
+                                active.push_str(&format!(" ({} not updated)", p.failed_updates.len()));
+                            }
                             vec![p.name.clone(), p.content.clone(), active, volume_summary(&p.volumes)]
                         })
                         .collect();

@@ -453,20 +453,55 @@ fn update_reapplies_reports_and_rolls_back() {
     assert_eq!(env.snapshot(), before);
 
     // A volume whose disk is gone cannot take the policy: partial failure.
-    std::fs::remove_file(env.vol_file(&env.vsan, "b.vmdk")).unwrap();
+    let b_desc = env.vol_file(&env.vsan, "b.vmdk");
+    let b_saved = std::fs::read(&b_desc).unwrap();
+    std::fs::remove_file(&b_desc).unwrap();
     let v3 = r#"(("stripeWidth" i4))"#;
     let r = env.fails(&["policy", "update", "--name", "gold", "--content", v3]);
     assert!(r.stdout.contains("Re-applied to 1 of 2 volumes using it."), "{r:?}");
     assert!(r.stderr.contains("Failed to update b@vsanDatastore"), "{r:?}");
     assert!(
-        r.stderr
-            .contains("could not be re-applied to 1 of 2 volumes: b@vsanDatastore"),
+        r.stderr.contains(
+            "could not be re-applied to 1 of 2 volumes (run the same update again to retry them): b@vsanDatastore"
+        ),
         "{r:?}"
     );
     assert_eq!(
         std::fs::read_to_string(env.policy_file("gold")).unwrap(),
         format!("{v3}\n")
     );
+    // The failure is recorded on the datastore and shown by `policy ls`.
+    let record = json(&std::fs::read_to_string(env.policy_file(".failed_volume_updates/gold")).unwrap());
+    assert_eq!(record["version"], 1);
+    assert_eq!(record["content"], v3);
+    assert_eq!(record["failed"][0]["volume"], "b@vsanDatastore");
+    assert!(
+        record["failed"][0]["error"].as_str().unwrap().contains("b.vmdk"),
+        "{record}"
+    );
+    let ls = json(&env.ok(&["policy", "ls", "--format", "json"]).stdout);
+    assert_eq!(ls[0]["failed_updates"], serde_json::json!(["b@vsanDatastore"]));
+    let table = env.ok(&["policy", "ls"]).stdout;
+    assert!(table.contains("In use by 2 volumes (1 not updated)"), "{table}");
+
+    // Once the disk is back, the same update retries just that volume
+    // (instead of "identical, ignoring") and clears the record.
+    std::fs::write(&b_desc, &b_saved).unwrap();
+    let r = env.ok(&["policy", "update", "--name", "gold", "--content", v3]);
+    assert_eq!(
+        r.stdout,
+        "Policy gold is unchanged; retried the 1 volume its last update failed on.\nRe-applied to 1 of 1 volume.\n"
+    );
+    assert!(!env.policy_file(".failed_volume_updates/gold").exists());
+    let ls = json(&env.ok(&["policy", "ls", "--format", "json"]).stdout);
+    assert_eq!(ls[0]["failed_updates"], serde_json::json!([]));
+    assert!(env.ok(&["policy", "ls"]).stdout.contains("In use by 2 volumes  "));
+    let r = env.fails(&["policy", "update", "--name", "gold", "--content", v3]);
+    assert!(
+        r.stderr.contains("New policy is identical to old policy. Ignoring."),
+        "{r:?}"
+    );
+    std::fs::remove_file(&b_desc).unwrap();
 
     // Every volume fails: the old content comes back.
     std::fs::remove_file(env.vol_file(&env.vsan, "a.vmdk")).unwrap();

@@ -34,6 +34,37 @@ use crate::datastore::Datastore;
 pub const POLICIES_DIR: &str = "policies";
 /// Lock file inside the policy folder (hidden, so never a policy name).
 pub const LOCK_FILE: &str = ".lock";
+/// Folder inside the policy folder recording, per policy, the volumes a
+/// `policy update` could not re-apply it to (the original kept
+/// `<name>.failed_volume_updates`; hidden here, so never a policy name).
+pub const FAILED_UPDATES_DIR: &str = ".failed_volume_updates";
+/// Version of the failed-updates record format.
+pub const FAILED_UPDATES_VERSION: u32 = 1;
+
+/// The volumes on which a policy's current content is not applied,
+/// because `policy update` failed there. Kept as versioned JSON in
+/// `dockvols/policies/.failed_volume_updates/<name>` until a later update
+/// succeeds on them or the policy is removed.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FailedUpdates {
+    /// Format version ([`FAILED_UPDATES_VERSION`]).
+    pub version: u32,
+    /// The policy content that could not be applied.
+    pub content: String,
+    /// When the update ran (RFC 3339).
+    pub at: String,
+    /// Each volume (`vol@ds`) and why it failed, sorted.
+    pub failed: Vec<FailedVolume>,
+}
+
+/// One volume a policy update failed on.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FailedVolume {
+    /// `vol@ds`.
+    pub volume: String,
+    /// The error.
+    pub error: String,
+}
 /// Longest policy name, in characters.
 pub const MAX_NAME_CHARS: usize = 100;
 /// Longest policy name in UTF-8 bytes (it is a file name).
@@ -320,11 +351,64 @@ impl PolicyStore {
         crate::fsutil::atomic_write(&path, format!("{content}\n").as_bytes()).map_err(Self::io("write policy", &path))
     }
 
-    /// Removes a policy file.
+    /// Removes a policy file and its failed-updates record.
     pub fn remove(&self, name: &str) -> Result<(), PolicyError> {
         let path = self.path(name);
         std::fs::remove_file(&path).map_err(Self::io("remove policy", &path))?;
-        crate::fsutil::fsync_dir(&self.dir).map_err(Self::io("sync", &self.dir))
+        crate::fsutil::fsync_dir(&self.dir).map_err(Self::io("sync", &self.dir))?;
+        self.clear_failed_updates(name)
+    }
+
+    fn failed_updates_path(&self, name: &str) -> PathBuf {
+        self.dir.join(FAILED_UPDATES_DIR).join(name)
+    }
+
+    /// The volumes a policy's last update could not reach, if any. An
+    /// unreadable record is reported as an error, never ignored: it is the
+    /// administrator's only list of volumes left on old settings.
+    pub fn failed_updates(&self, name: &str) -> Result<Option<FailedUpdates>, PolicyError> {
+        let path = self.failed_updates_path(name);
+        let text = match std::fs::read(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Self::io("read failed policy updates", &path)(e)),
+        };
+        let record: FailedUpdates = serde_json::from_slice(&text).map_err(|e| {
+            Self::io("parse failed policy updates", &path)(io::Error::new(io::ErrorKind::InvalidData, e))
+        })?;
+        if record.version != FAILED_UPDATES_VERSION {
+            return Err(Self::io("read failed policy updates", &path)(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "unsupported version {} (this agent reads {FAILED_UPDATES_VERSION})",
+                    record.version
+                ),
+            )));
+        }
+        Ok(Some(record))
+    }
+
+    /// Records (atomically) the volumes an update could not reach.
+    pub fn record_failed_updates(&self, name: &str, record: &FailedUpdates) -> Result<(), PolicyError> {
+        let path = self.failed_updates_path(name);
+        let dir = self.dir.join(FAILED_UPDATES_DIR);
+        std::fs::create_dir_all(&dir).map_err(Self::io("create", &dir))?;
+        let mut json = serde_json::to_vec_pretty(record).expect("plain data serializes");
+        json.push(b'\n');
+        crate::fsutil::atomic_write(&path, &json).map_err(Self::io("write failed policy updates", &path))
+    }
+
+    /// Drops the failed-updates record of a policy, if there is one.
+    pub fn clear_failed_updates(&self, name: &str) -> Result<(), PolicyError> {
+        let path = self.failed_updates_path(name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {
+                let dir = self.dir.join(FAILED_UPDATES_DIR);
+                crate::fsutil::fsync_dir(&dir).map_err(Self::io("sync", &dir))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Self::io("remove failed policy updates", &path)(e)),
+        }
     }
 }
 

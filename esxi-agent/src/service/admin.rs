@@ -30,6 +30,9 @@ pub struct PolicyInfo {
     pub content: String,
     /// Volumes (`vol@ds`) whose metadata names this policy, sorted.
     pub volumes: Vec<String>,
+    /// Volumes the current content could not be applied to by the last
+    /// `policy update` (run the same update again to retry them).
+    pub failed_updates: Vec<String>,
 }
 
 /// What `policy update` did.
@@ -37,6 +40,9 @@ pub struct PolicyInfo {
 pub struct PolicyUpdate {
     /// The policy.
     pub name: String,
+    /// Whether the content was unchanged and only the volumes of an
+    /// earlier, partly failed update were retried.
+    pub retried: bool,
     /// Volumes the new content was applied to.
     pub updated: Vec<String>,
     /// Volumes it could not be applied to, with the reason.
@@ -241,6 +247,9 @@ impl VolumeService {
             }
             .into());
         }
+        // A record left by a policy of this name that is gone (a crash in
+        // `policy rm`) is not about this one.
+        store.clear_failed_updates(name)?;
         store.write(name, content)?;
         tracing::info!(policy = name, content, "created policy");
         Ok(expr)
@@ -270,7 +279,10 @@ impl VolumeService {
 
     /// `policy update`: writes the new content, then re-applies the policy
     /// to every volume using it. When it cannot be applied to any of them,
-    /// the old content is restored and the update fails.
+    /// the old content is restored and the update fails. When it fails on
+    /// some, they are recorded (see [`PolicyStore::failed_updates`]); the
+    /// same update run again then retries just those volumes instead of
+    /// being refused as identical.
     pub fn policy_update(&self, name: &str, content: &str) -> Result<(PolicyExpr, PolicyUpdate), AgentError> {
         policy::validate_name(name)?;
         let content = content.trim();
@@ -280,18 +292,31 @@ impl VolumeService {
             Ok(old_expr) => old_expr == expr,
             Err(_) => old.trim() == content,
         };
-        if same {
-            return Err(PolicyError::Identical { name: name.to_owned() }.into());
+        let retry = if same {
+            match store.failed_updates(name)? {
+                Some(previous) => Some(previous.failed.into_iter().map(|f| f.volume).collect::<Vec<_>>()),
+                None => return Err(PolicyError::Identical { name: name.to_owned() }.into()),
+            }
+        } else {
+            None
+        };
+        // On a retry the file keeps its text: `content` may differ from it
+        // in spacing only.
+        let content = if same { old.trim() } else { content };
+        if retry.is_none() {
+            store.write(name, content)?;
         }
-        store.write(name, content)?;
         let users: Vec<Target<'_>> = self
             .all_metadata()?
             .into_iter()
-            .filter(|(_, m)| m.opt(opt::VSAN_POLICY_NAME) == Some(name))
+            .filter(|(t, m)| {
+                m.opt(opt::VSAN_POLICY_NAME) == Some(name) && retry.as_ref().is_none_or(|r| r.contains(&t.full))
+            })
             .map(|(t, _)| t)
             .collect();
         let mut report = PolicyUpdate {
             name: name.to_owned(),
+            retried: retry.is_some(),
             updated: Vec::new(),
             failed: Vec::new(),
         };
@@ -314,7 +339,9 @@ impl VolumeService {
         }
         report.updated.sort();
         report.failed.sort();
-        if report.updated.is_empty() && !report.failed.is_empty() {
+        if retry.is_none() && report.updated.is_empty() && !report.failed.is_empty() {
+            // Nothing took the new content: put the old one back. A record
+            // of earlier failures stays, because it is about that content.
             store.write(name, &old)?;
             tracing::warn!(
                 policy = name,
@@ -326,9 +353,28 @@ impl VolumeService {
             }
             .into());
         }
+        if report.failed.is_empty() {
+            store.clear_failed_updates(name)?;
+        } else {
+            let record = policy::FailedUpdates {
+                version: policy::FAILED_UPDATES_VERSION,
+                content: content.to_owned(),
+                at: super::now_rfc3339(),
+                failed: report
+                    .failed
+                    .iter()
+                    .map(|(volume, error)| policy::FailedVolume {
+                        volume: volume.clone(),
+                        error: error.clone(),
+                    })
+                    .collect(),
+            };
+            store.record_failed_updates(name, &record)?;
+        }
         tracing::info!(
             policy = name,
             content,
+            retry = report.retried,
             updated = report.updated.len(),
             failed = report.failed.len(),
             "updated policy"
@@ -360,14 +406,29 @@ impl VolumeService {
         } else {
             self.policy_users()?
         };
-        Ok(list
-            .into_iter()
-            .map(|(name, content)| PolicyInfo {
-                volumes: users.remove(&name).unwrap_or_default(),
-                name,
-                content,
+        list.into_iter()
+            .map(|(name, content)| {
+                let volumes = users.remove(&name).unwrap_or_default();
+                // Volumes removed or moved to another policy since are
+                // no longer behind.
+                let failed_updates = store
+                    .failed_updates(&name)?
+                    .map(|r| {
+                        r.failed
+                            .into_iter()
+                            .map(|f| f.volume)
+                            .filter(|v| volumes.contains(v))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                Ok(PolicyInfo {
+                    volumes,
+                    failed_updates,
+                    name,
+                    content,
+                })
             })
-            .collect())
+            .collect()
     }
 
     /// `vmdk-agent set`: changes `access` and `attach-as` of a volume, under
