@@ -497,3 +497,138 @@ async fn get_reports_a_mounted_volume_even_when_the_agent_is_unreachable() {
     let e = err(&app, "VolumeDriver.Get", r#"{"Name":"other"}"#).await;
     assert!(e.contains("cannot reach vmdk agent"), "{e}");
 }
+
+/// Reads one HTTP/1.1 response (status line, headers, Content-Length body)
+/// from a stream that stays open for the next request.
+async fn read_response(r: &mut tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>) -> (String, Vec<String>, String) {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+    let mut status = String::new();
+    r.read_line(&mut status).await.unwrap();
+    let mut headers = Vec::new();
+    let mut len = 0usize;
+    loop {
+        let mut line = String::new();
+        r.read_line(&mut line).await.unwrap();
+        let line = line.trim_end().to_owned();
+        if line.is_empty() {
+            break;
+        }
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            len = v.trim().parse().unwrap();
+        }
+        headers.push(line);
+    }
+    let mut body = vec![0; len];
+    r.read_exact(&mut body).await.unwrap();
+    (status.trim_end().to_owned(), headers, String::from_utf8(body).unwrap())
+}
+
+/// The served socket, spoken to with the bytes Docker's Go plugin client
+/// writes (moby pkg/plugins/client.go): POST, no Content-Type, `Accept`
+/// of the plugin API, `Content-Length: 0` for Activate, a JSON body with a
+/// trailing newline otherwise, and one keep-alive connection for all calls.
+#[tokio::test]
+async fn the_served_socket_answers_dockers_exact_bytes_on_one_connection() {
+    use std::os::unix::fs::PermissionsExt;
+    use tokio::io::AsyncWriteExt;
+    use vmdk_agent::backend::local::LocalBackend;
+    use vmdk_agent::backend::loopdev::FakeLoops;
+    use vmdk_agent::config::AgentConfig;
+    use vmdk_plugin::agent_client::AgentClient;
+
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dir.path().join("ds");
+    std::fs::create_dir_all(&ds).unwrap();
+    let mut acfg = AgentConfig::default();
+    acfg.add_datastore_flag(&format!("local={}", ds.display())).unwrap();
+    let loops: Arc<dyn vmdk_agent::backend::loopdev::LoopDevices> = Arc::new(FakeLoops::default());
+    let sys = Arc::new(FakeSys::default());
+    *sys.loops.lock().unwrap() = Some(loops.clone());
+    let svc = Arc::new(vmdk_agent::VolumeService::new(&acfg, Arc::new(LocalBackend::new(loops))).unwrap());
+    // Docker looks in /run/docker/plugins; the folder may not exist yet.
+    let sock = dir.path().join("run/docker/plugins/vmdk.sock");
+    let cfg = vmdk_plugin::config::ServeConfig {
+        socket: sock.clone(),
+        agent: None,
+        datastores: Vec::new(),
+        vm_id: "vm-1".into(),
+        mount_root: dir.path().join("mnt"),
+        state_dir: dir.path().join("state"),
+        docker_socket: dir.path().join("no-docker.sock"),
+        reconcile_interval: 0,
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(vmdk_plugin::serve::run_with(
+        cfg,
+        AgentClient::Embedded(svc),
+        sys,
+        async move {
+            let _ = rx.await;
+        },
+    ));
+    for _ in 0..200 {
+        if sock.exists() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777, 0o660);
+
+    let stream = tokio::net::UnixStream::connect(&sock).await.unwrap();
+    let (rd, mut wr) = stream.into_split();
+    let mut rd = tokio::io::BufReader::new(rd);
+    let mut call = async |endpoint: &str, body: &str| {
+        let req = format!(
+            "POST /{endpoint} HTTP/1.1\r\nHost: plugin.moby.localhost\r\nUser-Agent: Go-http-client/1.1\r\n\
+             Content-Length: {}\r\nAccept: application/vnd.docker.plugins.v1.2+json\r\nAccept-Encoding: gzip\r\n\r\n{body}",
+            body.len()
+        );
+        wr.write_all(req.as_bytes()).await.unwrap();
+        let (status, headers, body) = read_response(&mut rd).await;
+        let json: Value =
+            serde_json::from_str(&body).unwrap_or_else(|e| panic!("{endpoint}: not JSON ({e}): {body:?}"));
+        (status, headers, json)
+    };
+
+    let (status, headers, v) = call("Plugin.Activate", "").await;
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert!(
+        headers
+            .iter()
+            .any(|h| h.eq_ignore_ascii_case("content-type: application/vnd.docker.plugins.v1.1+json")),
+        "{headers:?}"
+    );
+    assert_eq!(v, serde_json::json!({"Implements": ["VolumeDriver"]}));
+    let (status, _, v) = call("VolumeDriver.Get", "{\"Name\":\"web\"}\n").await;
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert_eq!(v["Volume"], Value::Null);
+    let (status, _, v) = call(
+        "VolumeDriver.Create",
+        "{\"Name\":\"web\",\"Opts\":{\"size\":\"1gb\"}}\n",
+    )
+    .await;
+    assert_eq!(
+        (status.as_str(), &v["Err"]),
+        ("HTTP/1.1 200 OK", &Value::String(String::new()))
+    );
+    let (_, _, v) = call("VolumeDriver.Get", "{\"Name\":\"web\"}\n").await;
+    assert_eq!(v["Volume"]["Name"], "web");
+    assert_eq!(v["Volume"]["Status"]["capacity"]["size"], "1GB");
+    let (_, _, v) = call("VolumeDriver.Mount", "{\"Name\":\"web\",\"ID\":\"5f1c\"}\n").await;
+    let mountpoint = dir.path().join("mnt/web@local/data");
+    assert_eq!(v["Mountpoint"], mountpoint.display().to_string());
+    // An error is a 500 whose JSON `Err` carries the cause: it is all the
+    // user sees.
+    let (status, _, v) = call("VolumeDriver.Create", "{\"Name\":\"../x\",\"Opts\":null}\n").await;
+    assert_eq!(status, "HTTP/1.1 500 Internal Server Error");
+    assert!(v["Err"].as_str().unwrap().contains("../x"), "{v}");
+    let (_, _, v) = call("VolumeDriver.Unmount", "{\"Name\":\"web\",\"ID\":\"5f1c\"}\n").await;
+    assert_eq!(v["Err"], "");
+    let (_, _, v) = call("VolumeDriver.Capabilities", "").await;
+    assert_eq!(v["Capabilities"]["Scope"], "global");
+    drop((rd, wr));
+
+    let _ = tx.send(());
+    server.await.unwrap().unwrap();
+    assert!(!sock.exists(), "socket left behind after shutdown");
+}

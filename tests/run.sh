@@ -34,7 +34,8 @@ fi
 
 if ! docker info >/dev/null 2>&1; then
     echo "==> starting dockerd"
-    (setsid /usr/sbin/dockerd >>/var/log/dockerd.log 2>&1 &)
+    dockerd=$(command -v dockerd || echo /usr/sbin/dockerd)
+    (setsid "$dockerd" >>/var/log/dockerd.log 2>&1 &)
     for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
     docker info >/dev/null 2>&1 || { echo "Docker Engine is not available" >&2; exit 1; }
 fi

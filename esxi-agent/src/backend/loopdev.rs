@@ -152,14 +152,16 @@ impl LinuxLoops {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 // No devtmpfs/udev: make the node ourselves.
                 let dev = libc::makedev(LOOP_MAJOR as u32, n);
-                nix::sys::stat::mknod(
+                match nix::sys::stat::mknod(
                     &path,
                     nix::sys::stat::SFlag::S_IFBLK,
                     nix::sys::stat::Mode::from_bits_truncate(0o660),
                     dev,
-                )
-                .map_err(io::Error::from)?;
-                Ok(path)
+                ) {
+                    // Another process made it first.
+                    Ok(()) | Err(nix::errno::Errno::EEXIST) => Ok(path),
+                    Err(e) => Err(io::Error::from(e)),
+                }
             }
             Err(e) => Err(e),
         }
