@@ -697,3 +697,88 @@ fn compose_down_v_removes_project_volumes() {
     let gone = docker_fails(&["volume", "inspect", vol]);
     assert!(gone.stderr.contains("no such volume"), "{gone}");
 }
+
+/// `vol@datastore` names through Docker, the original's way to pick a
+/// datastore: a volume on the second datastore (`nfs1`) lives in that
+/// directory, is listed, inspected, mounted and removed by its long name,
+/// and is a different disk from the same short name on the default one.
+#[test]
+fn volumes_on_a_second_datastore() {
+    let mut h = Harness::new("second-ds");
+    let busybox = image("busybox");
+    let long = format!("logs@{PLAIN_DATASTORE}");
+    assert_eq!(h.create_volume(&long, &["size=200mb"]), long);
+    assert_eq!(h.create_volume("logs", &[]), "logs");
+    let nfs_disk = h.plain_datastore.join("dockvols/_DEFAULT/logs.vmdk");
+    assert!(nfs_disk.is_file() && h.descriptor("logs").is_file());
+    let names = docker_ok(&["volume", "ls", "-q", "--filter", &format!("driver={}", driver())]);
+    assert!(
+        names.lines().any(|n| n == long) && names.lines().any(|n| n == "logs"),
+        "{names}"
+    );
+    let v = inspect_volume(&long);
+    assert_eq!(v["Name"], long.as_str());
+    assert_eq!(v["Status"]["datastore"], PLAIN_DATASTORE, "{v:#}");
+    assert_eq!(v["Status"]["capacity"]["size"], "200MB", "{v:#}");
+    assert_eq!(inspect_volume("logs")["Status"]["capacity"]["size"], "100MB");
+
+    // Mounted from its own datastore, at <mount-root>/logs@nfs1.
+    run_container(&[
+        "-d",
+        "--name",
+        "e2e-nfs-user",
+        "-v",
+        &format!("{long}:/p"),
+        &busybox,
+        "sh",
+        "-c",
+        LOOP_CMD,
+    ]);
+    exec_sh("e2e-nfs-user", "echo on-nfs1 > /p/where");
+    let mounts = h.mounts();
+    assert_eq!(mounts.len(), 1, "{mounts:#?}");
+    assert_eq!(mounts[0].target, h.mount_root.join(&long));
+    let flat = h.plain_datastore.join("dockvols/_DEFAULT/logs-flat.vmdk");
+    let loops = loops_under(&h.plain_datastore);
+    assert_eq!(loops.len(), 1, "{loops:?}");
+    assert_eq!(
+        (loops[0].0.as_str(), loops[0].1.as_str()),
+        (mounts[0].source.as_str(), flat.to_str().unwrap())
+    );
+    run_container(&[
+        "--rm",
+        "-v",
+        "logs:/p",
+        &busybox,
+        "sh",
+        "-c",
+        "echo on-local > /p/where",
+    ]);
+    docker_ok(&["rm", "-f", "e2e-nfs-user"]);
+    wait_for("logs@nfs1 to be released", WAIT, || {
+        let (m, l) = (h.mounts(), loops_under(&h.plain_datastore));
+        if m.is_empty() && l.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("mounts {m:?}, loops {l:?}"))
+        }
+    });
+    let back = |name: &str| run_container(&["--rm", "-v", &format!("{name}:/p"), &busybox, "cat", "/p/where"]);
+    assert_eq!(back(&long).trim(), "on-nfs1");
+    assert_eq!(back("logs").trim(), "on-local");
+
+    // An unknown datastore is refused with the known ones, and nothing is made.
+    let r = docker(&["volume", "create", &format!("--driver={}", driver()), "--name=x@nosuch"]);
+    assert!(!r.success(), "{r}");
+    assert!(
+        r.stderr.contains("Invalid datastore 'nosuch'") && r.stderr.contains("Known datastores: local, nfs1"),
+        "{r}"
+    );
+    assert!(!docker_ok(&["volume", "ls", "-q"]).lines().any(|n| n == "x@nosuch"));
+
+    docker_ok(&["volume", "rm", &long]);
+    assert!(!nfs_disk.exists() && !flat.exists());
+    assert!(h.descriptor("logs").is_file(), "removing logs@nfs1 touched logs@local");
+    docker_ok(&["volume", "rm", "logs"]);
+    h.wait_nothing_left();
+}
