@@ -59,7 +59,7 @@ pub fn agent_client(cfg: &ServeConfig) -> Result<AgentClient, ServeError> {
     }
     let backend = Arc::new(LocalBackend::new(Arc::new(LinuxLoops::default())));
     let svc = VolumeService::new(&acfg, backend).map_err(|e| ServeError::Config(crate::error_chain(&e)))?;
-    svc.release_unrecorded_attachments();
+    svc.recover_on_start();
     Ok(AgentClient::Embedded(Arc::new(svc)))
 }
 

@@ -60,6 +60,34 @@ impl VolumeLock {
         }
     }
 
+    /// Like [`VolumeLock::acquire`], but gives up at once (`Ok(None)`)
+    /// when another holder has the lock.
+    pub fn try_acquire(path: &Path) -> io::Result<Option<Self>> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)?;
+        let locked = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(l) => l,
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => return Ok(None),
+            Err((_, e)) => return Err(io::Error::from(e)),
+        };
+        let held = locked.metadata()?;
+        match std::fs::metadata(path) {
+            Ok(now) if now.ino() == held.ino() && now.dev() == held.dev() => Ok(Some(Self {
+                _file: locked,
+                path: path.to_owned(),
+            })),
+            // Unlinked or replaced while we opened it: someone else's.
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Unlinks the lock file (the volume is gone); the lock is released when
     /// `self` drops.
     pub fn unlink(&self) -> io::Result<()> {
@@ -96,6 +124,19 @@ mod tests {
         for t in threads {
             t.join().unwrap();
         }
+    }
+
+    #[test]
+    fn try_acquire_gives_up_while_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.lck");
+        drop(VolumeLock::try_acquire(&path).unwrap().expect("free lock"));
+        let held = VolumeLock::acquire(&path).unwrap();
+        assert!(VolumeLock::try_acquire(&path).unwrap().is_none());
+        drop(held);
+        let again = VolumeLock::try_acquire(&path).unwrap();
+        assert!(again.is_some());
+        assert!(VolumeLock::try_acquire(&path).unwrap().is_none());
     }
 
     #[test]

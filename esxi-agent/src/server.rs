@@ -47,7 +47,7 @@ pub async fn serve(
     {
         // Each release is logged by the service.
         let svc = svc.clone();
-        let _ = tokio::task::spawn_blocking(move || svc.release_unrecorded_attachments()).await;
+        let _ = tokio::task::spawn_blocking(move || svc.recover_on_start()).await;
     }
     let app = crate::api::router(svc);
     let unix = bind_unix(&listeners.socket, 0o600).await?;

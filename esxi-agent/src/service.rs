@@ -40,6 +40,7 @@ mod admin;
 mod recover;
 
 pub use admin::{DatastoreUsage, PolicyInfo, PolicyUpdate, EDITABLE_OPTIONS};
+pub use recover::StartupRecovery;
 
 /// Longest accepted VM id.
 pub const MAX_VM_ID_LEN: usize = 256;

@@ -3,6 +3,7 @@
 //! root-only tests in the root crate use real ones); every file the agent
 //! writes is real and is checked with `qemu-img` as an independent reader.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -405,6 +406,43 @@ async fn a_create_that_crashed_before_its_metadata_is_not_a_volume() {
     let (s, v) = create(&f.app, "half", json!({"size": "10mb"})).await;
     assert_eq!(s, StatusCode::CREATED, "{v}");
     assert_eq!(std::fs::metadata(dir.join("half-flat.vmdk")).unwrap().len(), 10 << 20);
+}
+
+/// What cut-off creates and removes leave (files without a sidecar, lone
+/// lock files, a sidecar temp file) is deleted when the agent starts;
+/// volumes, and names whose lock another process holds, are left alone.
+#[tokio::test]
+async fn start_up_collects_what_cut_off_creates_and_removes_left() {
+    let f = fixture();
+    let (s, v) = create(&f.app, "keep", json!({"size": "10mb"})).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let dir = f.ds.join("dockvols/_DEFAULT");
+    let before: BTreeSet<String> = files(&dir).into_iter().collect();
+    // A create killed before its sidecar; a remove killed after it.
+    std::fs::write(dir.join("half-flat.vmdk"), vec![1u8; 4096]).unwrap();
+    std::fs::write(dir.join("half.vmdk"), "# Disk DescriptorFile\n").unwrap();
+    std::fs::write(dir.join("half.lck"), "").unwrap();
+    std::fs::write(dir.join("gone.vmdk"), "# Disk DescriptorFile\n").unwrap();
+    std::fs::write(dir.join("lonely.lck"), "").unwrap();
+    std::fs::write(dir.join("keep.vmfd.tmp"), "{").unwrap();
+    std::fs::write(dir.join("keep.vmdk.tmp"), "# Disk").unwrap();
+    // Another process is creating `busy` right now: hands off.
+    std::fs::write(dir.join("busy-flat.vmdk"), "").unwrap();
+    let busy = vmdk_agent::lock::VolumeLock::acquire(&dir.join("busy.lck")).unwrap();
+
+    let report = f.svc.recover_on_start();
+    assert_eq!(report.collected, vec!["gone@local".to_owned(), "half@local".to_owned()]);
+    assert!(report.released.is_empty());
+    let mut expected = before.clone();
+    expected.insert("busy-flat.vmdk".into());
+    expected.insert("busy.lck".into());
+    assert_eq!(files(&dir).into_iter().collect::<BTreeSet<_>>(), expected);
+    drop(busy);
+    let report = f.svc.recover_on_start();
+    assert_eq!(report.collected, vec!["busy@local".to_owned()]);
+    assert_eq!(files(&dir).into_iter().collect::<BTreeSet<_>>(), before);
+    let (s, _) = call(&f.app, Method::GET, "/v1/volumes/keep", None, None).await;
+    assert_eq!(s, StatusCode::OK);
 }
 
 #[tokio::test]

@@ -1,13 +1,120 @@
-//! Start-up check of attachments against metadata.
+//! Start-up checks: attachments against metadata, and the files of
+//! volumes whose create or remove was cut off by a crash.
 
+use std::collections::BTreeSet;
 use std::path::Path;
 
 use vmdk_protocol::AttachStatus;
 
 use super::{Target, VolumeService};
-use crate::datastore::DiskPaths;
+use crate::datastore::{DiskPaths, DEFAULT_VMGROUP};
+use crate::lock::VolumeLock;
+
+/// What [`VolumeService::recover_on_start`] did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct StartupRecovery {
+    /// Volumes whose device was bound but not recorded, now detached.
+    pub released: Vec<String>,
+    /// Names whose files were left by a create or remove that a crash cut
+    /// off (no metadata, so never a volume), now deleted.
+    pub collected: Vec<String>,
+}
 
 impl VolumeService {
+    /// Everything the agent checks when it starts, before it serves:
+    /// releases unrecorded attachments, then deletes what cut-off creates
+    /// and removes left behind. Both only touch volumes whose lock is free
+    /// or that they hold, so another agent on a shared datastore is never
+    /// disturbed.
+    pub fn recover_on_start(&self) -> StartupRecovery {
+        let released = self.release_unrecorded_attachments();
+        let collected = self.collect_incomplete_volumes();
+        StartupRecovery { released, collected }
+    }
+
+    /// Deletes the files of names that have no metadata: a create killed
+    /// after writing the descriptor or extent but before the sidecar (the
+    /// sidecar is written last, so such a name never was a volume), or a
+    /// remove killed after deleting the sidecar (it is deleted first, so
+    /// the volume was already gone). Also drops stale `<vol>.vmfd.tmp` and
+    /// `<vol>.vmdk.tmp` files of writes that never reached their rename.
+    ///
+    /// A name whose lock another process holds is skipped: a create may be
+    /// running there. So is an extent that is still bound to a device.
+    /// Returns the names collected (`vol@ds`).
+    pub fn collect_incomplete_volumes(&self) -> Vec<String> {
+        let mut collected = Vec::new();
+        for ds in &self.datastores {
+            let dir = ds.group_dir(DEFAULT_VMGROUP);
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            let stems: BTreeSet<String> = entries
+                .flatten()
+                .filter_map(|e| {
+                    let name = e.file_name().into_string().ok()?;
+                    let stem = [".vmfd.tmp", ".vmdk.tmp", "-flat.vmdk", ".vmdk", ".vmfd", ".lck"]
+                        .iter()
+                        .find_map(|suffix| name.strip_suffix(suffix))?;
+                    vmdk_protocol::name::validate_volume(stem).ok()?;
+                    Some(stem.to_owned())
+                })
+                .collect();
+            for stem in stems {
+                let t = Target {
+                    full: format!("{stem}@{}", ds.name),
+                    ds,
+                    disk: DiskPaths::new(&dir, &stem),
+                };
+                match self.collect_one(&t) {
+                    Ok(true) => {
+                        tracing::warn!(volume = %t.full, "deleted the files of a create or remove that did not finish");
+                        collected.push(t.full.clone());
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(volume = %t.full, error = %e, "cannot check for unfinished create or remove")
+                    }
+                }
+            }
+        }
+        collected
+    }
+
+    fn collect_one(&self, t: &Target<'_>) -> Result<bool, String> {
+        let lock = match VolumeLock::try_acquire(&t.disk.lock) {
+            Ok(Some(lock)) => lock,
+            Ok(None) => return Ok(false),
+            Err(e) => return Err(format!("lock {}: {e}", t.disk.lock.display())),
+        };
+        // Temp files of atomic writes that never reached their rename (the
+        // lock is ours, so no write is under way).
+        for tmp in [".vmfd.tmp", ".vmdk.tmp"] {
+            let tmp = t.disk.dir.join(format!("{}{tmp}", t.disk.volume));
+            crate::fsutil::remove_if_exists(&tmp).map_err(|e| format!("delete {}: {e}", tmp.display()))?;
+        }
+        if t.disk.meta.exists() {
+            return Ok(false);
+        }
+        match self.backend.attachment(&t.disk) {
+            Ok(None) => {}
+            Ok(Some(att)) => {
+                return Err(format!(
+                    "its extent has no metadata but is attached ({}); leaving it",
+                    att.device.unwrap_or_default()
+                ))
+            }
+            Err(e) => return Err(crate::error::error_chain(&e)),
+        }
+        let had_disk = t.disk.descriptor.exists() || t.disk.flat.exists();
+        self.backend
+            .delete_disk(&t.disk)
+            .map_err(|e| crate::error::error_chain(&e))?;
+        lock.unlink()
+            .map_err(|e| format!("delete {}: {e}", t.disk.lock.display()))?;
+        Ok(had_disk)
+    }
+
     /// Releases attachments that no metadata records: a device bound to a
     /// volume whose sidecar says it is detached (the agent was killed
     /// between binding the device and writing the sidecar), or to an extent
