@@ -422,8 +422,20 @@ impl VolumeManager {
     pub async fn unmount(&self, name: &str, id: &str) -> Result<(), PluginError> {
         let _gate = self.gate.read().await;
         let full = {
+            // The record of the volume Docker names, if it holds the ID. Only
+            // when no record matches the name (another spelling, such as
+            // `vol@DS` in another case) is the ID looked up alone. So two
+            // volumes never trade mounts, even when a caller reuses an ID.
             let st = self.state.lock().unwrap();
-            match st.mounts.iter().find(|(_, r)| r.ids.contains_key(id)) {
+            let named =
+                |k: &str| k == name || (!name.contains('@') && k.rsplit_once('@').map(|(v, _)| v) == Some(name));
+            let holds = |r: &MountRecord| r.ids.contains_key(id);
+            let holder = if st.mounts.keys().any(|k| named(k)) {
+                st.mounts.iter().find(|(k, r)| named(k) && holds(r))
+            } else {
+                st.mounts.iter().find(|(_, r)| holds(r))
+            };
+            match holder {
                 Some((k, _)) => k.clone(),
                 None => {
                     tracing::info!(volume = name, id, "unmount of an unknown mount ID; nothing to do");

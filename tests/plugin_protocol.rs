@@ -632,3 +632,33 @@ async fn the_served_socket_answers_dockers_exact_bytes_on_one_connection() {
     server.await.unwrap().unwrap();
     assert!(!sock.exists(), "socket left behind after shutdown");
 }
+
+/// Unmount names its volume: an ID that two volumes hold (a caller that
+/// reuses IDs) releases the named one only, and an ID the named volume
+/// does not hold releases nothing, even when another volume holds it.
+#[tokio::test]
+async fn unmount_releases_the_named_volume_only() {
+    let sys = Arc::new(FakeSys::default());
+    let p = fake_plugin(sys.clone()).await;
+    for v in ["a", "b"] {
+        ok(&p.app, "VolumeDriver.Create", &format!(r#"{{"Name":"{v}"}}"#)).await;
+        ok(
+            &p.app,
+            "VolumeDriver.Mount",
+            &format!(r#"{{"Name":"{v}","ID":"same"}}"#),
+        )
+        .await;
+    }
+    ok(&p.app, "VolumeDriver.Mount", r#"{"Name":"b","ID":"b-only"}"#).await;
+    let mounts = async |v: &str| ok(&p.app, "VolumeDriver.Get", &format!(r#"{{"Name":"{v}"}}"#)).await;
+    ok(&p.app, "VolumeDriver.Unmount", r#"{"Name":"a","ID":"b-only"}"#).await;
+    assert_eq!(mounts("b").await["Volume"]["Status"]["mounts"], 2);
+    assert_eq!(mounts("a").await["Volume"]["Status"]["mounts"], 1);
+    ok(&p.app, "VolumeDriver.Unmount", r#"{"Name":"a","ID":"same"}"#).await;
+    assert_eq!(mounts("a").await["Volume"]["Status"]["status"], "detached");
+    assert_eq!(mounts("b").await["Volume"]["Status"]["mounts"], 2);
+    assert_eq!(sys.count(|c| matches!(c, SysCall::Unmount { .. })), 1);
+    ok(&p.app, "VolumeDriver.Unmount", r#"{"Name":"b@local","ID":"same"}"#).await;
+    ok(&p.app, "VolumeDriver.Unmount", r#"{"Name":"b","ID":"b-only"}"#).await;
+    assert_eq!(mounts("b").await["Volume"]["Status"]["status"], "detached");
+}
