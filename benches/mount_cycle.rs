@@ -69,7 +69,7 @@ fn raw_cycle(dir: &Path, i: usize, t: &mut Times) {
     std::fs::remove_file(&file).unwrap();
 }
 
-async fn plugin_cycle(m: &VolumeManager, i: usize, t: &mut Times) {
+async fn plugin_cycle(m: &std::sync::Arc<VolumeManager>, i: usize, t: &mut Times) {
     let name = format!("bench{i}");
     let s = Instant::now();
     m.create(&name, [("size".to_string(), "1gb".to_string())].into())
@@ -111,6 +111,7 @@ async fn main() {
             mount_root: dir.path().join("mnt"),
             state_dir: dir.path().join("state"),
             docker_socket: dir.path().join("no-docker.sock"),
+            detach_grace: std::time::Duration::ZERO,
         },
     )
     .unwrap();

@@ -56,6 +56,8 @@ pub struct ServeConfig {
     pub docker_socket: PathBuf,
     /// Seconds between reconcile passes (0 disables them).
     pub reconcile_interval: u64,
+    /// Seconds a volume stays mounted after its last Unmount (0: none).
+    pub detach_grace: u64,
 }
 
 #[cfg(test)]

@@ -44,6 +44,11 @@ enum Command {
         /// Seconds between reconcile passes against Docker (0: only at start).
         #[arg(long, default_value_t = 60)]
         reconcile_interval: u64,
+        /// Seconds a volume stays mounted and attached after its last
+        /// Unmount, so a quick Mount again (Docker's copy-up, `docker cp`,
+        /// a restart) reuses it (0: release at once).
+        #[arg(long, env = "VMDK_DETACH_GRACE", default_value_t = 0)]
+        detach_grace: u64,
     },
 }
 
@@ -84,6 +89,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             state_dir,
             docker_socket,
             reconcile_interval,
+            detach_grace,
         } => {
             if agent.is_some() && !datastores.is_empty() {
                 anyhow::bail!("--datastore configures the embedded agent; it cannot be combined with --agent");
@@ -102,6 +108,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 state_dir,
                 docker_socket,
                 reconcile_interval,
+                detach_grace,
             };
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(vmdk_plugin::serve::run(cfg, shutdown_signal()))

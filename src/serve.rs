@@ -87,6 +87,7 @@ pub async fn run_with(
             mount_root: cfg.mount_root.clone(),
             state_dir: cfg.state_dir.clone(),
             docker_socket: cfg.docker_socket.clone(),
+            detach_grace: Duration::from_secs(cfg.detach_grace),
         },
     )
     .map_err(|source| ServeError::Io {

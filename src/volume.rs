@@ -123,6 +123,11 @@ pub struct ManagerConfig {
     pub state_dir: PathBuf,
     /// Docker's API socket, for recovery.
     pub docker_socket: PathBuf,
+    /// How long a volume stays mounted and attached after its last
+    /// Unmount, so that Docker's Mount/Unmount/Mount (copy-up, `docker
+    /// cp`, a quick restart) does not detach and attach the disk again.
+    /// Zero (the default) releases at once.
+    pub detach_grace: std::time::Duration,
 }
 
 /// The mount logic and state of this VM.
@@ -362,10 +367,15 @@ impl VolumeManager {
         let lock = self.volume_lock(&info.name);
         let _l = lock.lock().await;
         if let Some(rec) = self.record(&info.name) {
-            return Err(PluginError::StillMounted {
-                name: info.name.clone(),
-                refcount: rec.ids.len(),
-            });
+            if !rec.ids.is_empty() {
+                return Err(PluginError::StillMounted {
+                    name: info.name.clone(),
+                    refcount: rec.ids.len(),
+                });
+            }
+            // Held by no mount (in its detach grace, or a release that
+            // failed earlier): release it now.
+            self.deactivate(&info.name).await?;
         }
         match self.agent.remove(&self.cfg.vm_id, &info.name).await {
             Ok(()) => Ok(()),
@@ -419,7 +429,7 @@ impl VolumeManager {
 
     /// `VolumeDriver.Unmount`: drops one Mount of the ID, and the ID with
     /// its last; the last ID unmounts and detaches. An unknown ID succeeds.
-    pub async fn unmount(&self, name: &str, id: &str) -> Result<(), PluginError> {
+    pub async fn unmount(self: &Arc<Self>, name: &str, id: &str) -> Result<(), PluginError> {
         let _gate = self.gate.read().await;
         let full = {
             // The record of the volume Docker names, if it holds the ID. Only
@@ -460,9 +470,32 @@ impl VolumeManager {
             })
         })?;
         match left {
-            Some(0) => self.deactivate(&full).await,
+            Some(0) if self.cfg.detach_grace.is_zero() => self.deactivate(&full).await,
+            Some(0) => {
+                tracing::info!(volume = %full, grace = ?self.cfg.detach_grace, "last unmount; releasing after the grace period unless mounted again");
+                self.release_after_grace(full);
+                Ok(())
+            }
             _ => Ok(()),
         }
+    }
+
+    /// After the detach grace, unmounts and detaches `full` if it is still
+    /// held by no mount ID. A Mount in between keeps it; a plugin restart
+    /// in between leaves the recovery pass to release it.
+    fn release_after_grace(self: &Arc<Self>, full: String) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(me.cfg.detach_grace).await;
+            let _gate = me.gate.read().await;
+            let lock = me.volume_lock(&full);
+            let _l = lock.lock().await;
+            if me.record(&full).is_some_and(|r| r.ids.is_empty()) {
+                if let Err(e) = me.deactivate(&full).await {
+                    tracing::warn!(volume = %full, error = %crate::error_chain(&e), "release after the grace period failed; the reconcile pass retries it");
+                }
+            }
+        });
     }
 
     /// `VolumeDriver.Path`: the would-be mountpoint; never fails.

@@ -782,3 +782,52 @@ fn volumes_on_a_second_datastore() {
     docker_ok(&["volume", "rm", "logs"]);
     h.wait_nothing_left();
 }
+
+/// Docker mounts a fresh volume twice for a container whose image has
+/// content at the mount target (copy-up, then the container), with an
+/// Unmount in between. Without a grace that detaches and attaches the disk
+/// again; with `--detach-grace` the container reuses the first attach, and
+/// the volume is released once the grace has passed.
+#[test]
+fn detach_grace_spares_the_copy_up_reattach() {
+    let mut h = Harness::new("detach-grace");
+    let seeded = image("copyup");
+    let attaches = |h: &Harness, vol: &str| {
+        h.plugin_logs()
+            .matches(&format!("attached volume volume={vol}@{DATASTORE} "))
+            .count()
+    };
+    let run_seeded = |vol: &str| {
+        let out = run_container(&[
+            "--rm",
+            "-v",
+            &format!("{vol}:/srv/app"),
+            &seeded,
+            "ls",
+            "-A",
+            "/srv/app",
+        ]);
+        assert_eq!(out.split_whitespace().collect::<Vec<_>>(), ["conf.d", "config.txt"]);
+    };
+
+    h.create_volume("e2e-nograce", &[]);
+    run_seeded("e2e-nograce");
+    h.wait_released("e2e-nograce");
+    assert_eq!(
+        attaches(&h, "e2e-nograce"),
+        2,
+        "Docker's Mount/Unmount/Mount, each Mount attaching"
+    );
+
+    h.stop_plugin();
+    h.plugin_args = vec!["--detach-grace".into(), "5".into()];
+    h.start_plugin(None);
+    h.create_volume("e2e-grace", &[]);
+    run_seeded("e2e-grace");
+    assert_eq!(attaches(&h, "e2e-grace"), 1, "{}", h.plugin_logs());
+    // Still attached right after the container is gone, released later.
+    assert_eq!(inspect_volume("e2e-grace")["Status"]["status"], "attached");
+    h.wait_released("e2e-grace");
+    docker_ok(&["volume", "rm", "e2e-grace", "e2e-nograce"]);
+    h.wait_nothing_left();
+}

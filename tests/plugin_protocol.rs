@@ -431,6 +431,7 @@ async fn a_remote_agent_over_http_behaves_like_the_embedded_one() {
                     mount_root: dir.path().join(format!("mnt-{vm}")),
                     state_dir: dir.path().join(format!("state-{vm}")),
                     docker_socket: dir.path().join("no-docker.sock"),
+                    detach_grace: std::time::Duration::ZERO,
                 },
             )
             .unwrap();
@@ -480,6 +481,7 @@ async fn get_reports_a_mounted_volume_even_when_the_agent_is_unreachable() {
             mount_root: p.mount_root(),
             state_dir: p.state_dir(),
             docker_socket: p.docker_socket(),
+            detach_grace: std::time::Duration::ZERO,
         },
     )
     .unwrap();
@@ -556,6 +558,7 @@ async fn the_served_socket_answers_dockers_exact_bytes_on_one_connection() {
         state_dir: dir.path().join("state"),
         docker_socket: dir.path().join("no-docker.sock"),
         reconcile_interval: 0,
+        detach_grace: 0,
     };
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(vmdk_plugin::serve::run_with(
@@ -661,4 +664,66 @@ async fn unmount_releases_the_named_volume_only() {
     ok(&p.app, "VolumeDriver.Unmount", r#"{"Name":"b@local","ID":"same"}"#).await;
     ok(&p.app, "VolumeDriver.Unmount", r#"{"Name":"b","ID":"b-only"}"#).await;
     assert_eq!(mounts("b").await["Volume"]["Status"]["status"], "detached");
+}
+
+/// With `--detach-grace`, the last Unmount leaves the volume mounted and
+/// attached for the grace period: Docker's Mount/Unmount/Mount (copy-up,
+/// `docker cp`) reuses it without a second attach, and it is released
+/// once the grace runs out. Remove in the grace releases it at once.
+#[tokio::test]
+async fn detach_grace_keeps_a_volume_briefly_after_its_last_unmount() {
+    let sys = Arc::new(FakeSys::default());
+    let mut p = fake_plugin(sys.clone()).await;
+    let grace = std::time::Duration::from_millis(400);
+    p.restart_with_grace(grace).await;
+    ok(&p.app, "VolumeDriver.Create", r#"{"Name":"db"}"#).await;
+    let status = async |app: &axum::Router| {
+        ok(app, "VolumeDriver.Get", r#"{"Name":"db"}"#).await["Volume"]["Status"]["status"].clone()
+    };
+    let mounts = |sys: &FakeSys| sys.count(|c| matches!(c, SysCall::Mount { .. }));
+    let unmounts = |sys: &FakeSys| sys.count(|c| matches!(c, SysCall::Unmount { .. }));
+
+    // populateVolume's pair, then the container's own Mount.
+    ok(&p.app, "VolumeDriver.Mount", r#"{"Name":"db","ID":"copy-up"}"#).await;
+    ok(&p.app, "VolumeDriver.Unmount", r#"{"Name":"db","ID":"copy-up"}"#).await;
+    assert_eq!((mounts(&sys), unmounts(&sys)), (1, 0));
+    assert_eq!(status(&p.app).await, "attached");
+    ok(&p.app, "VolumeDriver.Mount", r#"{"Name":"db","ID":"container"}"#).await;
+    assert_eq!(
+        (mounts(&sys), unmounts(&sys)),
+        (1, 0),
+        "the second Mount reused the first"
+    );
+
+    // The grace of the copy-up's Unmount must not release the container's mount.
+    tokio::time::sleep(grace * 2).await;
+    assert_eq!(unmounts(&sys), 0);
+    assert_eq!(status(&p.app).await, "attached");
+
+    ok(&p.app, "VolumeDriver.Unmount", r#"{"Name":"db","ID":"container"}"#).await;
+    assert_eq!(unmounts(&sys), 0);
+    let mut released = false;
+    for _ in 0..100 {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        if unmounts(&sys) == 1 && status(&p.app).await == "detached" {
+            released = true;
+            break;
+        }
+    }
+    assert!(released, "not released after the grace period");
+    assert!(p.loops.list().unwrap().is_empty());
+
+    // Remove during the grace: released at once, then removed.
+    ok(&p.app, "VolumeDriver.Mount", r#"{"Name":"db","ID":"again"}"#).await;
+    ok(&p.app, "VolumeDriver.Unmount", r#"{"Name":"db","ID":"again"}"#).await;
+    ok(&p.app, "VolumeDriver.Remove", r#"{"Name":"db"}"#).await;
+    assert_eq!(unmounts(&sys), 2);
+    assert!(p.loops.list().unwrap().is_empty());
+    assert_eq!(
+        ok(&p.app, "VolumeDriver.Get", r#"{"Name":"db"}"#).await["Volume"],
+        Value::Null
+    );
+    // The pending release finds nothing to do.
+    tokio::time::sleep(grace * 2).await;
+    assert_eq!(unmounts(&sys), 2);
 }

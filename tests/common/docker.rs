@@ -529,6 +529,8 @@ pub struct Harness {
     pub mount_root: PathBuf,
     /// The plugin's state dir.
     pub state_dir: PathBuf,
+    /// Extra `vmdk-plugin serve` flags for the next plugin start.
+    pub plugin_args: Vec<String>,
     plugin: Option<Daemon>,
     agent: Option<Daemon>,
     agent_socket: Option<PathBuf>,
@@ -560,6 +562,7 @@ impl Harness {
             mount_root: dir.join("mnt"),
             state_dir: dir.join("state"),
             dir,
+            plugin_args: Vec::new(),
             plugin: None,
             agent: None,
             agent_socket: None,
@@ -688,6 +691,7 @@ impl Harness {
             }
             None => args.extend(self.datastore_args()),
         }
+        args.extend(self.plugin_args.iter().cloned());
         let mut d = Daemon::spawn("vmdk-plugin", &plugin_bin(), &args, &log, &self.dir.join("plugin.pid"));
         wait_for("the plugin socket", WAIT, || {
             d.check_running();

@@ -232,13 +232,23 @@ impl Plugin {
     /// A new manager on the same directories, as after a plugin restart
     /// (the agent and its datastore are the same).
     pub async fn restart(&mut self) {
-        self.manager = new_manager(&self.dir, &self.svc, self.sys.clone());
+        self.restart_with_grace(Duration::ZERO).await;
+    }
+
+    /// [`Plugin::restart`] with a detach grace period.
+    pub async fn restart_with_grace(&mut self, grace: Duration) {
+        self.manager = new_manager(&self.dir, &self.svc, self.sys.clone(), grace);
         self.app = vmdk_plugin::plugin::router(self.manager.clone());
         self.manager.recover().await;
     }
 }
 
-fn new_manager(dir: &tempfile::TempDir, svc: &Arc<VolumeService>, sys: Arc<dyn System>) -> Arc<VolumeManager> {
+fn new_manager(
+    dir: &tempfile::TempDir,
+    svc: &Arc<VolumeService>,
+    sys: Arc<dyn System>,
+    detach_grace: Duration,
+) -> Arc<VolumeManager> {
     VolumeManager::new(
         AgentClient::Embedded(svc.clone()),
         sys,
@@ -247,6 +257,7 @@ fn new_manager(dir: &tempfile::TempDir, svc: &Arc<VolumeService>, sys: Arc<dyn S
             mount_root: dir.path().join("mnt"),
             state_dir: dir.path().join("state"),
             docker_socket: dir.path().join("docker.sock"),
+            detach_grace,
         },
     )
     .unwrap()
@@ -260,7 +271,7 @@ pub async fn plugin_with(sys: Arc<dyn System>, loops: Arc<dyn LoopDevices>) -> P
     let mut cfg = AgentConfig::default();
     cfg.add_datastore_flag(&format!("local={}", ds.display())).unwrap();
     let svc = Arc::new(VolumeService::new(&cfg, Arc::new(LocalBackend::new(loops.clone()))).unwrap());
-    let manager = new_manager(&dir, &svc, sys.clone());
+    let manager = new_manager(&dir, &svc, sys.clone(), Duration::ZERO);
     manager.recover().await;
     Plugin {
         app: vmdk_plugin::plugin::router(manager.clone()),
