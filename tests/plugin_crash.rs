@@ -155,7 +155,7 @@ async fn start_plugin(d: &Dirs) -> Plugin {
         .spawn()
         .expect("start vmdk-plugin");
     let plugin = Plugin(child);
-    for _ in 0..500 {
+    for _ in 0..3000 {
         // Unmount waits for the recovery pass; an unknown ID succeeds.
         if call(
             &d.sock(),
