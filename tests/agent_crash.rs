@@ -16,7 +16,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use support::{loops_under, require_root, KernelCleanup};
+use support::{loops_under, require_root, KernelCleanup, Rng};
 use vmdk_plugin::agent_client::{AgentCallError, AgentClient};
 use vmdk_plugin::http1::Endpoint;
 use vmdk_protocol::{AttachStatus, CreateRequest, ErrorCode};
@@ -40,20 +40,6 @@ type Ledger = Arc<Mutex<BTreeMap<String, Option<Known>>>>;
 /// Operations the agent acknowledged (successes and refusals), over all
 /// rounds: proof that the kills landed among real work.
 static ACKED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-
-/// xorshift64: reproducible choices without a dependency.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 fn agent_bin() -> PathBuf {
     let p = PathBuf::from(env!("CARGO_BIN_EXE_vmdk-plugin")).with_file_name("vmdk-agent");

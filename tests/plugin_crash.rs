@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::Value;
-use support::{loops_under, require_root, KernelCleanup};
+use support::{loops_under, require_root, KernelCleanup, Rng};
 use vmdk_plugin::http1::{self, Endpoint};
 use vmdk_plugin::sys::{LinuxSystem, MountEntry, System};
 
@@ -50,19 +50,6 @@ struct Vol {
 }
 
 type Ledger = Arc<Mutex<BTreeMap<String, Vol>>>;
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 struct Plugin(Child);
 impl Drop for Plugin {

@@ -380,21 +380,12 @@ async fn mount_state_survives_a_plugin_restart() {
 
 #[tokio::test]
 async fn a_remote_agent_over_http_behaves_like_the_embedded_one() {
-    use vmdk_agent::backend::local::LocalBackend;
-    use vmdk_agent::backend::loopdev::FakeLoops;
-    use vmdk_agent::config::AgentConfig;
     use vmdk_plugin::agent_client::AgentClient;
     use vmdk_plugin::http1::Endpoint;
     use vmdk_plugin::volume::{ManagerConfig, VolumeManager};
 
     let dir = tempfile::tempdir().unwrap();
-    let ds = dir.path().join("ds");
-    std::fs::create_dir_all(&ds).unwrap();
-    let mut cfg = AgentConfig::default();
-    cfg.add_datastore_flag(&format!("shared={}", ds.display())).unwrap();
-    let svc = Arc::new(
-        vmdk_agent::VolumeService::new(&cfg, Arc::new(LocalBackend::new(Arc::new(FakeLoops::default())))).unwrap(),
-    );
+    let (svc, _) = support::fake_agent(dir.path(), "shared");
     let sock = dir.path().join("agent.sock");
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(vmdk_agent::server::serve(
@@ -533,20 +524,12 @@ async fn read_response(r: &mut tokio::io::BufReader<tokio::net::unix::OwnedReadH
 async fn the_served_socket_answers_dockers_exact_bytes_on_one_connection() {
     use std::os::unix::fs::PermissionsExt;
     use tokio::io::AsyncWriteExt;
-    use vmdk_agent::backend::local::LocalBackend;
-    use vmdk_agent::backend::loopdev::FakeLoops;
-    use vmdk_agent::config::AgentConfig;
     use vmdk_plugin::agent_client::AgentClient;
 
     let dir = tempfile::tempdir().unwrap();
-    let ds = dir.path().join("ds");
-    std::fs::create_dir_all(&ds).unwrap();
-    let mut acfg = AgentConfig::default();
-    acfg.add_datastore_flag(&format!("local={}", ds.display())).unwrap();
-    let loops: Arc<dyn vmdk_agent::backend::loopdev::LoopDevices> = Arc::new(FakeLoops::default());
+    let (svc, loops) = support::fake_agent(dir.path(), "local");
     let sys = Arc::new(FakeSys::default());
-    *sys.loops.lock().unwrap() = Some(loops.clone());
-    let svc = Arc::new(vmdk_agent::VolumeService::new(&acfg, Arc::new(LocalBackend::new(loops))).unwrap());
+    *sys.loops.lock().unwrap() = Some(loops);
     // Docker looks in /run/docker/plugins; the folder may not exist yet.
     let sock = dir.path().join("run/docker/plugins/vmdk.sock");
     let cfg = vmdk_plugin::config::ServeConfig {

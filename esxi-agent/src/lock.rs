@@ -23,14 +23,18 @@ use nix::fcntl::{Flock, FlockArg};
 /// `arg` (shared or exclusive) is held on it. The lock is released when the
 /// returned file drops.
 pub fn lock_file(path: &Path, arg: FlockArg) -> io::Result<Flock<File>> {
-    let file = OpenOptions::new()
+    Flock::lock(open_lock_file(path)?, arg).map_err(|(_, e)| io::Error::from(e))
+}
+
+/// Opens the lock file at `path`, creating it with mode 0600.
+fn open_lock_file(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
         .mode(0o600)
-        .open(path)?;
-    Flock::lock(file, arg).map_err(|(_, e)| io::Error::from(e))
+        .open(path)
 }
 
 /// An exclusive lock on one volume, released on drop.
@@ -63,14 +67,7 @@ impl VolumeLock {
     /// Like [`VolumeLock::acquire`], but gives up at once (`Ok(None)`)
     /// when another holder has the lock.
     pub fn try_acquire(path: &Path) -> io::Result<Option<Self>> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(path)?;
-        let locked = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        let locked = match Flock::lock(open_lock_file(path)?, FlockArg::LockExclusiveNonblock) {
             Ok(l) => l,
             Err((_, nix::errno::Errno::EWOULDBLOCK)) => return Ok(None),
             Err((_, e)) => return Err(io::Error::from(e)),

@@ -376,3 +376,32 @@ pub fn loops_under(dir: &Path) -> Vec<(PathBuf, PathBuf)> {
         .filter(|(_, b)| b.starts_with(dir))
         .collect()
 }
+
+/// xorshift64: reproducible pseudo-random choices for stress tests,
+/// without a dependency.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// An agent service on a fresh datastore `name` under `dir`, with fake
+/// loop devices.
+pub fn fake_agent(dir: &Path, name: &str) -> (Arc<VolumeService>, Arc<dyn LoopDevices>) {
+    let ds = dir.join("ds");
+    std::fs::create_dir_all(&ds).unwrap();
+    let mut cfg = AgentConfig::default();
+    cfg.add_datastore_flag(&format!("{name}={}", ds.display())).unwrap();
+    let loops: Arc<dyn LoopDevices> = Arc::new(FakeLoops::default());
+    let svc = Arc::new(VolumeService::new(&cfg, Arc::new(LocalBackend::new(loops.clone()))).unwrap());
+    (svc, loops)
+}
