@@ -81,6 +81,7 @@ impl VolumeService {
             .validate()
             .map_err(|e| AgentError::InvalidRequest(crate::error::error_chain(&e)))?;
         let mut datastores = Vec::new();
+        let mut seen: Vec<(std::path::PathBuf, &str)> = Vec::new();
         for ds in &config.datastores {
             let meta = std::fs::metadata(&ds.path).map_err(|source| AgentError::Io {
                 op: "datastore directory",
@@ -94,6 +95,17 @@ impl VolumeService {
                     ds.path.display()
                 )));
             }
+            // One directory under two names would show every volume twice
+            // and let one disk be mounted under two names.
+            let real = std::fs::canonicalize(&ds.path).unwrap_or_else(|_| ds.path.clone());
+            if let Some((_, other)) = seen.iter().find(|(p, _)| *p == real) {
+                return Err(AgentError::InvalidRequest(format!(
+                    "datastores {other} and {} are the same directory {}; give each datastore its own directory",
+                    ds.name,
+                    real.display()
+                )));
+            }
+            seen.push((real, &ds.name));
             datastores.push(Datastore {
                 name: ds.name.clone(),
                 root: ds.path.clone(),

@@ -784,6 +784,23 @@ fn help_at_every_level_and_clear_usage_errors() {
     assert_eq!(r.code, 2, "{r:?}");
     assert!(r.stderr.contains("ERROR: no datastore configured"), "{r:?}");
 
+    // One directory under two datastore names is refused.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display().to_string();
+    let r: Run = Command::new(BIN)
+        .args([
+            "--datastore",
+            &format!("a={d}"),
+            "--datastore",
+            &format!("b={d}/"),
+            "ls",
+        ])
+        .output()
+        .unwrap()
+        .into();
+    assert_ne!(r.code, 0, "{r:?}");
+    assert!(r.stderr.contains("datastores a and b are the same directory"), "{r:?}");
+
     let env = Env::new();
     let no_vsan: Run = Command::new(BIN)
         .args(["--datastore", &format!("nfs1={}", env.plain.display()), "policy", "ls"])
