@@ -248,3 +248,96 @@ fn listing_loop_devices_tolerates_devices_coming_and_going() {
     assert!(churn.join().unwrap() >= 50);
     assert!(loops_under(dir.path()).is_empty());
 }
+
+/// Containers that start together send concurrent Mounts (dockerd does not
+/// serialize them). On the real kernel: twelve Mounts of three fresh
+/// volumes at once format each volume once, mount each once, and twelve
+/// concurrent Unmounts release everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_mounts_format_and_mount_each_volume_once() {
+    let p = real_plugin().await;
+    let root = canonical_tmp(&p);
+    let _c = KernelCleanup(root.clone());
+    let vols = ["par0", "par1", "par2"];
+    for v in vols {
+        ok(
+            &p.app,
+            "VolumeDriver.Create",
+            &format!(r#"{{"Name":"{v}","Opts":{{"size":"64mb"}}}}"#),
+        )
+        .await;
+    }
+    let calls: Vec<(String, String)> = vols
+        .iter()
+        .flat_map(|v| (0..4).map(move |i| (v.to_string(), format!("{v}-id{i}"))))
+        .collect();
+    let fire = |endpoint: &'static str| {
+        let app = p.app.clone();
+        let calls = calls.clone();
+        async move {
+            let tasks: Vec<_> = calls
+                .into_iter()
+                .map(|(v, id)| {
+                    let app = app.clone();
+                    tokio::spawn(async move {
+                        support::docker_call(&app, endpoint, Some(&format!(r#"{{"Name":"{v}","ID":"{id}"}}"#))).await
+                    })
+                })
+                .collect();
+            for t in tasks {
+                let (status, body) = t.await.unwrap();
+                assert_eq!(status, axum::http::StatusCode::OK, "{endpoint}: {body}");
+            }
+        }
+    };
+    fire("VolumeDriver.Mount").await;
+    let mut uuids = Vec::new();
+    for v in vols {
+        let dir = p.mount_root().join(format!("{v}@local"));
+        let m = mounts_at(&dir);
+        assert_eq!(m.len(), 1, "{v}: {m:?}");
+        let flat = root.join(format!("ds/dockvols/_DEFAULT/{v}-flat.vmdk"));
+        let bound: Vec<_> = loops_under(&root).into_iter().filter(|(_, b)| *b == flat).collect();
+        assert_eq!(bound.len(), 1, "{v}: {bound:?}");
+        assert_eq!(bound[0].0.display().to_string(), m[0].source);
+        assert_eq!(
+            ok(&p.app, "VolumeDriver.Get", &format!(r#"{{"Name":"{v}"}}"#)).await["Volume"]["Status"]["mounts"],
+            4
+        );
+        std::fs::write(dir.join("data/mark"), v).unwrap();
+        uuids.push(fs_uuid(&m[0].source));
+    }
+    fire("VolumeDriver.Unmount").await;
+    assert!(loops_under(&root).is_empty(), "{:?}", loops_under(&root));
+    for (v, uuid) in vols.iter().zip(uuids) {
+        assert!(mounts_at(&p.mount_root().join(format!("{v}@local"))).is_empty());
+        // Mounted again: the same filesystem (formatted once), same data.
+        let mp = ok(
+            &p.app,
+            "VolumeDriver.Mount",
+            &format!(r#"{{"Name":"{v}","ID":"again"}}"#),
+        )
+        .await;
+        let data = std::path::PathBuf::from(mp["Mountpoint"].as_str().unwrap());
+        assert_eq!(std::fs::read_to_string(data.join("mark")).unwrap(), *v);
+        let m = mounts_at(&p.mount_root().join(format!("{v}@local")));
+        assert_eq!(fs_uuid(&m[0].source), uuid, "{v} was formatted again");
+        ok(
+            &p.app,
+            "VolumeDriver.Unmount",
+            &format!(r#"{{"Name":"{v}","ID":"again"}}"#),
+        )
+        .await;
+    }
+}
+
+/// The filesystem UUID of a block device, as blkid reports it.
+fn fs_uuid(device: &str) -> String {
+    let out = std::process::Command::new("blkid")
+        .args(["-p", "-o", "value", "-s", "UUID", device])
+        .output()
+        .unwrap();
+    let uuid = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    assert!(!uuid.is_empty(), "no filesystem UUID on {device}");
+    uuid
+}
