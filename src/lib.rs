@@ -14,6 +14,7 @@ pub mod http1;
 pub mod plugin;
 pub mod serve;
 pub mod state;
+pub mod status;
 pub mod sys;
 pub mod volume;
 

@@ -50,6 +50,31 @@ enum Command {
         #[arg(long, env = "VMDK_DETACH_GRACE", default_value_t = 0)]
         detach_grace: u64,
     },
+    /// Show what the plugin on this VM holds (volumes, devices, Docker
+    /// mount IDs), checked against the live mounts. Changes nothing.
+    Status {
+        /// Plugin socket.
+        #[arg(long, default_value = config::DEFAULT_SOCKET, env = "VMDK_PLUGIN_SOCKET")]
+        socket: PathBuf,
+        /// Where volumes are mounted.
+        #[arg(long, default_value = config::DEFAULT_MOUNT_ROOT)]
+        mount_root: PathBuf,
+        /// Where mount state is kept.
+        #[arg(long, default_value = config::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+}
+
+/// How `status` prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Format {
+    /// A table for people.
+    Table,
+    /// JSON for scripts.
+    Json,
 }
 
 async fn shutdown_signal() {
@@ -114,5 +139,68 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             rt.block_on(vmdk_plugin::serve::run(cfg, shutdown_signal()))
                 .map_err(|e| anyhow::anyhow!(vmdk_plugin::error_chain(&e)))
         }
+        Command::Status {
+            socket,
+            mount_root,
+            state_dir,
+            format,
+        } => status(&socket, &mount_root, &state_dir, format),
     }
+}
+
+fn status(
+    socket: &std::path::Path,
+    mount_root: &std::path::Path,
+    state_dir: &std::path::Path,
+    format: Format,
+) -> anyhow::Result<()> {
+    use vmdk_plugin::sys::System;
+    let mounts = vmdk_plugin::sys::LinuxSystem
+        .mounts()
+        .map_err(|e| anyhow::anyhow!(vmdk_plugin::error_chain(&e)))?;
+    let serving = std::os::unix::net::UnixStream::connect(socket).is_ok();
+    let r = vmdk_plugin::status::report(socket, serving, mount_root, state_dir, &mounts);
+    if format == Format::Json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
+    }
+    println!(
+        "Plugin socket: {} ({})",
+        r.socket.display(),
+        if r.serving { "serving" } else { "not running" }
+    );
+    println!("State file:    {}", r.state_file.display());
+    let rows: Vec<Vec<String>> = r
+        .volumes
+        .iter()
+        .map(|v| {
+            vec![
+                v.volume.clone(),
+                v.device.clone(),
+                v.fstype.clone(),
+                if v.read_only { "ro" } else { "rw" }.to_owned(),
+                if v.mounted { "yes" } else { "NO" }.to_owned(),
+                match v.ids.len() {
+                    0 => "none (releasing)".to_owned(),
+                    n => n.to_string(),
+                },
+            ]
+        })
+        .collect();
+    println!();
+    print!(
+        "{}",
+        vmdk_agent::admin::render_table(
+            &["Volume", "Device", "Filesystem", "Access", "Mounted", "Mount IDs"],
+            &rows
+        )
+    );
+    if !r.problems.is_empty() {
+        println!();
+        println!("Problems (the plugin's recovery fixes these at its next start):");
+        for p in &r.problems {
+            println!("  - {p}");
+        }
+    }
+    Ok(())
 }

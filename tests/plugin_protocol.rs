@@ -710,3 +710,38 @@ async fn detach_grace_keeps_a_volume_briefly_after_its_last_unmount() {
     tokio::time::sleep(grace * 2).await;
     assert_eq!(unmounts(&sys), 2);
 }
+
+/// `vmdk-plugin status` reads the state the daemon left and checks it
+/// against the live mounts, as JSON for scripts and as a table.
+#[tokio::test]
+async fn status_command_shows_what_the_plugin_holds() {
+    let sys = Arc::new(FakeSys::default());
+    let p = fake_plugin(sys.clone()).await;
+    ok(&p.app, "VolumeDriver.Create", r#"{"Name":"db"}"#).await;
+    ok(&p.app, "VolumeDriver.Mount", r#"{"Name":"db","ID":"c1"}"#).await;
+    let run = |format: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_vmdk-plugin"))
+            .args(["status", "--format", format, "--socket"])
+            .arg(p.dir.path().join("nobody.sock"))
+            .arg("--mount-root")
+            .arg(p.mount_root())
+            .arg("--state-dir")
+            .arg(p.state_dir())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    // The fake kernel mounted nothing really: the status says so.
+    let v: Value = serde_json::from_str(&run("json")).unwrap();
+    assert_eq!(v["serving"], false);
+    assert_eq!(v["volumes"][0]["volume"], "db@local");
+    assert_eq!(v["volumes"][0]["ids"], json!(["c1"]));
+    assert_eq!(v["volumes"][0]["mounted"], false);
+    let problems = v["problems"].to_string();
+    assert!(problems.contains("db@local is recorded but not mounted"), "{problems}");
+    assert!(problems.contains("the plugin is not running"), "{problems}");
+    let table = run("table");
+    assert!(table.contains("db@local  /dev/fakeloop0"), "{table}");
+    assert!(table.contains("Problems"), "{table}");
+}
