@@ -60,6 +60,13 @@ pub struct DiskPaths {
     pub meta: PathBuf,
     /// `<vol>.lck`.
     pub lock: PathBuf,
+    /// `<vol>.creating`: present while a create is under way. Files of a
+    /// name without metadata are the agent's own leftovers only when this
+    /// (or [`DiskPaths::removing`]) marks them; anything else in the folder
+    /// is never deleted or overwritten.
+    pub creating: PathBuf,
+    /// `<vol>.removing`: present while a remove is under way.
+    pub removing: PathBuf,
 }
 
 impl DiskPaths {
@@ -72,6 +79,8 @@ impl DiskPaths {
             flat: dir.join(format!("{volume}-flat.vmdk")),
             meta: dir.join(format!("{volume}.vmfd")),
             lock: dir.join(format!("{volume}.lck")),
+            creating: dir.join(format!("{volume}.creating")),
+            removing: dir.join(format!("{volume}.removing")),
         }
     }
 

@@ -58,6 +58,15 @@ pub enum AgentError {
         /// Descriptor path.
         path: String,
     },
+    /// The volume's file names are taken by files that are not a vmdk
+    /// volume (no metadata, and no create of ours left them).
+    #[error("Cannot create volume {name}: {path} exists but is not a vmdk volume (it has no metadata); move it away or choose another name")]
+    ForeignFiles {
+        /// Canonical name.
+        name: String,
+        /// The file in the way.
+        path: String,
+    },
     /// Remove of an attached volume.
     #[error("Failed to remove volume {name}, in use by VM = {vm}.")]
     InUse {
@@ -140,7 +149,7 @@ impl AgentError {
             Self::InvalidPolicy(_) => ErrorCode::InvalidPolicy,
             Self::NotFound { .. } => ErrorCode::NotFound,
             Self::CloneSourceNotFound { .. } => ErrorCode::InvalidOption,
-            Self::AlreadyExists { .. } => ErrorCode::AlreadyExists,
+            Self::AlreadyExists { .. } | Self::ForeignFiles { .. } => ErrorCode::AlreadyExists,
             Self::InUse { .. } | Self::CloneSourceAttached { .. } => ErrorCode::InUse,
             Self::AttachedElsewhere { .. } => ErrorCode::AttachedElsewhere,
             Self::Backend { .. } => ErrorCode::Backend,

@@ -28,6 +28,26 @@ pub fn atomic_write(path: &Path, data: &[u8]) -> io::Result<()> {
     fsync_dir(dir)
 }
 
+/// Creates a small marker file (`what` and a newline) whose existence is
+/// durable before this returns: only the directory is synced, because the
+/// marker's presence, not its text, is what counts.
+pub fn write_marker(path: &Path, what: &str) -> io::Result<()> {
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o644)
+        .open(path)?
+        .write_all(format!("{what}\n").as_bytes())?;
+    fsync_dir(path.parent().unwrap_or(Path::new(".")))
+}
+
+/// Removes a marker file, if present. Not synced: a marker that comes back
+/// after a crash only makes the next start check that name again.
+pub fn remove_marker(path: &Path) -> io::Result<()> {
+    remove_if_exists(path)
+}
+
 /// Fsyncs a directory so a rename or unlink in it is durable.
 pub fn fsync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()

@@ -287,10 +287,35 @@ impl VolumeService {
                     path: t.disk.descriptor.display().to_string(),
                 });
             }
-            match &source {
+            // Files under this name without metadata are ours to replace
+            // only if a create of ours marked them; anything else (a disk
+            // the original vDVS or an administrator put there) is kept.
+            if !t.disk.creating.exists() && !t.disk.removing.exists() {
+                if let Some(f) = [&t.disk.descriptor, &t.disk.flat].into_iter().find(|f| f.exists()) {
+                    return Err(AgentError::ForeignFiles {
+                        name: t.full.clone(),
+                        path: f.display().to_string(),
+                    });
+                }
+            }
+            crate::fsutil::write_marker(&t.disk.creating, "create").map_err(|source| AgentError::Io {
+                op: "write",
+                path: t.disk.creating.display().to_string(),
+                source,
+            })?;
+            let res = match &source {
                 None => self.create_new(vm, &t, &opts, &req.opts),
                 Some(src) => self.create_clone(vm, &t, src, &opts),
+            };
+            // Done, or cleaned up: the marker goes. If cleanup left files,
+            // it stays, so the next start collects them.
+            if res.is_ok() || (!t.disk.descriptor.exists() && !t.disk.flat.exists()) {
+                if let Err(e) = crate::fsutil::remove_marker(&t.disk.creating) {
+                    tracing::warn!(volume = %t.full, error = %e, "cannot remove the create marker; the next start does");
+                }
+                let _ = crate::fsutil::remove_marker(&t.disk.removing);
             }
+            res
         };
         match &source {
             None => self.locked(&t, |_| create()),
@@ -429,12 +454,26 @@ impl VolumeService {
                     vm: holder,
                 });
             }
+            // Marked first, so a crash part-way leaves files the next start
+            // knows to be ours and collects.
+            crate::fsutil::write_marker(&t.disk.removing, "remove").map_err(|source| AgentError::Io {
+                op: "write",
+                path: t.disk.removing.display().to_string(),
+                source,
+            })?;
             crate::fsutil::remove_if_exists(&t.disk.meta).map_err(|source| AgentError::Io {
                 op: "delete",
                 path: t.disk.meta.display().to_string(),
                 source,
             })?;
             self.backend.delete_disk(&t.disk).map_err(Self::backend_err(&t))?;
+            for marker in [&t.disk.removing, &t.disk.creating] {
+                crate::fsutil::remove_marker(marker).map_err(|source| AgentError::Io {
+                    op: "delete",
+                    path: marker.display().to_string(),
+                    source,
+                })?;
+            }
             let _ = lock.unlink();
             tracing::info!(volume = %t.full, vm, "removed volume");
             Ok(())

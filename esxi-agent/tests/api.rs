@@ -393,6 +393,8 @@ async fn a_create_that_crashed_before_its_metadata_is_not_a_volume() {
     let f = fixture();
     let dir = f.ds.join("dockvols/_DEFAULT");
     std::fs::create_dir_all(&dir).unwrap();
+    // What a create killed before its sidecar leaves: its marker first.
+    std::fs::write(dir.join("half.creating"), "create\n").unwrap();
     std::fs::write(dir.join("half-flat.vmdk"), vec![1u8; 4096]).unwrap();
     std::fs::write(
         dir.join("half.vmdk"),
@@ -406,11 +408,46 @@ async fn a_create_that_crashed_before_its_metadata_is_not_a_volume() {
     let (s, v) = create(&f.app, "half", json!({"size": "10mb"})).await;
     assert_eq!(s, StatusCode::CREATED, "{v}");
     assert_eq!(std::fs::metadata(dir.join("half-flat.vmdk")).unwrap().len(), 10 << 20);
+    assert!(!dir.join("half.creating").exists(), "marker left after a create");
 }
 
-/// What cut-off creates and removes leave (files without a sidecar, lone
-/// lock files, a sidecar temp file) is deleted when the agent starts;
-/// volumes, and names whose lock another process holds, are left alone.
+/// A disk that is not a vmdk volume (no metadata, no marker of ours: a
+/// vDVS volume with its DiskLib sidecar, or one an administrator copied
+/// in) is never overwritten, deleted or detached.
+#[tokio::test]
+async fn foreign_disks_in_the_folder_are_never_touched() {
+    use vmdk_agent::backend::loopdev::LoopDevices;
+    let f = fixture();
+    let dir = f.ds.join("dockvols/_DEFAULT");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("legacy-flat.vmdk"), vec![7u8; 4096]).unwrap();
+    std::fs::write(dir.join("legacy.vmdk"), "# Disk DescriptorFile\n").unwrap();
+    std::fs::write(dir.join("legacy-1234abcd.vmfd"), "{\"status\": \"detached\"}").unwrap();
+    f.loops
+        .attach(&std::fs::canonicalize(dir.join("legacy-flat.vmdk")).unwrap())
+        .unwrap();
+    let before = files(&dir);
+    let (s, v) = create(&f.app, "legacy", json!({"size": "10mb"})).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    assert_eq!(v["code"], "already_exists");
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap()
+            .contains("legacy.vmdk exists but is not a vmdk volume"),
+        "{v}"
+    );
+    let report = f.svc.recover_on_start();
+    assert!(report.collected.is_empty() && report.released.is_empty(), "{report:?}");
+    assert_eq!(files(&dir), before);
+    assert_eq!(std::fs::read(dir.join("legacy-flat.vmdk")).unwrap(), vec![7u8; 4096]);
+    assert_eq!(f.loops.list().unwrap().len(), 1, "a foreign device was released");
+}
+
+/// What cut-off creates and removes leave (files marked as ours without a
+/// sidecar, lone lock files, temp files, markers of intact volumes) is
+/// deleted when the agent starts; volumes, unmarked files and names whose
+/// lock another process holds are left alone.
 #[tokio::test]
 async fn start_up_collects_what_cut_off_creates_and_removes_left() {
     let f = fixture();
@@ -419,14 +456,21 @@ async fn start_up_collects_what_cut_off_creates_and_removes_left() {
     let dir = f.ds.join("dockvols/_DEFAULT");
     let before: BTreeSet<String> = files(&dir).into_iter().collect();
     // A create killed before its sidecar; a remove killed after it.
+    std::fs::write(dir.join("half.creating"), "create\n").unwrap();
     std::fs::write(dir.join("half-flat.vmdk"), vec![1u8; 4096]).unwrap();
     std::fs::write(dir.join("half.vmdk"), "# Disk DescriptorFile\n").unwrap();
     std::fs::write(dir.join("half.lck"), "").unwrap();
+    std::fs::write(dir.join("gone.removing"), "remove\n").unwrap();
     std::fs::write(dir.join("gone.vmdk"), "# Disk DescriptorFile\n").unwrap();
     std::fs::write(dir.join("lonely.lck"), "").unwrap();
     std::fs::write(dir.join("keep.vmfd.tmp"), "{").unwrap();
     std::fs::write(dir.join("keep.vmdk.tmp"), "# Disk").unwrap();
+    // A remove of `keep` killed before it deleted anything.
+    std::fs::write(dir.join("keep.removing"), "remove\n").unwrap();
+    // Not ours: no marker.
+    std::fs::write(dir.join("theirs.vmdk"), "# Disk DescriptorFile\n").unwrap();
     // Another process is creating `busy` right now: hands off.
+    std::fs::write(dir.join("busy.creating"), "create\n").unwrap();
     std::fs::write(dir.join("busy-flat.vmdk"), "").unwrap();
     let busy = vmdk_agent::lock::VolumeLock::acquire(&dir.join("busy.lck")).unwrap();
 
@@ -434,13 +478,15 @@ async fn start_up_collects_what_cut_off_creates_and_removes_left() {
     assert_eq!(report.collected, vec!["gone@local".to_owned(), "half@local".to_owned()]);
     assert!(report.released.is_empty());
     let mut expected = before.clone();
-    expected.insert("busy-flat.vmdk".into());
-    expected.insert("busy.lck".into());
+    for f in ["busy.creating", "busy-flat.vmdk", "busy.lck", "theirs.vmdk"] {
+        expected.insert(f.into());
+    }
     assert_eq!(files(&dir).into_iter().collect::<BTreeSet<_>>(), expected);
     drop(busy);
     let report = f.svc.recover_on_start();
     assert_eq!(report.collected, vec!["busy@local".to_owned()]);
-    assert_eq!(files(&dir).into_iter().collect::<BTreeSet<_>>(), before);
+    expected.retain(|f| !f.starts_with("busy"));
+    assert_eq!(files(&dir).into_iter().collect::<BTreeSet<_>>(), expected);
     let (s, _) = call(&f.app, Method::GET, "/v1/volumes/keep", None, None).await;
     assert_eq!(s, StatusCode::OK);
 }
@@ -478,7 +524,8 @@ async fn start_up_releases_devices_no_metadata_records() {
     f.loops
         .attach(&std::fs::canonicalize(dir.join("crashed-flat.vmdk")).unwrap())
         .unwrap();
-    // And a device bound to an extent whose volume is gone.
+    // And a device bound to the extent of a remove that was cut off.
+    std::fs::write(dir.join("gone.removing"), b"remove\n").unwrap();
     std::fs::write(dir.join("gone-flat.vmdk"), b"").unwrap();
     f.loops
         .attach(&std::fs::canonicalize(dir.join("gone-flat.vmdk")).unwrap())

@@ -23,7 +23,7 @@ pub struct StartupRecovery {
 impl VolumeService {
     /// Everything the agent checks when it starts, before it serves:
     /// releases unrecorded attachments, then deletes what cut-off creates
-    /// and removes left behind. Both only touch volumes whose lock is free
+    /// and removes left behind (only files the agent marked as its own). Both only touch volumes whose lock is free
     /// or that they hold, so another agent on a shared datastore is never
     /// disturbed.
     pub fn recover_on_start(&self) -> StartupRecovery {
@@ -32,15 +32,18 @@ impl VolumeService {
         StartupRecovery { released, collected }
     }
 
-    /// Deletes the files of names that have no metadata: a create killed
-    /// after writing the descriptor or extent but before the sidecar (the
-    /// sidecar is written last, so such a name never was a volume), or a
-    /// remove killed after deleting the sidecar (it is deleted first, so
-    /// the volume was already gone). Also drops stale `<vol>.vmfd.tmp` and
-    /// `<vol>.vmdk.tmp` files of writes that never reached their rename.
+    /// Deletes what creates and removes cut off by a crash left: the files
+    /// of a name that has no metadata but carries the agent's
+    /// `<vol>.creating` or `<vol>.removing` marker (written before any
+    /// disk file is made or any is deleted, so such a name never was, or no
+    /// longer is, a volume). Also drops stale `<vol>.vmfd.tmp` and
+    /// `<vol>.vmdk.tmp` files of writes that never reached their rename,
+    /// markers of operations whose volume is intact, and lone lock files.
     ///
-    /// A name whose lock another process holds is skipped: a create may be
-    /// running there. So is an extent that is still bound to a device.
+    /// Files without metadata and without a marker (a disk the original
+    /// vDVS or an administrator put there) are never deleted, only logged.
+    /// A name whose lock another process holds is skipped: an operation is
+    /// under way there. So is an extent that is still bound to a device.
     /// Returns the names collected (`vol@ds`).
     pub fn collect_incomplete_volumes(&self) -> Vec<String> {
         let mut collected = Vec::new();
@@ -53,9 +56,18 @@ impl VolumeService {
                 .flatten()
                 .filter_map(|e| {
                     let name = e.file_name().into_string().ok()?;
-                    let stem = [".vmfd.tmp", ".vmdk.tmp", "-flat.vmdk", ".vmdk", ".vmfd", ".lck"]
-                        .iter()
-                        .find_map(|suffix| name.strip_suffix(suffix))?;
+                    let stem = [
+                        ".vmfd.tmp",
+                        ".vmdk.tmp",
+                        "-flat.vmdk",
+                        ".vmdk",
+                        ".vmfd",
+                        ".lck",
+                        ".creating",
+                        ".removing",
+                    ]
+                    .iter()
+                    .find_map(|suffix| name.strip_suffix(suffix))?;
                     vmdk_protocol::name::validate_volume(stem).ok()?;
                     Some(stem.to_owned())
                 })
@@ -82,43 +94,62 @@ impl VolumeService {
     }
 
     fn collect_one(&self, t: &Target<'_>) -> Result<bool, String> {
-        let lock = match VolumeLock::try_acquire(&t.disk.lock) {
+        let d = &t.disk;
+        let rm = |p: &Path| crate::fsutil::remove_marker(p).map_err(|e| format!("delete {}: {e}", p.display()));
+        let lock_existed = d.lock.exists();
+        let lock = match VolumeLock::try_acquire(&d.lock) {
             Ok(Some(lock)) => lock,
             Ok(None) => return Ok(false),
-            Err(e) => return Err(format!("lock {}: {e}", t.disk.lock.display())),
+            Err(e) => return Err(format!("lock {}: {e}", d.lock.display())),
         };
         // Temp files of atomic writes that never reached their rename (the
         // lock is ours, so no write is under way).
         for tmp in [".vmfd.tmp", ".vmdk.tmp"] {
-            let tmp = t.disk.dir.join(format!("{}{tmp}", t.disk.volume));
-            crate::fsutil::remove_if_exists(&tmp).map_err(|e| format!("delete {}: {e}", tmp.display()))?;
+            rm(&d.dir.join(format!("{}{tmp}", d.volume)))?;
         }
-        if t.disk.meta.exists() {
+        let marked = d.creating.exists() || d.removing.exists();
+        if d.meta.exists() {
+            if d.removing.exists() {
+                tracing::warn!(volume = %t.full, "a remove stopped before it deleted anything; the volume stays");
+            }
+            rm(&d.creating)?;
+            rm(&d.removing)?;
+            if !lock_existed {
+                // Made by this check (a foreign file named like metadata).
+                let _ = lock.unlink();
+            }
             return Ok(false);
         }
-        match self.backend.attachment(&t.disk) {
-            Ok(None) => {}
-            Ok(Some(att)) => {
-                return Err(format!(
-                    "its extent has no metadata but is attached ({}); leaving it",
-                    att.device.unwrap_or_default()
-                ))
-            }
-            Err(e) => return Err(crate::error::error_chain(&e)),
+        let has_disk = d.descriptor.exists() || d.flat.exists();
+        if has_disk && !marked {
+            tracing::warn!(volume = %t.full, dir = %d.dir.display(), "files without vmdk metadata (not a vmdk volume); left alone");
+            let _ = lock.unlink();
+            return Ok(false);
         }
-        let had_disk = t.disk.descriptor.exists() || t.disk.flat.exists();
-        self.backend
-            .delete_disk(&t.disk)
-            .map_err(|e| crate::error::error_chain(&e))?;
-        lock.unlink()
-            .map_err(|e| format!("delete {}: {e}", t.disk.lock.display()))?;
-        Ok(had_disk)
+        if has_disk {
+            match self.backend.attachment(d) {
+                Ok(None) => {}
+                Ok(Some(att)) => {
+                    return Err(format!(
+                        "its extent has no metadata but is attached ({}); leaving it",
+                        att.device.unwrap_or_default()
+                    ))
+                }
+                Err(e) => return Err(crate::error::error_chain(&e)),
+            }
+            self.backend.delete_disk(d).map_err(|e| crate::error::error_chain(&e))?;
+        }
+        rm(&d.creating)?;
+        rm(&d.removing)?;
+        lock.unlink().map_err(|e| format!("delete {}: {e}", d.lock.display()))?;
+        Ok(has_disk)
     }
 
     /// Releases attachments that no metadata records: a device bound to a
     /// volume whose sidecar says it is detached (the agent was killed
-    /// between binding the device and writing the sidecar), or to an extent
-    /// whose volume no longer exists. Runs under each volume's lock, so an
+    /// between binding the device and writing the sidecar), or to the
+    /// extent of a create or remove that a crash cut off (marked as ours).
+    /// A device bound to a file that is not a vmdk volume is left alone. Runs under each volume's lock, so an
     /// attach in progress in another process is never undone. Returns the
     /// volumes released.
     pub fn release_unrecorded_attachments(&self) -> Vec<String> {
@@ -136,8 +167,14 @@ impl VolumeService {
             };
             let res = self.locked(&t, |_| {
                 let meta = Self::load_meta(&t)?;
-                let recorded = meta.is_some_and(|m| m.status == AttachStatus::Attached);
+                let recorded = meta.as_ref().is_some_and(|m| m.status == AttachStatus::Attached);
                 if recorded {
+                    return Ok(false);
+                }
+                // No metadata and no marker of ours: not a vmdk volume, and
+                // its device is not ours to release.
+                if meta.is_none() && !t.disk.creating.exists() && !t.disk.removing.exists() {
+                    tracing::warn!(volume = %t.full, device = ?att.device, "a device is bound to a file that is not a vmdk volume; left alone");
                     return Ok(false);
                 }
                 self.backend.detach(&t.disk).map_err(Self::backend_err(&t))?;
