@@ -307,6 +307,13 @@ impl VolumeService {
                 None => self.create_new(vm, &t, &opts, &req.opts),
                 Some(src) => self.create_clone(vm, &t, src, &opts),
             };
+            // A failed create removes whatever it wrote (a step after the
+            // disk, such as applying the policy, may have failed).
+            if res.is_err() && !t.disk.meta.exists() {
+                if let Err(e) = self.backend.delete_disk(&t.disk) {
+                    tracing::warn!(volume = %t.full, error = %crate::error::error_chain(&e), "cannot clean up a failed create; the next start does");
+                }
+            }
             // Done, or cleaned up: the marker goes. If cleanup left files,
             // it stays, so the next start collects them.
             if res.is_ok() || (!t.disk.descriptor.exists() && !t.disk.flat.exists()) {

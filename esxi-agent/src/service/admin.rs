@@ -124,7 +124,8 @@ impl VolumeService {
         let Some(name) = &opts.vsan_policy else {
             return Ok(());
         };
-        let applied = self.policy_store().and_then(|store| {
+        // On failure, create deletes the new disk.
+        self.policy_store().and_then(|store| {
             let content = store.read(name)?.ok_or_else(|| PolicyError::NotFound {
                 name: name.clone(),
                 available: Vec::new(),
@@ -132,11 +133,7 @@ impl VolumeService {
             self.backend
                 .apply_policy(&t.disk, name, &content)
                 .map_err(Self::backend_err(t))
-        });
-        if applied.is_err() {
-            let _ = self.backend.delete_disk(&t.disk);
-        }
-        applied
+        })
     }
 
     /// Every volume on every datastore: a target per `<vol>.vmfd`.
