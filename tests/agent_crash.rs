@@ -1,5 +1,6 @@
 //! Root-only: `vmdk-agent serve` killed with SIGKILL, again and again, while
-//! clients create, attach, detach and remove volumes on real loop devices.
+//! clients create, clone, attach, detach and remove volumes on real loop
+//! devices.
 //!
 //! After every kill a new agent starts on the same datastore, as after a
 //! host crash, and the test checks what the project promises: no
@@ -183,7 +184,9 @@ async fn worker(client: AgentClient, ledger: Ledger, names: Vec<String>, seed: u
         let vm = VMS[rng.below(2) as usize];
         let before = ledger.lock().unwrap().get(&name).cloned().flatten();
         ledger.lock().unwrap().insert(name.clone(), None);
-        let op = rng.below(4);
+        let op = rng.below(5);
+        let others: Vec<&String> = names.iter().filter(|n| **n != name).collect();
+        let source = others[rng.below(others.len() as u64) as usize].clone();
         let res: Result<(), AgentCallError> = match op {
             0 => {
                 let format = ["thin", "zeroedthick", "eagerzeroedthick"][rng.below(3) as usize];
@@ -198,12 +201,20 @@ async fn worker(client: AgentClient, ledger: Ledger, names: Vec<String>, seed: u
             }
             1 => client.attach(vm, &name).await.map(|_| ()),
             2 => client.detach(vm, &name).await,
-            _ => client.remove(vm, &name).await,
+            3 => client.remove(vm, &name).await,
+            _ => {
+                // A full copy of another (detached) volume of this client.
+                let req = CreateRequest {
+                    name: name.clone(),
+                    opts: [("clone-from".to_owned(), source.clone())].into_iter().collect(),
+                };
+                client.create(vm, req).await.map(|_| ())
+            }
         };
         let after = match (&res, &before) {
             (Err(AgentCallError::Transport(_)), _) | (_, None) => None,
             (Ok(()), Some(b)) => Some(match op {
-                0 => Known {
+                0 | 4 => Known {
                     exists: true,
                     attached_to: None,
                 },
@@ -215,6 +226,7 @@ async fn worker(client: AgentClient, ledger: Ledger, names: Vec<String>, seed: u
                     exists: b.exists,
                     attached_to: b.attached_to.clone().filter(|holder| holder != vm),
                 },
+                // 3: remove
                 _ => Known {
                     exists: false,
                     attached_to: None,
@@ -229,7 +241,7 @@ async fn worker(client: AgentClient, ledger: Ledger, names: Vec<String>, seed: u
                             | ErrorCode::InUse
                             | ErrorCode::AttachedElsewhere
                     )
-                );
+                ) || (op == 4 && e.code() == Some(ErrorCode::InvalidOption));
                 assert!(expected, "{name}: op {op} by {vm} from {b:?} failed unexpectedly: {e}");
                 Some(b.clone())
             }
