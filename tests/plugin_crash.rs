@@ -51,18 +51,40 @@ struct Vol {
 
 type Ledger = Arc<Mutex<BTreeMap<String, Vol>>>;
 
-struct Plugin(Child);
-impl Drop for Plugin {
+/// The daemons of one "boot": the plugin, and the agent when it runs on
+/// its own. Dropping them kills them.
+struct Daemons {
+    plugin: Child,
+    agent: Option<Child>,
+}
+impl Daemons {
+    /// SIGKILL, as a crash of the VM (and, remote, of its host) would.
+    fn kill(mut self) {
+        self.kill_all();
+    }
+    fn kill_all(&mut self) {
+        for c in std::iter::once(&mut self.plugin).chain(self.agent.as_mut()) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+impl Drop for Daemons {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        self.kill_all();
     }
 }
 
 struct Dirs {
     root: PathBuf,
+    /// The agent runs as its own `vmdk-agent serve` process (and is killed
+    /// with the plugin) instead of inside the plugin.
+    remote: bool,
 }
 impl Dirs {
+    fn agent_sock(&self) -> PathBuf {
+        self.root.join("agent.sock")
+    }
     fn ds(&self) -> PathBuf {
         self.root.join("ds")
     }
@@ -123,13 +145,37 @@ async fn call(sock: &Path, endpoint: &str, body: Value) -> Result<Value, String>
     }
 }
 
-async fn start_plugin(d: &Dirs) -> Plugin {
-    let child = Command::new(env!("CARGO_BIN_EXE_vmdk-plugin"))
-        .arg("serve")
-        .arg("--socket")
-        .arg(d.sock())
-        .arg("--datastore")
-        .arg(format!("local={}", d.ds().display()))
+async fn start_plugin(d: &Dirs) -> Daemons {
+    let agent = d.remote.then(|| {
+        Command::new(PathBuf::from(env!("CARGO_BIN_EXE_vmdk-plugin")).with_file_name("vmdk-agent"))
+            .args([
+                "--datastore",
+                &format!("local={}", d.ds().display()),
+                "serve",
+                "--socket",
+            ])
+            .arg(d.agent_sock())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start vmdk-agent (built by `cargo test --workspace`)")
+    });
+    if d.remote {
+        for _ in 0..3000 {
+            if std::os::unix::net::UnixStream::connect(d.agent_sock()).is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmdk-plugin"));
+    cmd.arg("serve").arg("--socket").arg(d.sock());
+    if d.remote {
+        cmd.arg("--agent").arg(format!("unix://{}", d.agent_sock().display()));
+    } else {
+        cmd.arg("--datastore").arg(format!("local={}", d.ds().display()));
+    }
+    let child = cmd
         .args(["--vm-id", "crash-vm", "--reconcile-interval", "0"])
         .arg("--mount-root")
         .arg(d.mnt())
@@ -141,7 +187,7 @@ async fn start_plugin(d: &Dirs) -> Plugin {
         .stderr(Stdio::null())
         .spawn()
         .expect("start vmdk-plugin");
-    let plugin = Plugin(child);
+    let daemons = Daemons { plugin: child, agent };
     for _ in 0..3000 {
         // Unmount waits for the recovery pass; an unknown ID succeeds.
         if call(
@@ -152,7 +198,7 @@ async fn start_plugin(d: &Dirs) -> Plugin {
         .await
         .is_ok()
         {
-            return plugin;
+            return daemons;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -252,10 +298,22 @@ async fn worker(sock: PathBuf, ledger: Ledger, name: String, seed: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkilled_plugin_keeps_volumes_in_use_releases_the_rest_and_loses_no_write() {
+    crash_rounds(false).await;
+}
+
+/// The same with the agent as its own process, killed with the plugin
+/// every time (the VM and its host crash together).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkilled_plugin_and_remote_agent_keep_volumes_and_lose_no_write() {
+    crash_rounds(true).await;
+}
+
+async fn crash_rounds(remote: bool) {
     require_root();
     let dir = tempfile::tempdir().unwrap();
     let d = Dirs {
         root: std::fs::canonicalize(dir.path()).unwrap(),
+        remote,
     };
     let _cleanup = KernelCleanup(d.root.clone());
     std::fs::create_dir_all(d.ds()).unwrap();
@@ -276,15 +334,14 @@ async fn sigkilled_plugin_keeps_volumes_in_use_releases_the_rest_and_loses_no_wr
     }
     let mut rng = Rng(0xfeed_f00d);
     for round in 0..ROUNDS {
-        let mut plugin = start_plugin(&d).await;
+        let daemons = start_plugin(&d).await;
         check(round, &d, &ledger);
         let workers: Vec<_> = names
             .iter()
             .map(|n| tokio::spawn(worker(d.sock(), ledger.clone(), n.clone(), rng.next())))
             .collect();
         tokio::time::sleep(Duration::from_millis(100 + rng.below(400))).await;
-        plugin.0.kill().unwrap();
-        plugin.0.wait().unwrap();
+        daemons.kill();
         for w in workers {
             if let Err(e) = w.await {
                 std::panic::resume_unwind(e.into_panic());
@@ -296,7 +353,7 @@ async fn sigkilled_plugin_keeps_volumes_in_use_releases_the_rest_and_loses_no_wr
     // where the plugin may hold an ID Docker never learned of; a restart
     // with no container running releases those too. Nothing may stay
     // mounted or bound, and every volume keeps its last acknowledged write.
-    let mut plugin = start_plugin(&d).await;
+    let daemons = start_plugin(&d).await;
     check(ROUNDS, &d, &ledger);
     let held: Vec<(String, String)> = ledger
         .lock()
@@ -328,9 +385,8 @@ async fn sigkilled_plugin_keeps_volumes_in_use_releases_the_rest_and_loses_no_wr
             "{name} is still mounted after Docker unmounted every ID it holds"
         );
     }
-    plugin.0.kill().unwrap();
-    plugin.0.wait().unwrap();
-    let _plugin = start_plugin(&d).await;
+    daemons.kill();
+    let _daemons = start_plugin(&d).await;
     assert!(mounts_under(&d.mnt()).is_empty(), "{:?}", mounts_under(&d.mnt()));
     assert!(loops_under(&d.ds()).is_empty(), "{:?}", loops_under(&d.ds()));
     let writes: usize = ledger
