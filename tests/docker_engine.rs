@@ -831,3 +831,41 @@ fn detach_grace_spares_the_copy_up_reattach() {
     docker_ok(&["volume", "rm", "e2e-grace", "e2e-nograce"]);
     h.wait_nothing_left();
 }
+
+/// moby's `TestExternalVolumeDriverRetryNotImmediatelyExists`, on the real
+/// engine: `docker run` is issued while the plugin is down, and the plugin
+/// comes up two seconds later. Docker retries, and the plugin serves its
+/// socket at once (recovery runs in the background), so the run succeeds
+/// and its data is on the volume.
+#[test]
+fn docker_run_issued_before_the_plugin_starts() {
+    let mut h = Harness::new("late-plugin");
+    let busybox = image("busybox");
+    h.stop_plugin();
+    h.track_volume("e2e-late");
+    let run = std::thread::spawn({
+        let busybox = busybox.clone();
+        move || {
+            try_run_container(&[
+                "--rm",
+                "-v",
+                "e2e-late:/p",
+                &format!("--volume-driver={}", driver()),
+                &busybox,
+                "sh",
+                "-c",
+                "echo written-while-late > /p/x && cat /p/x",
+            ])
+        }
+    });
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    h.start_plugin_no_wait(None);
+    let out = run.join().unwrap();
+    assert!(out.success(), "docker run failed though the plugin came up: {out}");
+    assert_eq!(out.stdout.trim(), "written-while-late");
+    h.wait_released("e2e-late");
+    let back = run_container(&["--rm", "-v", "e2e-late:/q", &busybox, "cat", "/q/x"]);
+    assert_eq!(back.trim(), "written-while-late");
+    docker_ok(&["volume", "rm", "e2e-late"]);
+    h.wait_nothing_left();
+}
