@@ -869,3 +869,37 @@ fn docker_run_issued_before_the_plugin_starts() {
     docker_ok(&["volume", "rm", "e2e-late"]);
     h.wait_nothing_left();
 }
+
+/// moby's `TestExternalVolumeDriverOutOfBandDelete`, on the real engine: a
+/// volume removed behind this Docker's back (by another VM on the shared
+/// datastore) is answered with `{"Volume": null}`, so Docker forgets it
+/// instead of erroring forever, and the name can be created again.
+#[test]
+fn a_volume_removed_out_of_band_is_forgotten_and_can_be_created_again() {
+    let mut h = Harness::new("out-of-band");
+    let busybox = image("busybox");
+    h.create_volume("e2e-oob", &["size=200mb"]);
+    assert_eq!(inspect_volume("e2e-oob")["Status"]["capacity"]["size"], "200MB");
+    // Another VM's agent removes it: sidecar first, then the disk.
+    for f in ["e2e-oob.vmfd", "e2e-oob.vmdk", "e2e-oob-flat.vmdk"] {
+        fs::remove_file(h.datastore.join("dockvols/_DEFAULT").join(f)).unwrap();
+    }
+    let gone = docker_fails(&["volume", "inspect", "e2e-oob"]);
+    assert!(gone.stderr.contains("no such volume"), "{gone}");
+    assert!(!volume_ls().iter().any(|(_, n)| n == "e2e-oob"), "{:?}", volume_ls());
+    h.create_volume("e2e-oob", &["size=300mb"]);
+    assert_eq!(inspect_volume("e2e-oob")["Status"]["capacity"]["size"], "300MB");
+    let out = run_container(&[
+        "--rm",
+        "-v",
+        "e2e-oob:/p",
+        &busybox,
+        "sh",
+        "-c",
+        "echo again > /p/x && cat /p/x",
+    ]);
+    assert_eq!(out.trim(), "again");
+    h.wait_released("e2e-oob");
+    docker_ok(&["volume", "rm", "e2e-oob"]);
+    h.wait_nothing_left();
+}
