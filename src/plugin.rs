@@ -19,7 +19,8 @@ use axum::Router;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::volume::{inspect_status, VolumeManager};
+use crate::volume::{inspect_status, PluginError, VolumeManager};
+use vmdk_protocol::ErrorCode;
 
 /// Content type of every response.
 pub const CONTENT_TYPE: &str = "application/vnd.docker.plugins.v1.1+json";
@@ -187,25 +188,30 @@ async fn get(State(m): Mgr, body: Bytes) -> Response {
         Ok(None) => ok(json!({"Volume": null, "Err": ""})),
         Err(e) => {
             // Docker treats any Get error as "no such volume" and drops its
-            // record, so a volume this VM has mounted is reported from the
-            // local state with the failure in its Status instead.
+            // record. So a volume known to exist is reported with the
+            // failure in its Status instead: one this VM has mounted (from
+            // the local state), or one whose files the agent found but could
+            // not read (a damaged sidecar or descriptor).
             let full = m.full_name_hint(&req.name).await;
-            match m.record(&full) {
-                Some(rec) => {
-                    let mut status = serde_json::Map::new();
-                    status.insert("health".into(), json!("degraded"));
-                    status.insert("error".into(), json!(crate::error_chain(&e)));
-                    status.insert("mounts".into(), json!(rec.ids.len()));
-                    let v = DockerVolume {
-                        name: req.name.clone(),
-                        mountpoint: m.mountpoint(&full).display().to_string(),
-                        created_at: None,
-                        status: Some(status),
-                    };
-                    ok(json!({"Volume": v, "Err": ""}))
-                }
-                None => err(M, crate::error_chain(&e)),
+            let rec = m.record(&full);
+            let exists_but_damaged = matches!(
+                &e,
+                PluginError::Agent { source, .. } if matches!(source.code(), Some(ErrorCode::Io | ErrorCode::Backend))
+            );
+            if rec.is_none() && !exists_but_damaged {
+                return err(M, crate::error_chain(&e));
             }
+            let mut status = serde_json::Map::new();
+            status.insert("health".into(), json!("degraded"));
+            status.insert("error".into(), json!(crate::error_chain(&e)));
+            status.insert("mounts".into(), json!(rec.map_or(0, |r| r.ids.len())));
+            let v = DockerVolume {
+                name: req.name.clone(),
+                mountpoint: m.mountpoint(&full).display().to_string(),
+                created_at: None,
+                status: Some(status),
+            };
+            ok(json!({"Volume": v, "Err": ""}))
         }
     }
 }

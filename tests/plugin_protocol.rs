@@ -745,3 +745,28 @@ async fn status_command_shows_what_the_plugin_holds() {
     assert!(table.contains("db@local  /dev/fakeloop0"), "{table}");
     assert!(table.contains("Problems"), "{table}");
 }
+
+/// A volume whose sidecar is damaged still exists: Get reports it with the
+/// cause in its Status (an error would make Docker forget the volume),
+/// while Mount fails with that cause.
+#[tokio::test]
+async fn get_reports_a_damaged_volume_instead_of_an_error() {
+    let sys = Arc::new(FakeSys::default());
+    let p = fake_plugin(sys).await;
+    ok(&p.app, "VolumeDriver.Create", r#"{"Name":"dmg"}"#).await;
+    let sidecar = p.datastore().join("dockvols/_DEFAULT/dmg.vmfd");
+    std::fs::write(&sidecar, "{").unwrap();
+    let v = ok(&p.app, "VolumeDriver.Get", r#"{"Name":"dmg"}"#).await;
+    assert_eq!(v["Volume"]["Name"], "dmg");
+    assert_eq!(v["Volume"]["Status"]["health"], "degraded");
+    assert_eq!(v["Volume"]["Status"]["mounts"], 0);
+    let why = v["Volume"]["Status"]["error"].as_str().unwrap();
+    assert!(why.contains("dmg.vmfd"), "{why}");
+    let e = err(&p.app, "VolumeDriver.Mount", r#"{"Name":"dmg","ID":"x"}"#).await;
+    assert!(e.contains("dmg.vmfd"), "{e}");
+    // A name with no files at all is still "no such volume".
+    assert_eq!(
+        ok(&p.app, "VolumeDriver.Get", r#"{"Name":"nothing"}"#).await["Volume"],
+        Value::Null
+    );
+}
