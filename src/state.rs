@@ -56,6 +56,15 @@ impl Default for PluginState {
     }
 }
 
+/// Why the state file cannot be used.
+#[derive(Debug)]
+pub enum StateFileError {
+    /// It could not be read.
+    Read(io::Error),
+    /// It is not JSON of this format, or of another version.
+    Unusable(String),
+}
+
 /// Loads and saves [`PluginState`].
 #[derive(Debug, Clone)]
 pub struct StateStore {
@@ -66,9 +75,14 @@ impl StateStore {
     /// A store in `dir` (created if missing).
     pub fn new(dir: &Path) -> io::Result<Self> {
         std::fs::create_dir_all(dir)?;
-        Ok(Self {
+        Ok(Self::at(dir))
+    }
+
+    /// The store in `dir`, creating nothing (for reading only).
+    pub fn at(dir: &Path) -> Self {
+        Self {
             path: dir.join(STATE_FILE),
-        })
+        }
     }
 
     /// The state file path.
@@ -76,27 +90,37 @@ impl StateStore {
         &self.path
     }
 
+    /// Reads the state without changing anything: `Ok(None)` when there is
+    /// no file yet.
+    pub fn read(&self) -> Result<Option<PluginState>, StateFileError> {
+        let bytes = match std::fs::read(&self.path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(StateFileError::Read(e)),
+        };
+        match serde_json::from_slice::<PluginState>(&bytes) {
+            Ok(s) if s.version == STATE_VERSION => Ok(Some(s)),
+            Ok(s) => Err(StateFileError::Unusable(format!(
+                "version {} is not {STATE_VERSION}",
+                s.version
+            ))),
+            Err(e) => Err(StateFileError::Unusable(e.to_string())),
+        }
+    }
+
     /// Loads the state. A missing file is an empty state; an unreadable or
     /// foreign-version file is moved aside (`mounts.json.corrupt`) and an
     /// empty state returned, since recovery rebuilds what it can from the
     /// live system.
     pub fn load(&self) -> PluginState {
-        let bytes = match std::fs::read(&self.path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return PluginState::default(),
-            Err(e) => {
+        match self.read() {
+            Ok(s) => s.unwrap_or_default(),
+            Err(StateFileError::Read(e)) => {
                 tracing::error!(path = %self.path.display(), error = %e, "cannot read state; starting empty");
-                return PluginState::default();
-            }
-        };
-        match serde_json::from_slice::<PluginState>(&bytes) {
-            Ok(s) if s.version == STATE_VERSION => s,
-            Ok(s) => {
-                self.set_aside(&format!("version {} is not {STATE_VERSION}", s.version));
                 PluginState::default()
             }
-            Err(e) => {
-                self.set_aside(&e.to_string());
+            Err(StateFileError::Unusable(why)) => {
+                self.set_aside(&why);
                 PluginState::default()
             }
         }

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use crate::state::{PluginState, STATE_FILE, STATE_VERSION};
+use crate::state::{PluginState, StateFileError, StateStore, STATE_FILE};
 use crate::sys::MountEntry;
 
 /// One volume the state records.
@@ -58,43 +58,32 @@ pub fn report(
 ) -> StatusReport {
     let state_file = state_dir.join(STATE_FILE);
     let mut problems = Vec::new();
-    let state = match std::fs::read(&state_file) {
-        Ok(bytes) => match serde_json::from_slice::<PluginState>(&bytes) {
-            Ok(s) if s.version == STATE_VERSION => s,
-            Ok(s) => {
-                problems.push(format!(
-                    "{} has version {}, this plugin reads {STATE_VERSION}; the daemon will set it aside",
-                    state_file.display(),
-                    s.version
-                ));
-                PluginState::default()
-            }
-            Err(e) => {
-                problems.push(format!(
-                    "{} is unreadable ({e}); the daemon will set it aside",
-                    state_file.display()
-                ));
-                PluginState::default()
-            }
-        },
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => PluginState::default(),
-        Err(e) => {
+    let state = match StateStore::at(state_dir).read() {
+        Ok(s) => s.unwrap_or_default(),
+        Err(StateFileError::Read(e)) => {
             problems.push(format!("cannot read {}: {e}", state_file.display()));
             PluginState::default()
         }
+        Err(StateFileError::Unusable(why)) => {
+            problems.push(format!(
+                "{} is unreadable ({why}); the daemon will set it aside",
+                state_file.display()
+            ));
+            PluginState::default()
+        }
     };
-    let here: Vec<&MountEntry> = mounts
-        .iter()
-        .filter(|m| m.target.parent() == Some(mount_root))
-        .collect();
-    let mut volumes: Vec<VolumeStatus> = state
+    let here = crate::volume::volume_mounts(mounts.iter().cloned(), mount_root);
+    // The state's map is sorted by name, and so are the volumes.
+    let volumes: Vec<VolumeStatus> = state
         .mounts
         .iter()
         .map(|(name, rec)| {
-            let target = mount_root.join(name);
-            let live = here.iter().find(|m| m.target == target);
+            let live = here.get(name);
             match live {
-                None => problems.push(format!("{name} is recorded but not mounted at {}", target.display())),
+                None => problems.push(format!(
+                    "{name} is recorded but not mounted at {}",
+                    mount_root.join(name).display()
+                )),
                 Some(m) if m.source != rec.device => problems.push(format!(
                     "{name} is recorded on {} but {} is mounted there",
                     rec.device, m.source
@@ -111,14 +100,8 @@ pub fn report(
             }
         })
         .collect();
-    volumes.sort_by(|a, b| a.volume.cmp(&b.volume));
-    for m in &here {
-        let name = m
-            .target
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        if !state.mounts.contains_key(&name) {
+    for (name, m) in &here {
+        if !state.mounts.contains_key(name) {
             problems.push(format!(
                 "{} ({}) is mounted but not recorded",
                 m.target.display(),

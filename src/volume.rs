@@ -433,12 +433,10 @@ impl VolumeManager {
         let _gate = self.gate.read().await;
         let full = {
             // The record of the volume Docker names, if it holds the ID. Only
-            // when no record matches the name (another spelling, such as
-            // `vol@DS` in another case) is the ID looked up alone. So two
-            // volumes never trade mounts, even when a caller reuses an ID.
+            // when no record matches the name is the ID looked up alone. So
+            // two volumes never trade mounts, even when a caller reuses an ID.
             let st = self.state.lock().unwrap();
-            let named =
-                |k: &str| k == name || (!name.contains('@') && k.rsplit_once('@').map(|(v, _)| v) == Some(name));
+            let named = |k: &str| docker_api::names_volume(name, k, None);
             let holds = |r: &MountRecord| r.ids.contains_key(id);
             let holder = if st.mounts.keys().any(|k| named(k)) {
                 st.mounts.iter().find(|(k, r)| named(k) && holds(r))
@@ -726,14 +724,7 @@ impl VolumeManager {
     async fn mounted_here(&self) -> BTreeMap<String, crate::sys::MountEntry> {
         let root = self.cfg.mount_root.clone();
         match self.sys("*", "read mounts", |s| s.mounts()).await {
-            Ok(all) => all
-                .into_iter()
-                .filter(|m| m.target.parent() == Some(root.as_path()))
-                .filter_map(|m| {
-                    let name = m.target.file_name()?.to_string_lossy().into_owned();
-                    Some((name, m))
-                })
-                .collect(),
+            Ok(all) => volume_mounts(all, &root),
             Err(e) => {
                 tracing::error!(error = %crate::error_chain(&e), "cannot read mounts");
                 BTreeMap::new()
@@ -853,6 +844,18 @@ impl VolumeManager {
             }
         }
     }
+}
+
+/// The filesystems mounted directly below `mount_root`, by the name of
+/// their directory (`vol@ds`).
+pub fn volume_mounts(
+    all: impl IntoIterator<Item = crate::sys::MountEntry>,
+    mount_root: &Path,
+) -> BTreeMap<String, crate::sys::MountEntry> {
+    all.into_iter()
+        .filter(|m| m.target.parent() == Some(mount_root))
+        .filter_map(|m| Some((m.target.file_name()?.to_string_lossy().into_owned(), m)))
+        .collect()
 }
 
 /// The `Status` map shown by `docker volume inspect`.

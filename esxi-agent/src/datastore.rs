@@ -88,4 +88,62 @@ impl DiskPaths {
     pub fn flat_file_name(&self) -> String {
         format!("{}-flat.vmdk", self.volume)
     }
+
+    /// The create and remove markers.
+    pub fn markers(&self) -> [&Path; 2] {
+        [&self.creating, &self.removing]
+    }
+
+    /// Whether a create or remove of the agent's is under way here, or was
+    /// cut off by a crash: the files of this name are the agent's own.
+    pub fn marked(&self) -> bool {
+        self.markers().iter().any(|m| m.exists())
+    }
+
+    /// The descriptor or the extent, whichever exists.
+    pub fn existing_disk_file(&self) -> Option<&Path> {
+        [&self.descriptor, &self.flat]
+            .into_iter()
+            .map(PathBuf::as_path)
+            .find(|f| f.exists())
+    }
+
+    /// Temp files of atomic writes ([`crate::fsutil::atomic_write`]) of the
+    /// descriptor and the sidecar.
+    pub fn temp_files(&self) -> [PathBuf; 2] {
+        [".vmdk.tmp", ".vmfd.tmp"].map(|suffix| self.dir.join(format!("{}{suffix}", self.volume)))
+    }
+
+    /// The volume a file in a vmgroup folder belongs to, with the kind of
+    /// file it is, by the names [`DiskPaths::new`] gives.
+    pub fn volume_of_file(file: &str) -> Option<(&str, VolumeFile)> {
+        use VolumeFile::*;
+        [
+            (".vmfd.tmp", Temp),
+            (".vmdk.tmp", Temp),
+            ("-flat.vmdk", Disk),
+            (".vmdk", Disk),
+            (".vmfd", Meta),
+            (".lck", Lock),
+            (".creating", Marker),
+            (".removing", Marker),
+        ]
+        .into_iter()
+        .find_map(|(suffix, kind)| Some((file.strip_suffix(suffix)?, kind)))
+    }
+}
+
+/// The kinds of file a volume has in its vmgroup folder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VolumeFile {
+    /// Descriptor or extent.
+    Disk,
+    /// The `.vmfd` sidecar.
+    Meta,
+    /// The lock file.
+    Lock,
+    /// A create or remove marker.
+    Marker,
+    /// A temp file of an atomic write.
+    Temp,
 }

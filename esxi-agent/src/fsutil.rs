@@ -42,12 +42,6 @@ pub fn write_marker(path: &Path, what: &str) -> io::Result<()> {
     fsync_dir(path.parent().unwrap_or(Path::new(".")))
 }
 
-/// Removes a marker file, if present. Not synced: a marker that comes back
-/// after a crash only makes the next start check that name again.
-pub fn remove_marker(path: &Path) -> io::Result<()> {
-    remove_if_exists(path)
-}
-
 /// Fsyncs a directory so a rename or unlink in it is durable.
 pub fn fsync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()

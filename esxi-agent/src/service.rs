@@ -290,19 +290,15 @@ impl VolumeService {
             // Files under this name without metadata are ours to replace
             // only if a create of ours marked them; anything else (a disk
             // the original vDVS or an administrator put there) is kept.
-            if !t.disk.creating.exists() && !t.disk.removing.exists() {
-                if let Some(f) = [&t.disk.descriptor, &t.disk.flat].into_iter().find(|f| f.exists()) {
+            if !t.disk.marked() {
+                if let Some(f) = t.disk.existing_disk_file() {
                     return Err(AgentError::ForeignFiles {
                         name: t.full.clone(),
                         path: f.display().to_string(),
                     });
                 }
             }
-            crate::fsutil::write_marker(&t.disk.creating, "create").map_err(|source| AgentError::Io {
-                op: "write",
-                path: t.disk.creating.display().to_string(),
-                source,
-            })?;
+            Self::mark(&t.disk.creating, "create")?;
             let res = match &source {
                 None => self.create_new(vm, &t, &opts, &req.opts),
                 Some(src) => self.create_clone(vm, &t, src, &opts),
@@ -316,11 +312,10 @@ impl VolumeService {
             }
             // Done, or cleaned up: the marker goes. If cleanup left files,
             // it stays, so the next start collects them.
-            if res.is_ok() || (!t.disk.descriptor.exists() && !t.disk.flat.exists()) {
-                if let Err(e) = crate::fsutil::remove_marker(&t.disk.creating) {
-                    tracing::warn!(volume = %t.full, error = %e, "cannot remove the create marker; the next start does");
+            if res.is_ok() || t.disk.existing_disk_file().is_none() {
+                if let Err(e) = Self::clear_markers(&t.disk) {
+                    tracing::warn!(volume = %t.full, error = %crate::error::error_chain(&e), "cannot remove the create marker; the next start does");
                 }
-                let _ = crate::fsutil::remove_marker(&t.disk.removing);
             }
             res
         };
@@ -432,6 +427,29 @@ impl VolumeService {
         self.info(t, &meta)
     }
 
+    /// Writes a create or remove marker (see [`DiskPaths::creating`])
+    /// durably, before the operation touches any other file.
+    fn mark(marker: &Path, what: &str) -> Result<(), AgentError> {
+        crate::fsutil::write_marker(marker, what).map_err(|source| AgentError::Io {
+            op: "write",
+            path: marker.display().to_string(),
+            source,
+        })
+    }
+
+    /// Removes both markers. Not synced: a marker that comes back after a
+    /// crash only makes the next start look at that name again.
+    fn clear_markers(disk: &DiskPaths) -> Result<(), AgentError> {
+        for marker in disk.markers() {
+            crate::fsutil::remove_if_exists(marker).map_err(|source| AgentError::Io {
+                op: "delete",
+                path: marker.display().to_string(),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
     /// The backend's live attachment, healing metadata that claims an
     /// attachment the backend no longer has (e.g. after a host reboot).
     fn live_attachment(&self, t: &Target<'_>, meta: &VolumeMeta) -> Result<Option<Attachment>, AgentError> {
@@ -463,24 +481,14 @@ impl VolumeService {
             }
             // Marked first, so a crash part-way leaves files the next start
             // knows to be ours and collects.
-            crate::fsutil::write_marker(&t.disk.removing, "remove").map_err(|source| AgentError::Io {
-                op: "write",
-                path: t.disk.removing.display().to_string(),
-                source,
-            })?;
+            Self::mark(&t.disk.removing, "remove")?;
             crate::fsutil::remove_if_exists(&t.disk.meta).map_err(|source| AgentError::Io {
                 op: "delete",
                 path: t.disk.meta.display().to_string(),
                 source,
             })?;
             self.backend.delete_disk(&t.disk).map_err(Self::backend_err(&t))?;
-            for marker in [&t.disk.removing, &t.disk.creating] {
-                crate::fsutil::remove_marker(marker).map_err(|source| AgentError::Io {
-                    op: "delete",
-                    path: marker.display().to_string(),
-                    source,
-                })?;
-            }
+            Self::clear_markers(&t.disk)?;
             let _ = lock.unlink();
             tracing::info!(volume = %t.full, vm, "removed volume");
             Ok(())

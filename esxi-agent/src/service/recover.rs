@@ -1,13 +1,14 @@
 //! Start-up checks: attachments against metadata, and the files of
 //! volumes whose create or remove was cut off by a crash.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use vmdk_protocol::AttachStatus;
 
 use super::{Target, VolumeService};
-use crate::datastore::{DiskPaths, DEFAULT_VMGROUP};
+use crate::datastore::{DiskPaths, VolumeFile, DEFAULT_VMGROUP};
+use crate::error::AgentError;
 use crate::lock::VolumeLock;
 
 /// What [`VolumeService::recover_on_start`] did.
@@ -23,9 +24,9 @@ pub struct StartupRecovery {
 impl VolumeService {
     /// Everything the agent checks when it starts, before it serves:
     /// releases unrecorded attachments, then deletes what cut-off creates
-    /// and removes left behind (only files the agent marked as its own). Both only touch volumes whose lock is free
-    /// or that they hold, so another agent on a shared datastore is never
-    /// disturbed.
+    /// and removes left behind (only files the agent marked as its own).
+    /// Both only touch volumes whose lock is free or that they hold, so
+    /// another agent on a shared datastore is never disturbed.
     pub fn recover_on_start(&self) -> StartupRecovery {
         let released = self.release_unrecorded_attachments();
         let collected = self.collect_incomplete_volumes();
@@ -52,31 +53,28 @@ impl VolumeService {
             let Ok(entries) = std::fs::read_dir(&dir) else {
                 continue;
             };
-            let stems: BTreeSet<String> = entries
-                .flatten()
-                .filter_map(|e| {
-                    let name = e.file_name().into_string().ok()?;
-                    let stem = [
-                        ".vmfd.tmp",
-                        ".vmdk.tmp",
-                        "-flat.vmdk",
-                        ".vmdk",
-                        ".vmfd",
-                        ".lck",
-                        ".creating",
-                        ".removing",
-                    ]
-                    .iter()
-                    .find_map(|suffix| name.strip_suffix(suffix))?;
-                    vmdk_protocol::name::validate_volume(stem).ok()?;
-                    Some(stem.to_owned())
-                })
-                .collect();
-            for stem in stems {
+            // Which kinds of file each name has, from the listing alone: a
+            // volume with its sidecar and no marker or temp file (nearly
+            // all of them) needs no lock and no further look.
+            let mut kinds: BTreeMap<String, Vec<VolumeFile>> = BTreeMap::new();
+            for e in entries.flatten() {
+                let Ok(file) = e.file_name().into_string() else {
+                    continue;
+                };
+                if let Some((stem, kind)) = DiskPaths::volume_of_file(&file) {
+                    if vmdk_protocol::name::validate_volume(stem).is_ok() {
+                        kinds.entry(stem.to_owned()).or_default().push(kind);
+                    }
+                }
+            }
+            let suspect = |k: &Vec<VolumeFile>| {
+                !k.contains(&VolumeFile::Meta) || k.iter().any(|f| matches!(f, VolumeFile::Marker | VolumeFile::Temp))
+            };
+            for stem in kinds.iter().filter(|(_, k)| suspect(k)).map(|(stem, _)| stem) {
                 let t = Target {
                     full: format!("{stem}@{}", ds.name),
                     ds,
-                    disk: DiskPaths::new(&dir, &stem),
+                    disk: DiskPaths::new(&dir, stem),
                 };
                 match self.collect_one(&t) {
                     Ok(true) => {
@@ -95,7 +93,7 @@ impl VolumeService {
 
     fn collect_one(&self, t: &Target<'_>) -> Result<bool, String> {
         let d = &t.disk;
-        let rm = |p: &Path| crate::fsutil::remove_marker(p).map_err(|e| format!("delete {}: {e}", p.display()));
+        let chain = |e: AgentError| crate::error::error_chain(&e);
         let lock_existed = d.lock.exists();
         let lock = match VolumeLock::try_acquire(&d.lock) {
             Ok(Some(lock)) => lock,
@@ -104,23 +102,22 @@ impl VolumeService {
         };
         // Temp files of atomic writes that never reached their rename (the
         // lock is ours, so no write is under way).
-        for tmp in [".vmfd.tmp", ".vmdk.tmp"] {
-            rm(&d.dir.join(format!("{}{tmp}", d.volume)))?;
+        for tmp in d.temp_files() {
+            crate::fsutil::remove_if_exists(&tmp).map_err(|e| format!("delete {}: {e}", tmp.display()))?;
         }
-        let marked = d.creating.exists() || d.removing.exists();
+        let marked = d.marked();
         if d.meta.exists() {
             if d.removing.exists() {
                 tracing::warn!(volume = %t.full, "a remove stopped before it deleted anything; the volume stays");
             }
-            rm(&d.creating)?;
-            rm(&d.removing)?;
+            Self::clear_markers(d).map_err(chain)?;
             if !lock_existed {
                 // Made by this check (a foreign file named like metadata).
                 let _ = lock.unlink();
             }
             return Ok(false);
         }
-        let has_disk = d.descriptor.exists() || d.flat.exists();
+        let has_disk = d.existing_disk_file().is_some();
         if has_disk && !marked {
             tracing::warn!(volume = %t.full, dir = %d.dir.display(), "files without vmdk metadata (not a vmdk volume); left alone");
             let _ = lock.unlink();
@@ -139,8 +136,7 @@ impl VolumeService {
             }
             self.backend.delete_disk(d).map_err(|e| crate::error::error_chain(&e))?;
         }
-        rm(&d.creating)?;
-        rm(&d.removing)?;
+        Self::clear_markers(d).map_err(chain)?;
         lock.unlink().map_err(|e| format!("delete {}: {e}", d.lock.display()))?;
         Ok(has_disk)
     }
@@ -149,9 +145,9 @@ impl VolumeService {
     /// volume whose sidecar says it is detached (the agent was killed
     /// between binding the device and writing the sidecar), or to the
     /// extent of a create or remove that a crash cut off (marked as ours).
-    /// A device bound to a file that is not a vmdk volume is left alone. Runs under each volume's lock, so an
-    /// attach in progress in another process is never undone. Returns the
-    /// volumes released.
+    /// A device bound to a file that is not a vmdk volume is left alone.
+    /// Runs under each volume's lock, so an attach in progress in another
+    /// process is never undone. Returns the volumes released.
     pub fn release_unrecorded_attachments(&self) -> Vec<String> {
         let extents = match self.backend.attached_extents() {
             Ok(e) => e,
@@ -173,7 +169,7 @@ impl VolumeService {
                 }
                 // No metadata and no marker of ours: not a vmdk volume, and
                 // its device is not ours to release.
-                if meta.is_none() && !t.disk.creating.exists() && !t.disk.removing.exists() {
+                if meta.is_none() && !t.disk.marked() {
                     tracing::warn!(volume = %t.full, device = ?att.device, "a device is bound to a file that is not a vmdk volume; left alone");
                     return Ok(false);
                 }
