@@ -10,7 +10,8 @@ use hyper::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 use vmdk_agent::VolumeService;
 use vmdk_protocol::{
-    agent as paths, AttachInfo, CreateRequest, ErrorBody, ErrorCode, VersionInfo, VolumeInfo, VolumeList, VM_ID_HEADER,
+    agent as paths, AttachInfo, CreateRequest, ErrorBody, ErrorCode, FormattedRequest, VersionInfo, VolumeInfo,
+    VolumeList, VM_ID_HEADER,
 };
 
 use crate::http1::{self, Endpoint};
@@ -201,6 +202,35 @@ impl AgentClient {
             )
             .await
             .map(|_| ()),
+        }
+    }
+
+    /// `POST /v1/volumes/{name}/formatted`: records that this VM made (or
+    /// found) a filesystem of `fstype` on the attached disk.
+    pub async fn mark_formatted(&self, vm: &str, name: &str, fstype: &str) -> Result<VolumeInfo, AgentCallError> {
+        match self {
+            Self::Embedded(s) => {
+                let (vm, name, fstype) = (vm.to_owned(), name.to_owned(), fstype.to_owned());
+                Self::embedded(s, move |s| s.mark_formatted(&vm, &name, &fstype)).await
+            }
+            Self::Http(ep) => {
+                let body = serde_json::to_vec(&FormattedRequest {
+                    fstype: fstype.to_owned(),
+                })
+                .expect("request serializes");
+                Self::must(
+                    Self::call(
+                        ep,
+                        Method::POST,
+                        &paths::volume_action_path(name, "formatted"),
+                        vm,
+                        Some(body),
+                        MUTATE_TIMEOUT,
+                    )
+                    .await?,
+                    "formatted",
+                )
+            }
         }
     }
 }

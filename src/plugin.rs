@@ -65,20 +65,23 @@ fn err(method: &str, msg: String) -> Response {
     reply(StatusCode::INTERNAL_SERVER_ERROR, json!({ "Err": msg }))
 }
 
+/// Decodes the body of any `VolumeDriver.*` request as Docker sends it: no
+/// body, whitespace, or a JSON object with `Name`, `Opts` (`null` allowed)
+/// and `ID`; unknown fields are ignored. A pure function that never
+/// panics; the error text says what was wrong and what is expected.
+pub fn decode_request(body: &[u8]) -> Result<DockerRequest, String> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(DockerRequest::default());
+    }
+    serde_json::from_slice::<DockerRequest>(body)
+        .map_err(|e| format!("{e}; expected JSON like {{\"Name\": \"vol\", \"Opts\": {{\"size\": \"10gb\"}}}}"))
+}
+
 /// Decodes a Docker request body. `needs_name`: an empty body or name is an
 /// error (Create, Remove, Mount, Unmount), because a retried request may
 /// arrive with its body already consumed.
 fn decode(method: &str, body: &Bytes, needs_name: bool) -> Result<DockerRequest, Response> {
-    let req = if body.iter().all(u8::is_ascii_whitespace) {
-        DockerRequest::default()
-    } else {
-        serde_json::from_slice::<DockerRequest>(body).map_err(|e| {
-            err(
-                method,
-                format!("malformed request body for {method}: {e}; expected JSON like {{\"Name\": \"vol\", \"Opts\": {{\"size\": \"10gb\"}}}}"),
-            )
-        })?
-    };
+    let req = decode_request(body).map_err(|e| err(method, format!("malformed request body for {method}: {e}")))?;
     if needs_name && req.name.is_empty() {
         return Err(err(
             method,

@@ -56,6 +56,31 @@ impl Default for PluginState {
     }
 }
 
+/// Largest state file read: a record is a few hundred bytes, so this is
+/// room for tens of thousands of mounted volumes.
+pub const MAX_STATE_BYTES: u64 = 16 << 20;
+
+impl PluginState {
+    /// Decodes state file bytes: a pure function that never panics.
+    pub fn decode(bytes: &[u8]) -> Result<Self, String> {
+        if bytes.len() as u64 > MAX_STATE_BYTES {
+            return Err(format!("larger than {MAX_STATE_BYTES} bytes"));
+        }
+        match serde_json::from_slice::<PluginState>(bytes) {
+            Ok(s) if s.version == STATE_VERSION => Ok(s),
+            Ok(s) => Err(format!("version {} is not {STATE_VERSION}", s.version)),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// The bytes [`PluginState::decode`] reads back.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut json = serde_json::to_vec_pretty(self).expect("state serializes");
+        json.push(b'\n');
+        json
+    }
+}
+
 /// Why the state file cannot be used.
 #[derive(Debug)]
 pub enum StateFileError {
@@ -98,14 +123,7 @@ impl StateStore {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(StateFileError::Read(e)),
         };
-        match serde_json::from_slice::<PluginState>(&bytes) {
-            Ok(s) if s.version == STATE_VERSION => Ok(Some(s)),
-            Ok(s) => Err(StateFileError::Unusable(format!(
-                "version {} is not {STATE_VERSION}",
-                s.version
-            ))),
-            Err(e) => Err(StateFileError::Unusable(e.to_string())),
-        }
+        PluginState::decode(&bytes).map(Some).map_err(StateFileError::Unusable)
     }
 
     /// Loads the state. A missing file is an empty state; an unreadable or
@@ -134,9 +152,7 @@ impl StateStore {
 
     /// Saves atomically.
     pub fn save(&self, state: &PluginState) -> io::Result<()> {
-        let mut json = serde_json::to_vec_pretty(state).expect("state serializes");
-        json.push(b'\n');
-        vmdk_agent::fsutil::atomic_write(&self.path, &json)
+        vmdk_agent::fsutil::atomic_write(&self.path, &state.encode())
     }
 }
 

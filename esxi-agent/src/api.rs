@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
-use vmdk_protocol::{CreateRequest, ErrorBody, ErrorCode, VolumeList, VM_ID_HEADER};
+use vmdk_protocol::{CreateRequest, ErrorBody, ErrorCode, FormattedRequest, VolumeList, VM_ID_HEADER};
 
 use crate::error::AgentError;
 use crate::service::VolumeService;
@@ -66,7 +66,9 @@ fn vm_id(headers: &HeaderMap) -> Result<String, AgentError> {
     Ok(v.to_owned())
 }
 
-fn json_body<T: DeserializeOwned + Default>(body: &Bytes) -> Result<T, AgentError> {
+/// Decodes a JSON request body (empty means the default): a pure function
+/// of the bytes that never panics.
+pub fn json_body<T: DeserializeOwned + Default>(body: &[u8]) -> Result<T, AgentError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
@@ -137,6 +139,19 @@ async fn detach(
     Ok(StatusCode::NO_CONTENT)
 }
 
+async fn formatted(
+    State(svc): State<Arc<VolumeService>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<impl IntoResponse> {
+    let vm = vm_id(&headers)?;
+    let req: FormattedRequest = json_body(&body)?;
+    Ok(Json(
+        blocking(&svc, move |s| s.mark_formatted(&vm, &name, &req.fstype)).await?,
+    ))
+}
+
 async fn no_route() -> ApiError {
     ApiError(ErrorBody::new(
         ErrorCode::UnknownRoute,
@@ -152,6 +167,7 @@ pub fn router(svc: Arc<VolumeService>) -> Router {
         .route("/v1/volumes/{name}", get(get_one).delete(remove))
         .route("/v1/volumes/{name}/attach", post(attach))
         .route("/v1/volumes/{name}/detach", post(detach))
+        .route("/v1/volumes/{name}/formatted", post(formatted))
         .fallback(no_route)
         .with_state(svc)
 }

@@ -12,7 +12,7 @@ use std::io;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
-use vmdk_protocol::AttachStatus;
+use vmdk_protocol::{AttachStatus, FormatRecord};
 
 /// Current sidecar format version.
 pub const META_VERSION: u32 = 1;
@@ -42,6 +42,12 @@ pub struct VolumeMeta {
     /// When the current attachment was made, RFC 3339 UTC.
     #[serde(rename = "attachedAt", default, skip_serializing_if = "Option::is_none")]
     pub attached_at: Option<String>,
+    /// That the disk holds a filesystem, recorded by the guest after its
+    /// first `mkfs` (or when it first found one) and before the first
+    /// Mount succeeded. A volume recorded as formatted is never formatted
+    /// again. Absent in sidecars written before this field existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub formatted: Option<FormatRecord>,
 }
 
 /// Why a sidecar could not be read or written.
@@ -75,7 +81,45 @@ pub enum MetaError {
     },
 }
 
+/// Largest sidecar accepted: a real one is well under 2 KiB; anything
+/// bigger is not ours and is not read further.
+pub const MAX_META_BYTES: u64 = 64 * 1024;
+
+/// Why sidecar bytes are not a sidecar this agent reads.
+#[derive(Debug, thiserror::Error)]
+pub enum MetaDecodeError {
+    /// More than [`MAX_META_BYTES`].
+    #[error("larger than {MAX_META_BYTES} bytes")]
+    TooLarge,
+    /// Not sidecar JSON.
+    #[error("not vmdk metadata JSON")]
+    Json(#[source] serde_json::Error),
+    /// Another format version.
+    #[error("format version {0}; this agent reads version {META_VERSION}")]
+    Version(u32),
+}
+
 impl VolumeMeta {
+    /// Decodes sidecar bytes: a pure function that never panics, whatever
+    /// the bytes (a datastore is shared ground).
+    pub fn decode(bytes: &[u8]) -> Result<Self, MetaDecodeError> {
+        if bytes.len() as u64 > MAX_META_BYTES {
+            return Err(MetaDecodeError::TooLarge);
+        }
+        let meta: VolumeMeta = serde_json::from_slice(bytes).map_err(MetaDecodeError::Json)?;
+        if meta.version != META_VERSION {
+            return Err(MetaDecodeError::Version(meta.version));
+        }
+        Ok(meta)
+    }
+
+    /// The bytes [`VolumeMeta::decode`] reads back.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut json = serde_json::to_vec_pretty(self).expect("metadata serializes");
+        json.push(b'\n');
+        json
+    }
+
     /// Reads a sidecar; `Ok(None)` when it does not exist.
     pub fn load(path: &Path) -> Result<Option<Self>, MetaError> {
         let bytes = match std::fs::read(path) {
@@ -88,24 +132,26 @@ impl VolumeMeta {
                 })
             }
         };
-        let meta: VolumeMeta = serde_json::from_slice(&bytes).map_err(|source| MetaError::Corrupt {
-            path: path.display().to_string(),
-            source,
-        })?;
-        if meta.version != META_VERSION {
-            return Err(MetaError::Version {
+        match Self::decode(&bytes) {
+            Ok(m) => Ok(Some(m)),
+            Err(MetaDecodeError::Version(version)) => Err(MetaError::Version {
                 path: path.display().to_string(),
-                version: meta.version,
-            });
+                version,
+            }),
+            Err(MetaDecodeError::Json(source)) => Err(MetaError::Corrupt {
+                path: path.display().to_string(),
+                source,
+            }),
+            Err(MetaDecodeError::TooLarge) => Err(MetaError::Io {
+                path: path.display().to_string(),
+                source: io::Error::other("larger than 64 KiB"),
+            }),
         }
-        Ok(Some(meta))
     }
 
     /// Writes the sidecar atomically.
     pub fn store(&self, path: &Path) -> Result<(), MetaError> {
-        let mut json = serde_json::to_vec_pretty(self).expect("metadata serializes");
-        json.push(b'\n');
-        crate::fsutil::atomic_write(path, &json).map_err(|source| MetaError::Io {
+        crate::fsutil::atomic_write(path, &self.encode()).map_err(|source| MetaError::Io {
             path: path.display().to_string(),
             source,
         })
@@ -135,6 +181,7 @@ mod tests {
             attached_vm: None,
             attached_device: None,
             attached_at: None,
+            formatted: None,
         };
         m.store(&p).unwrap();
         let text = std::fs::read_to_string(&p).unwrap();

@@ -24,8 +24,8 @@ use std::time::SystemTime;
 use vmdk_protocol::options::{self as opt, VolumeOptions};
 use vmdk_protocol::size::MIB;
 use vmdk_protocol::{
-    AccessMode, AttachAs, AttachInfo, AttachStatus, CreateRequest, DiskFormat, VersionInfo, VolumeInfo, VolumeRef,
-    API_VERSION,
+    AccessMode, AttachAs, AttachInfo, AttachStatus, CreateRequest, DiskFormat, FormatRecord, FsType, VersionInfo,
+    VolumeInfo, VolumeRef, API_VERSION,
 };
 
 use crate::backend::{Attachment, DiskBackend};
@@ -365,7 +365,7 @@ impl VolumeService {
         );
         vol_opts.insert(opt::ACCESS.into(), opts.access.to_string());
         vol_opts.insert(opt::ATTACH_AS.into(), opts.attach_as.to_string());
-        self.commit_new(vm, t, vol_opts)
+        self.commit_new(vm, t, vol_opts, None)
     }
 
     fn create_clone(
@@ -398,7 +398,8 @@ impl VolumeService {
             Some(p) => vol_opts.insert(opt::VSAN_POLICY_NAME.into(), p.clone()),
             None => vol_opts.remove(opt::VSAN_POLICY_NAME),
         };
-        self.commit_new(vm, t, vol_opts)
+        // A copy of a formatted disk holds the same filesystem.
+        self.commit_new(vm, t, vol_opts, src_meta.formatted.clone())
     }
 
     /// Writes the sidecar of a new volume: the commit point of create.
@@ -407,6 +408,7 @@ impl VolumeService {
         vm: &str,
         t: &Target<'_>,
         vol_opts: BTreeMap<String, String>,
+        formatted: Option<FormatRecord>,
     ) -> Result<VolumeInfo, AgentError> {
         let meta = VolumeMeta {
             version: META_VERSION,
@@ -417,6 +419,7 @@ impl VolumeService {
             attached_vm: None,
             attached_device: None,
             attached_at: None,
+            formatted,
         };
         if let Err(e) = Self::store_meta(t, &meta) {
             let _ = crate::fsutil::remove_if_exists(&t.disk.meta);
@@ -571,6 +574,46 @@ impl VolumeService {
     }
 }
 
+impl VolumeService {
+    /// `POST /v1/volumes/{name}/formatted`: records, durably, that the
+    /// disk now holds a filesystem of `fstype`. Only the VM the volume is
+    /// attached to may record it (it is the one that ran `mkfs`). Recording
+    /// the same type again is a no-op; another type is refused, because a
+    /// recorded filesystem is never replaced.
+    pub fn mark_formatted(&self, vm: &str, name: &str, fstype: &str) -> Result<VolumeInfo, AgentError> {
+        validate_vm_id(vm)?;
+        let fstype: FsType = fstype.parse()?;
+        let t = self.resolve(name)?;
+        self.locked(&t, |_| {
+            let mut meta = Self::load_meta(&t)?.ok_or_else(|| Self::not_found(&t))?;
+            if meta.status != AttachStatus::Attached || meta.attached_vm.as_deref() != Some(vm) {
+                return Err(AgentError::InvalidRequest(format!(
+                    "volume {} is not attached to VM {vm}; only the VM holding a volume records its filesystem",
+                    t.full
+                )));
+            }
+            match &meta.formatted {
+                Some(rec) if rec.fstype == fstype.as_str() => return self.info(&t, &meta),
+                Some(rec) => {
+                    return Err(AgentError::InvalidRequest(format!(
+                        "volume {} is recorded as formatted with {} (on {}); it is never formatted again",
+                        t.full, rec.fstype, rec.at
+                    )))
+                }
+                None => {}
+            }
+            meta.formatted = Some(FormatRecord {
+                fstype: fstype.to_string(),
+                at: now_rfc3339(),
+                by: vm.to_owned(),
+            });
+            Self::store_meta(&t, &meta)?;
+            tracing::info!(volume = %t.full, vm, %fstype, "recorded filesystem");
+            self.info(&t, &meta)
+        })
+    }
+}
+
 fn clear_attachment(meta: &mut VolumeMeta) {
     meta.status = AttachStatus::Detached;
     meta.attached_vm = None;
@@ -628,6 +671,7 @@ pub fn build_info(
         clone_from: parse_or(opt::CLONE_FROM),
         disk_uuid: desc.uuid().unwrap_or_default().to_owned(),
         options: meta.vol_opts.clone(),
+        formatted: meta.formatted.clone(),
     }
 }
 

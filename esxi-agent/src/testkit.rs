@@ -59,6 +59,7 @@ pub fn write_volume(ds_root: &Path, volume: &str, capacity: u64, used: u64, extr
         attached_vm: None,
         attached_device: None,
         attached_at: None,
+        formatted: None,
     };
     std::fs::write(&disk.meta, serde_json::to_vec(&meta).map_err(io::Error::other)?)
 }

@@ -112,6 +112,31 @@ pub struct VolumeInfo {
     pub disk_uuid: String,
     /// The create options as received.
     pub options: BTreeMap<String, String>,
+    /// When and with what the guest formatted the disk; `None` until the
+    /// first Mount has made (or found) a filesystem on it. A volume
+    /// recorded as formatted is never formatted again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub formatted: Option<FormatRecord>,
+}
+
+/// The record that a volume's disk holds a filesystem (see
+/// [`VolumeInfo::formatted`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FormatRecord {
+    /// Filesystem type (`ext4`, `xfs`).
+    pub fstype: String,
+    /// When it was recorded, RFC 3339 UTC.
+    pub at: String,
+    /// The VM that recorded it.
+    pub by: String,
+}
+
+/// `POST /v1/volumes/{name}/formatted` request: the guest made (or found)
+/// a filesystem of `fstype` on the attached disk.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct FormattedRequest {
+    /// Filesystem type (`ext4`, `xfs`).
+    pub fstype: String,
 }
 
 /// `GET /v1/volumes` response.
