@@ -227,10 +227,12 @@ fn listing_loop_devices_tolerates_devices_coming_and_going() {
         let (file, stop) = (file.clone(), stop.clone());
         std::thread::spawn(move || {
             let loops = LinuxLoops::default();
+            let f = std::fs::OpenOptions::new().read(true).write(true).open(&file).unwrap();
+            let id = vmdk_agent::store::FileId::of(&f).unwrap();
             let mut n = 0;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) || n < 50 {
-                let dev = loops.attach(&file).unwrap();
-                loops.detach(&dev).unwrap();
+                let dev = loops.attach(&f, &file).unwrap();
+                loops.detach(&dev, id).unwrap();
                 n += 1;
             }
             n

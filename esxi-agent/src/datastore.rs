@@ -1,121 +1,282 @@
-//! Datastores: named directories laid out like ESXi's `dockvols`.
+//! Datastores: named directories laid out like ESXi's `dockvols`, and the
+//! volume folders in them, reached only through the [`crate::store`] door.
 //!
 //! ```text
-//! <datastore>/dockvols/_DEFAULT/<vol>.vmdk       descriptor
-//! <datastore>/dockvols/_DEFAULT/<vol>-flat.vmdk  extent
-//! <datastore>/dockvols/_DEFAULT/<vol>.vmfd       metadata sidecar
-//! <datastore>/dockvols/_DEFAULT/<vol>.lck        lock file
+//! <datastore>/dockvols/                          0700
+//! <datastore>/dockvols/.vmdk-reserve             space kept back for a full datastore
+//! <datastore>/dockvols/_DEFAULT/                 0700, a vmgroup folder
+//! <datastore>/dockvols/_DEFAULT/<vol>.vmdk       descriptor        0600
+//! <datastore>/dockvols/_DEFAULT/<vol>-flat.vmdk  extent            0600
+//! <datastore>/dockvols/_DEFAULT/<vol>.vmfd       metadata sidecar  0600
+//! <datastore>/dockvols/_DEFAULT/<vol>.lck        lock file         0600
 //! ```
 //!
-//! Every path is built from a validated [`vmdk_protocol::VolumeRef`] volume
-//! part (no `/`, not `.`/`..`), so no name can leave its vmgroup folder.
+//! The datastore root is the administrator's (configured); everything from
+//! `dockvols` down is shared ground and never followed through a link, with
+//! one exception: a vmgroup folder may be a symbolic link to a folder
+//! directly inside the same `dockvols` (how vDVS named tenants' folders).
+//!
+//! [`VolumeFolder`] is what the volume service needs of a vmgroup folder:
+//! locks, sidecars, markers, the names present. [`LocalFolder`] is the
+//! directory implementation; the `vsphere` backend (datastore file API) and
+//! shared-datastore leases put theirs behind the same trait.
 
+use std::fmt;
+use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+
+use crate::lock::VolumeLock;
+use crate::meta::{MetaError, VolumeMeta, MAX_META_BYTES};
+use crate::store::{Access, Dir, DsPath, Entry, FileKind, Stat, StoreError, DIR_MODE, FILE_MODE, TEMP_PREFIX};
 
 /// Folder of all volumes on a datastore.
 pub const DOCKVOLS: &str = "dockvols";
 /// The vmgroup every VM belongs to until vmgroups are configured.
 pub const DEFAULT_VMGROUP: &str = "_DEFAULT";
+/// Space kept back in `dockvols/` so that a full datastore still lets the
+/// agent record detaches and removes (see [`LocalFolder`]).
+pub const RESERVE_FILE: &str = ".vmdk-reserve";
+/// Size of the reserve.
+pub const RESERVE_BYTES: u64 = 8 << 20;
+/// How much of the reserve one write that hit a full datastore frees.
+pub const RESERVE_CHUNK: u64 = 256 << 10;
 
 /// A configured datastore.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Datastore {
     /// Name used in `vol@name`.
     pub name: String,
-    /// Directory holding `dockvols/`.
+    /// Directory holding `dockvols/` (trusted: the administrator's).
     pub root: PathBuf,
     /// Whether VSAN policies may be used here.
     pub vsan: bool,
 }
 
 impl Datastore {
-    /// `<root>/dockvols`.
-    pub fn dockvols(&self) -> PathBuf {
-        self.root.join(DOCKVOLS)
+    /// `[name]`, how the datastore is named in messages.
+    pub fn shown(&self) -> DsPath {
+        DsPath::new(&self.name, "")
     }
 
-    /// `<root>/dockvols/<vmgroup>`.
-    pub fn group_dir(&self, vmgroup: &str) -> PathBuf {
-        self.dockvols().join(vmgroup)
+    fn root_dir(&self) -> Result<Dir, StoreError> {
+        Dir::open_trusted(&self.root, self.shown())
     }
 
-    /// The files of one volume in one vmgroup.
-    pub fn disk(&self, vmgroup: &str, volume: &str) -> DiskPaths {
-        DiskPaths::new(&self.group_dir(vmgroup), volume)
+    /// The `dockvols` folder (created 0700 when `create`); `None` when it
+    /// does not exist. It must be a real directory.
+    pub fn dockvols(&self, create: bool) -> Result<Option<Dir>, StoreError> {
+        self.root_dir()?.subdir(DOCKVOLS, create.then_some(DIR_MODE))
     }
-}
 
-/// The files that make up one volume.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DiskPaths {
-    /// Volume part of the name.
-    pub volume: String,
-    /// Folder holding the files.
-    pub dir: PathBuf,
-    /// `<vol>.vmdk`.
-    pub descriptor: PathBuf,
-    /// `<vol>-flat.vmdk`.
-    pub flat: PathBuf,
-    /// `<vol>.vmfd`.
-    pub meta: PathBuf,
-    /// `<vol>.lck`.
-    pub lock: PathBuf,
-    /// `<vol>.creating`: present while a create is under way. Files of a
-    /// name without metadata are the agent's own leftovers only when this
-    /// (or [`DiskPaths::removing`]) marks them; anything else in the folder
-    /// is never deleted or overwritten.
-    pub creating: PathBuf,
-    /// `<vol>.removing`: present while a remove is under way.
-    pub removing: PathBuf,
-}
+    /// The vmgroup folder `vmgroup` (created 0700 when `create`); `None`
+    /// when it does not exist.
+    pub fn folder(&self, vmgroup: &str, create: bool) -> Result<Option<LocalFolder>, StoreError> {
+        let Some(dockvols) = self.dockvols(create)? else {
+            return Ok(None);
+        };
+        let dir = match dockvols.subdir(vmgroup, create.then_some(DIR_MODE)) {
+            Ok(Some(d)) => d,
+            Ok(None) => return Ok(None),
+            Err(StoreError::WrongKind {
+                found: FileKind::Symlink,
+                ..
+            }) => follow_group_link(&dockvols, vmgroup)?,
+            Err(e) => return Err(e),
+        };
+        Ok(Some(LocalFolder {
+            dir,
+            dockvols,
+            vmgroup: vmgroup.to_owned(),
+            datastore: self.name.clone(),
+        }))
+    }
 
-impl DiskPaths {
-    /// Paths of `volume` inside `dir`.
-    pub fn new(dir: &Path, volume: &str) -> Self {
-        Self {
-            volume: volume.to_owned(),
-            dir: dir.to_owned(),
-            descriptor: dir.join(format!("{volume}.vmdk")),
-            flat: dir.join(format!("{volume}-flat.vmdk")),
-            meta: dir.join(format!("{volume}.vmfd")),
-            lock: dir.join(format!("{volume}.lck")),
-            creating: dir.join(format!("{volume}.creating")),
-            removing: dir.join(format!("{volume}.removing")),
+    /// The policy folder `dockvols/policies` (created when `create`).
+    pub fn policies(&self, create: bool) -> Result<Option<Dir>, StoreError> {
+        match self.dockvols(create)? {
+            Some(d) => d.subdir(crate::policy::POLICIES_DIR, create.then_some(DIR_MODE)),
+            None => Ok(None),
         }
     }
 
-    /// File name of the extent, as written in the descriptor.
-    pub fn flat_file_name(&self) -> String {
-        format!("{}-flat.vmdk", self.volume)
+    /// What the agent does to a datastore when it starts serving: makes
+    /// `dockvols/` and the default vmgroup folder private (0700, tightening
+    /// looser modes left by older versions or other tools) and fills the
+    /// space reserve.
+    pub fn prepare(&self) -> Result<(), StoreError> {
+        let dockvols = self.dockvols(true)?.expect("created");
+        if dockvols.tighten_mode(DIR_MODE)? {
+            tracing::warn!(folder = %dockvols.shown(), "made the folder private (0700)");
+        }
+        if let Some(f) = self.folder(DEFAULT_VMGROUP, true)? {
+            if f.dir.tighten_mode(DIR_MODE)? {
+                tracing::warn!(folder = %f.dir.shown(), "made the folder private (0700)");
+            }
+        }
+        refill_reserve(&dockvols);
+        Ok(())
     }
 
-    /// The create and remove markers.
-    pub fn markers(&self) -> [&Path; 2] {
-        [&self.creating, &self.removing]
+    /// Fills the space reserve back up, if there is room (after a remove
+    /// freed space). Never fails: without room it stays as it is. Only a
+    /// reserve [`Datastore::prepare`] made is refilled.
+    pub fn refill_reserve(&self) {
+        if let Ok(Some(d)) = self.dockvols(false) {
+            if d.stat(RESERVE_FILE).is_ok_and(|s| s.is_some()) {
+                refill_reserve(&d);
+            }
+        }
+    }
+}
+
+/// Opens the target of vmgroup link `name` in `dockvols`: allowed only
+/// when it names a real folder directly inside the same `dockvols`
+/// (`other`, `./other`, or any path whose parent is this `dockvols`). The
+/// folder is then opened by name beneath `dockvols`, never through the link.
+fn follow_group_link(dockvols: &Dir, name: &str) -> Result<Dir, StoreError> {
+    let foreign = || StoreError::ForeignLink {
+        file: dockvols.file(name),
+    };
+    let target = dockvols.read_link(name)?;
+    let trimmed = target.trim_end_matches('/');
+    let (parent, last) = match trimmed.rsplit_once('/') {
+        Some((p, l)) => (Some(if p.is_empty() { "/" } else { p }), l),
+        None => (None, trimmed),
+    };
+    if last.is_empty() || last == "." || last == ".." || last == name {
+        return Err(foreign());
+    }
+    if let Some(parent) = parent {
+        // Identity only: the parent is compared with our `dockvols`, never
+        // used to open anything.
+        let st = nix::sys::stat::fstatat(dockvols.fd(), parent, nix::fcntl::AtFlags::empty()).map_err(|_| foreign())?;
+        let here = dockvols.stat_self()?;
+        if st.st_dev != here.id.dev || st.st_ino != here.id.ino {
+            return Err(foreign());
+        }
+    }
+    match dockvols.subdir(last, None) {
+        Ok(Some(d)) => Ok(d.named(dockvols.file(name))),
+        Ok(None) | Err(StoreError::WrongKind { .. }) | Err(StoreError::BadName { .. }) => Err(foreign()),
+        Err(e) => Err(e),
+    }
+}
+
+fn refill_reserve(dockvols: &Dir) {
+    let file = match dockvols.create_new(RESERVE_FILE, FILE_MODE) {
+        Ok(f) => f,
+        Err(StoreError::Exists { .. }) => match dockvols.open(RESERVE_FILE, Access::ReadWrite) {
+            Ok(Some(f)) => f,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(error = %crate::error::error_chain(&e), "cannot use the space reserve");
+                return;
+            }
+        },
+        Err(e) => {
+            tracing::debug!(error = %crate::error::error_chain(&e), "cannot create the space reserve");
+            return;
+        }
+    };
+    // SAFETY: `file` is open for the duration of the call.
+    let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, RESERVE_BYTES as libc::off_t) };
+    if rc != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "the space reserve is not full");
+    }
+}
+
+/// Frees a chunk of the reserve in `dockvols`; `false` when it is empty
+/// (or missing).
+fn release_reserve(dockvols: &Dir) -> bool {
+    let Ok(Some(file)) = dockvols.open(RESERVE_FILE, Access::ReadWrite) else {
+        return false;
+    };
+    let Ok(meta) = file.metadata() else { return false };
+    let allocated = std::os::unix::fs::MetadataExt::blocks(&meta) * 512;
+    if allocated == 0 {
+        return false;
+    }
+    let start = allocated.saturating_sub(RESERVE_CHUNK);
+    let len = if start == 0 {
+        RESERVE_BYTES.max(allocated)
+    } else {
+        RESERVE_CHUNK
+    };
+    // SAFETY: `file` is open for the duration of the call.
+    let rc = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            start as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if rc != 0 {
+        return false;
+    }
+    tracing::warn!(datastore = %dockvols.shown().datastore(), freed = len, "the datastore is full; used part of the space reserve to record a change");
+    true
+}
+
+/// The create and remove markers (see [`VolumeFiles::creating`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Marker {
+    /// `<vol>.creating`.
+    Creating,
+    /// `<vol>.removing`.
+    Removing,
+}
+
+/// The file names that make up one volume in its vmgroup folder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeFiles {
+    /// Volume part of the name.
+    pub volume: String,
+    /// `<vol>.vmdk`.
+    pub descriptor: String,
+    /// `<vol>-flat.vmdk`.
+    pub flat: String,
+    /// `<vol>.vmfd`.
+    pub meta: String,
+    /// `<vol>.lck`.
+    pub lock: String,
+    /// `<vol>.creating`: present while a create is under way. Files of a
+    /// name without metadata are the agent's own leftovers only when this
+    /// (or [`VolumeFiles::removing`]) marks them; anything else in the
+    /// folder is never deleted or overwritten.
+    pub creating: String,
+    /// `<vol>.removing`: the sidecar, renamed when a remove starts.
+    pub removing: String,
+    /// Temp files older versions wrote beside the descriptor and sidecar.
+    pub legacy_temps: [String; 2],
+}
+
+impl VolumeFiles {
+    /// The names of `volume`'s files (a validated volume name).
+    pub fn new(volume: &str) -> Self {
+        Self {
+            volume: volume.to_owned(),
+            descriptor: format!("{volume}.vmdk"),
+            flat: format!("{volume}-flat.vmdk"),
+            meta: format!("{volume}.vmfd"),
+            lock: format!("{volume}.lck"),
+            creating: format!("{volume}.creating"),
+            removing: format!("{volume}.removing"),
+            legacy_temps: [format!("{volume}.vmdk.tmp"), format!("{volume}.vmfd.tmp")],
+        }
     }
 
-    /// Whether a create or remove of the agent's is under way here, or was
-    /// cut off by a crash: the files of this name are the agent's own.
-    pub fn marked(&self) -> bool {
-        self.markers().iter().any(|m| m.exists())
-    }
-
-    /// The descriptor or the extent, whichever exists.
-    pub fn existing_disk_file(&self) -> Option<&Path> {
-        [&self.descriptor, &self.flat]
-            .into_iter()
-            .map(PathBuf::as_path)
-            .find(|f| f.exists())
-    }
-
-    /// Temp files of atomic writes ([`crate::fsutil::atomic_write`]) of the
-    /// descriptor and the sidecar.
-    pub fn temp_files(&self) -> [PathBuf; 2] {
-        [".vmdk.tmp", ".vmfd.tmp"].map(|suffix| self.dir.join(format!("{}{suffix}", self.volume)))
+    /// A marker's file name.
+    pub fn marker(&self, m: Marker) -> &str {
+        match m {
+            Marker::Creating => &self.creating,
+            Marker::Removing => &self.removing,
+        }
     }
 
     /// The volume a file in a vmgroup folder belongs to, with the kind of
-    /// file it is, by the names [`DiskPaths::new`] gives.
+    /// file it is, by the names [`VolumeFiles::new`] gives.
     pub fn volume_of_file(file: &str) -> Option<(&str, VolumeFile)> {
         use VolumeFile::*;
         [
@@ -144,6 +305,301 @@ pub enum VolumeFile {
     Lock,
     /// A create or remove marker.
     Marker,
-    /// A temp file of an atomic write.
+    /// `<vol>.vmfd.tmp` or `<vol>.vmdk.tmp`: a temp file of an atomic
+    /// write of an older version (which named them after the volume).
     Temp,
+}
+
+/// What the volume service needs of one vmgroup folder. Every method
+/// touches only the named volume's files, refuses entries that are not
+/// regular files, and names files as [`DsPath`]s in its errors.
+pub trait VolumeFolder: Send + Sync + fmt::Debug {
+    /// `[datastore] dockvols/<vmgroup>/<file>`, for messages.
+    fn shown(&self, file: &str) -> DsPath;
+    /// Blocks until the volume's lock is held (across processes and hosts
+    /// that share the datastore).
+    fn lock(&self, volume: &str) -> Result<VolumeLock, StoreError>;
+    /// Takes the volume's lock, or `None` at once when it is held.
+    fn try_lock(&self, volume: &str) -> Result<Option<VolumeLock>, StoreError>;
+    /// The volume's sidecar; `None` when there is none.
+    fn read_meta(&self, volume: &str) -> Result<Option<VolumeMeta>, MetaError>;
+    /// Writes the volume's sidecar atomically and durably.
+    fn write_meta(&self, volume: &str, meta: &VolumeMeta) -> Result<(), MetaError>;
+    /// The entry `file` of this folder, not followed.
+    fn entry(&self, file: &str) -> Result<Option<Stat>, StoreError>;
+    /// Creates a marker durably (a marker left by a crash is reused).
+    fn mark(&self, volume: &str, marker: Marker) -> Result<(), StoreError>;
+    /// Whether a create or remove marker of the volume's exists.
+    fn marked(&self, volume: &str) -> Result<bool, StoreError>;
+    /// Starts a remove: the sidecar becomes the remove marker, in one
+    /// rename that needs no free space, so from here on the name is no
+    /// volume and its leftovers are known to be ours.
+    fn begin_remove(&self, volume: &str) -> Result<(), StoreError>;
+    /// Deletes both markers (not synced: a marker that comes back after a
+    /// crash only makes the next start look at that name again).
+    fn clear_markers(&self, volume: &str) -> Result<(), StoreError>;
+    /// Every entry of the folder.
+    fn list(&self) -> Result<Vec<Entry>, StoreError>;
+    /// Deletes temp files of atomic writes whose writer is gone.
+    fn remove_stale_temp_files(&self) -> Result<usize, StoreError>;
+    /// Deletes the volume's temp files of older versions (under its lock).
+    fn remove_legacy_temps(&self, volume: &str) -> Result<(), StoreError>;
+}
+
+/// A vmgroup folder on a directory datastore.
+///
+/// When the datastore is full, writes that record a state change (sidecar
+/// updates, markers) free a chunk of the datastore's space reserve
+/// ([`RESERVE_FILE`]) and try once more, so that detach, unmount and remove
+/// still work and say what really happened; creates never use the reserve.
+#[derive(Debug)]
+pub struct LocalFolder {
+    dir: Dir,
+    dockvols: Dir,
+    vmgroup: String,
+    datastore: String,
+}
+
+impl LocalFolder {
+    /// The folder's directory.
+    pub fn dir(&self) -> &Dir {
+        &self.dir
+    }
+
+    /// The vmgroup.
+    pub fn vmgroup(&self) -> &str {
+        &self.vmgroup
+    }
+
+    /// The datastore.
+    pub fn datastore(&self) -> &str {
+        &self.datastore
+    }
+
+    /// Runs a state-recording write; on a full datastore frees part of the
+    /// reserve and runs it once more.
+    fn with_reserve<T>(&self, f: impl Fn() -> Result<T, StoreError>) -> Result<T, StoreError> {
+        match f() {
+            Err(e) if e.is_no_space() && release_reserve(&self.dockvols) => f(),
+            other => other,
+        }
+    }
+
+    /// Opens the regular file `file` of this folder.
+    pub fn open(&self, file: &str, access: Access) -> Result<Option<File>, StoreError> {
+        self.dir.open(file, access)
+    }
+}
+
+impl VolumeFolder for LocalFolder {
+    fn shown(&self, file: &str) -> DsPath {
+        self.dir.file(file)
+    }
+
+    fn lock(&self, volume: &str) -> Result<VolumeLock, StoreError> {
+        let name = VolumeFiles::new(volume).lock;
+        let l = self.with_reserve(|| self.dir.lock_file(&name, true, true))?;
+        Ok(VolumeLock::from(l.expect("a blocking lock is always taken")))
+    }
+
+    fn try_lock(&self, volume: &str) -> Result<Option<VolumeLock>, StoreError> {
+        let name = VolumeFiles::new(volume).lock;
+        Ok(self
+            .with_reserve(|| self.dir.lock_file(&name, true, false))?
+            .map(VolumeLock::from))
+    }
+
+    fn read_meta(&self, volume: &str) -> Result<Option<VolumeMeta>, MetaError> {
+        let name = VolumeFiles::new(volume).meta;
+        let Some(bytes) = self.dir.read_bounded(&name, MAX_META_BYTES)? else {
+            return Ok(None);
+        };
+        VolumeMeta::decode(&bytes)
+            .map(Some)
+            .map_err(|source| MetaError::Corrupt {
+                file: self.dir.file(&name),
+                source,
+            })
+    }
+
+    fn write_meta(&self, volume: &str, meta: &VolumeMeta) -> Result<(), MetaError> {
+        let name = VolumeFiles::new(volume).meta;
+        let bytes = meta.encode();
+        Ok(self.with_reserve(|| self.dir.write_atomic(&name, &bytes))?)
+    }
+
+    fn entry(&self, file: &str) -> Result<Option<Stat>, StoreError> {
+        self.dir.stat(file)
+    }
+
+    fn mark(&self, volume: &str, marker: Marker) -> Result<(), StoreError> {
+        let files = VolumeFiles::new(volume);
+        let name = files.marker(marker);
+        let made = self.with_reserve(|| match self.dir.create_new(name, FILE_MODE) {
+            Ok(_) => Ok(true),
+            Err(StoreError::Exists { .. }) => Ok(false),
+            Err(e) => Err(e),
+        })?;
+        if !made {
+            // A marker of a crashed operation, reused; anything else under
+            // the name is not ours.
+            match self.dir.stat(name)? {
+                Some(st) if st.kind == FileKind::Regular => {}
+                Some(st) => {
+                    return Err(StoreError::WrongKind {
+                        file: self.dir.file(name),
+                        found: st.kind,
+                        expected: FileKind::Regular,
+                    })
+                }
+                None => return self.mark(volume, marker),
+            }
+        }
+        // The marker's existence (not its content) must survive a crash.
+        self.dir.sync()
+    }
+
+    fn marked(&self, volume: &str) -> Result<bool, StoreError> {
+        let files = VolumeFiles::new(volume);
+        for name in [&files.creating, &files.removing] {
+            if self.dir.stat(name)?.is_some_and(|s| s.kind == FileKind::Regular) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    fn begin_remove(&self, volume: &str) -> Result<(), StoreError> {
+        let files = VolumeFiles::new(volume);
+        match self.dir.rename_noreplace(&files.meta, &files.removing) {
+            Ok(()) => {}
+            Err(StoreError::Exists { .. }) => {
+                // A marker of an earlier remove that stopped before it
+                // deleted anything (the sidecar is still here): replace it.
+                self.dir.remove(&files.removing)?;
+                self.dir.rename_noreplace(&files.meta, &files.removing)?;
+            }
+            Err(e) => return Err(e),
+        }
+        self.dir.sync()
+    }
+
+    fn clear_markers(&self, volume: &str) -> Result<(), StoreError> {
+        let files = VolumeFiles::new(volume);
+        for name in [&files.creating, &files.removing] {
+            self.dir.remove(name)?;
+        }
+        Ok(())
+    }
+
+    fn list(&self) -> Result<Vec<Entry>, StoreError> {
+        self.dir.entries()
+    }
+
+    fn remove_legacy_temps(&self, volume: &str) -> Result<(), StoreError> {
+        for name in &VolumeFiles::new(volume).legacy_temps {
+            self.dir.remove(name)?;
+        }
+        Ok(())
+    }
+
+    fn remove_stale_temp_files(&self) -> Result<usize, StoreError> {
+        let mut n = 0;
+        for e in self.dir.entries()? {
+            if e.name.starts_with(TEMP_PREFIX) && self.dir.remove_stale_temp(&e.name)? {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+}
+
+/// Whether `path` is inside `root` after resolving both (used by tests and
+/// admin tools to assert no file escaped its datastore).
+pub fn is_within(root: &Path, path: &Path) -> bool {
+    match (std::fs::canonicalize(root), std::fs::canonicalize(path)) {
+        (Ok(r), Ok(p)) => p.starts_with(r),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::symlink;
+
+    use super::*;
+
+    fn ds() -> (tempfile::TempDir, Datastore) {
+        let t = tempfile::tempdir().unwrap();
+        let ds = Datastore {
+            name: "local".into(),
+            root: t.path().to_owned(),
+            vsan: false,
+        };
+        (t, ds)
+    }
+
+    #[test]
+    fn vmgroup_links_only_within_the_same_dockvols() {
+        let (t, ds) = ds();
+        let dv = t.path().join(DOCKVOLS);
+        std::fs::create_dir_all(dv.join("11111111-uuid")).unwrap();
+        symlink("11111111-uuid", dv.join("tenant1")).unwrap();
+        symlink(dv.join("11111111-uuid"), dv.join("tenant2")).unwrap();
+        symlink("./11111111-uuid/", dv.join("tenant3")).unwrap();
+        for g in ["tenant1", "tenant2", "tenant3"] {
+            let f = ds.folder(g, false).unwrap().unwrap_or_else(|| panic!("{g}"));
+            assert_eq!(f.shown("x").to_string(), format!("[local] dockvols/{g}/x"));
+        }
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::create_dir(outside.path().join("11111111-uuid")).unwrap();
+        symlink(outside.path().join("11111111-uuid"), dv.join("evil1")).unwrap();
+        symlink("/etc", dv.join("evil2")).unwrap();
+        symlink("..", dv.join("evil3")).unwrap();
+        symlink("tenant1", dv.join("evil4")).unwrap();
+        symlink("11111111-uuid/deeper", dv.join("evil5")).unwrap();
+        for g in ["evil1", "evil2", "evil3", "evil4", "evil5"] {
+            let e = ds.folder(g, false).unwrap_err();
+            assert!(matches!(e, StoreError::ForeignLink { .. }), "{g}: {e}");
+        }
+        assert!(ds.folder("evil2", true).is_err());
+        assert!(!Path::new("/etc/x.lck").exists());
+    }
+
+    #[test]
+    fn a_linked_dockvols_is_refused() {
+        let (t, ds) = ds();
+        let elsewhere = tempfile::tempdir().unwrap();
+        symlink(elsewhere.path(), t.path().join(DOCKVOLS)).unwrap();
+        assert!(matches!(
+            ds.folder(DEFAULT_VMGROUP, true),
+            Err(StoreError::WrongKind { .. })
+        ));
+        assert_eq!(std::fs::read_dir(elsewhere.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn folders_are_private_and_markers_refuse_links() {
+        use std::os::unix::fs::PermissionsExt;
+        let (t, ds) = ds();
+        let f = ds.folder(DEFAULT_VMGROUP, true).unwrap().unwrap();
+        for d in [t.path().join(DOCKVOLS), t.path().join(DOCKVOLS).join(DEFAULT_VMGROUP)] {
+            assert_eq!(std::fs::metadata(&d).unwrap().permissions().mode() & 0o777, 0o700);
+        }
+        let outside = tempfile::tempdir().unwrap();
+        let target = outside.path().join("victim");
+        std::fs::write(&target, "keep").unwrap();
+        symlink(&target, t.path().join("dockvols/_DEFAULT/v.creating")).unwrap();
+        assert!(matches!(
+            f.mark("v", Marker::Creating),
+            Err(StoreError::WrongKind { .. })
+        ));
+        assert!(!f.marked("v").unwrap());
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "keep");
+        f.mark("w", Marker::Creating).unwrap();
+        f.mark("w", Marker::Creating).unwrap();
+        assert!(f.marked("w").unwrap());
+        f.clear_markers("w").unwrap();
+        assert!(!f.marked("w").unwrap());
+    }
 }

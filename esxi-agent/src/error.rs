@@ -111,6 +111,16 @@ pub enum AgentError {
         #[source]
         source: BackendError,
     },
+    /// A datastore file could not be used: missing folder, a file of the
+    /// wrong kind (a planted link or FIFO), too large, a full datastore.
+    #[error("volume {name}")]
+    Store {
+        /// Canonical name.
+        name: String,
+        /// The cause, naming the file in datastore form.
+        #[source]
+        source: crate::store::StoreError,
+    },
     /// A datastore folder could not be created or read.
     #[error("{op} {path}")]
     Io {
@@ -152,8 +162,8 @@ impl AgentError {
             Self::AlreadyExists { .. } | Self::ForeignFiles { .. } => ErrorCode::AlreadyExists,
             Self::InUse { .. } | Self::CloneSourceAttached { .. } => ErrorCode::InUse,
             Self::AttachedElsewhere { .. } => ErrorCode::AttachedElsewhere,
-            Self::Backend { .. } => ErrorCode::Backend,
-            Self::Meta { .. } | Self::Io { .. } => ErrorCode::Io,
+            Self::Backend { source, .. } => source.code(),
+            Self::Meta { .. } | Self::Io { .. } | Self::Store { .. } => ErrorCode::Io,
             Self::Internal(_) => ErrorCode::Internal,
             Self::Policy(e) => e.code(),
             Self::NotEditable { .. } => ErrorCode::InvalidOption,

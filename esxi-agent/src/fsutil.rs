@@ -1,58 +1,37 @@
-//! Crash-safe file helpers: atomic writes and sparse-aware copies.
+//! Crash-safe file helpers: atomic writes of local state files and
+//! sparse-aware copies of open files.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::fs::File;
+use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
-/// Writes `data` to `path` atomically: write a temp file beside it, fsync it,
-/// rename it over `path`, then fsync the directory. After a crash the file
-/// holds either the old or the new content, never a mix.
+use crate::store::{Dir, DsPath, StoreError};
+
+/// Writes `data` to `path` atomically, mode 0600, through the datastore
+/// door ([`Dir::write_atomic`]): a temp file with an unpredictable name is
+/// created `O_EXCL`, written and fsynced, renamed over `path`, and the
+/// directory fsynced. After a crash the file holds either the old or the
+/// new content, never a mix; on failure nothing is left behind. The
+/// directory of `path` is trusted (it is the caller's own, e.g. the
+/// plugin's state directory); `path` itself is never followed if it is a
+/// link.
 pub fn atomic_write(path: &Path, data: &[u8]) -> io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp_name = path.file_name().unwrap_or_default().to_owned();
-    tmp_name.push(".tmp");
-    let tmp = dir.join(tmp_name);
-    {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o644)
-            .open(&tmp)?;
-        f.write_all(data)?;
-        f.sync_all()?;
-    }
-    fs::rename(&tmp, path)?;
-    fsync_dir(dir)
-}
-
-/// Creates a small marker file (`what` and a newline) whose existence is
-/// durable before this returns: only the directory is synced, because the
-/// marker's presence, not its text, is what counts.
-pub fn write_marker(path: &Path, what: &str) -> io::Result<()> {
-    OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o644)
-        .open(path)?
-        .write_all(format!("{what}\n").as_bytes())?;
-    fsync_dir(path.parent().unwrap_or(Path::new(".")))
-}
-
-/// Fsyncs a directory so a rename or unlink in it is durable.
-pub fn fsync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
-}
-
-/// Removes a file; a file that is already gone is not an error.
-pub fn remove_if_exists(path: &Path) -> io::Result<()> {
-    match fs::remove_file(path) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        other => other,
-    }
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no UTF-8 file name"))?;
+    let shown = DsPath::new("local", &dir.display().to_string());
+    Dir::open_trusted(dir, shown)
+        .and_then(|d| d.write_atomic(name, data))
+        .map_err(|e| match e {
+            StoreError::Io { source, .. } => source,
+            other => io::Error::other(other.to_string()),
+        })
 }
 
 /// Copies `src` to `dst` (which must exist, empty or preallocated), copying
@@ -97,19 +76,22 @@ pub fn sparse_copy(src: &File, dst: &File, len: u64) -> io::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use std::io::{Seek, SeekFrom};
+    use std::fs;
+    use std::io::{Seek, SeekFrom, Write};
     use std::os::unix::fs::MetadataExt;
 
     use super::*;
 
     #[test]
     fn atomic_write_replaces_content_and_leaves_no_temp() {
+        use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("a.json");
         atomic_write(&p, b"one").unwrap();
         atomic_write(&p, b"two").unwrap();
         assert_eq!(fs::read(&p).unwrap(), b"two");
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
     }
 
     #[test]

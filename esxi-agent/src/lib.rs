@@ -27,6 +27,7 @@ pub mod meta;
 pub mod policy;
 pub mod server;
 pub mod service;
+pub mod store;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 pub mod vmdk;

@@ -1,95 +1,68 @@
 //! Per-volume locks that hold across processes.
 //!
 //! Each volume has a lock file `<vol>.lck` beside its descriptor. A
-//! [`VolumeLock`] is an exclusive `flock(2)` on it. `flock` locks belong to
-//! the open file description, so two locks taken in one process exclude each
-//! other just as two processes do: the agent's request threads, the admin
-//! CLI and a second agent on a shared datastore all serialize on the same
-//! file, while different volumes never wait on each other.
+//! [`VolumeLock`] is an exclusive `flock(2)` on it, taken through the
+//! datastore door ([`crate::store::Dir::lock_file`]: the file is created
+//! 0600 with `O_EXCL`, and a symbolic link or any other non-file under that
+//! name is refused, never followed). `flock` locks belong to the open file
+//! description, so two locks taken in one process exclude each other just
+//! as two processes do: the agent's request threads, the admin CLI and a
+//! second agent on a shared datastore all serialize on the same file, while
+//! different volumes never wait on each other.
 //!
 //! Removing a volume unlinks its lock file while holding the lock. A waiter
-//! that then wins the lock on the unlinked inode notices that the path now
+//! that then wins the lock on the unlinked inode notices that the name now
 //! names another file (or none) and retries, so the lock can never be held
 //! twice.
 
-use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use nix::fcntl::{Flock, FlockArg};
-
-/// Opens (creating it, mode 0600) the lock file at `path` and blocks until
-/// `arg` (shared or exclusive) is held on it. The lock is released when the
-/// returned file drops.
-pub fn lock_file(path: &Path, arg: FlockArg) -> io::Result<Flock<File>> {
-    Flock::lock(open_lock_file(path)?, arg).map_err(|(_, e)| io::Error::from(e))
-}
-
-/// Opens the lock file at `path`, creating it with mode 0600.
-fn open_lock_file(path: &Path) -> io::Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(path)
-}
+use crate::store::{Dir, DsPath, FileLock, StoreError};
 
 /// An exclusive lock on one volume, released on drop.
 #[derive(Debug)]
 pub struct VolumeLock {
-    _file: Flock<File>,
-    path: PathBuf,
+    lock: FileLock,
+}
+
+impl From<FileLock> for VolumeLock {
+    fn from(lock: FileLock) -> Self {
+        Self { lock }
+    }
 }
 
 impl VolumeLock {
-    /// Blocks until the lock at `path` is held. The directory must exist.
+    /// Blocks until the lock file at `path` is locked: for tools and tests
+    /// that hold a volume's lock from outside the agent (the file's folder
+    /// is trusted; the file itself is not followed if it is a link).
     pub fn acquire(path: &Path) -> io::Result<Self> {
-        loop {
-            let locked = lock_file(path, FlockArg::LockExclusive)?;
-            let held = locked.metadata()?;
-            match std::fs::metadata(path) {
-                Ok(now) if now.ino() == held.ino() && now.dev() == held.dev() => {
-                    return Ok(Self {
-                        _file: locked,
-                        path: path.to_owned(),
-                    })
-                }
-                Ok(_) => continue,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(e),
-            }
+        let (dir, name) = split(path)?;
+        match dir.lock_file(&name, true, true) {
+            Ok(l) => Ok(Self::from(l.expect("a blocking lock is always taken"))),
+            Err(e) => Err(io::Error::other(e)),
         }
     }
 
-    /// Like [`VolumeLock::acquire`], but gives up at once (`Ok(None)`)
-    /// when another holder has the lock.
-    pub fn try_acquire(path: &Path) -> io::Result<Option<Self>> {
-        let locked = match Flock::lock(open_lock_file(path)?, FlockArg::LockExclusiveNonblock) {
-            Ok(l) => l,
-            Err((_, nix::errno::Errno::EWOULDBLOCK)) => return Ok(None),
-            Err((_, e)) => return Err(io::Error::from(e)),
-        };
-        let held = locked.metadata()?;
-        match std::fs::metadata(path) {
-            Ok(now) if now.ino() == held.ino() && now.dev() == held.dev() => Ok(Some(Self {
-                _file: locked,
-                path: path.to_owned(),
-            })),
-            // Unlinked or replaced while we opened it: someone else's.
-            Ok(_) => Ok(None),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
-        }
+    /// Unlinks the lock file (the volume is gone); the lock is released
+    /// when `self` drops.
+    pub fn unlink(&self) -> Result<(), StoreError> {
+        self.lock.unlink()
     }
+}
 
-    /// Unlinks the lock file (the volume is gone); the lock is released when
-    /// `self` drops.
-    pub fn unlink(&self) -> io::Result<()> {
-        crate::fsutil::remove_if_exists(&self.path)
-    }
+fn split(path: &Path) -> io::Result<(Dir, String)> {
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "lock path has no UTF-8 file name"))?;
+    let dir =
+        Dir::open_trusted(parent, DsPath::new("local", &parent.display().to_string())).map_err(io::Error::other)?;
+    Ok((dir, name.to_owned()))
 }
 
 #[cfg(test)]
@@ -124,22 +97,12 @@ mod tests {
     }
 
     #[test]
-    fn try_acquire_gives_up_while_held() {
+    fn a_linked_lock_file_is_refused_and_nothing_is_created_through_it() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("v.lck");
-        drop(VolumeLock::try_acquire(&path).unwrap().expect("free lock"));
-        let held = VolumeLock::acquire(&path).unwrap();
-        assert!(VolumeLock::try_acquire(&path).unwrap().is_none());
-        drop(held);
-        let again = VolumeLock::try_acquire(&path).unwrap();
-        assert!(again.is_some());
-        assert!(VolumeLock::try_acquire(&path).unwrap().is_none());
-    }
-
-    #[test]
-    fn different_volumes_do_not_wait() {
-        let dir = tempfile::tempdir().unwrap();
-        let _a = VolumeLock::acquire(&dir.path().join("a.lck")).unwrap();
-        let _b = VolumeLock::acquire(&dir.path().join("b.lck")).unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let target = outside.path().join("nologin");
+        std::os::unix::fs::symlink(&target, dir.path().join("v.lck")).unwrap();
+        assert!(VolumeLock::acquire(&dir.path().join("v.lck")).is_err());
+        assert!(!target.exists(), "root created a file through a dangling link");
     }
 }

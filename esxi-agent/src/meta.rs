@@ -1,15 +1,13 @@
 //! Per-volume metadata: the `<vol>.vmfd` sidecar next to each disk.
 //!
-//! The sidecar is versioned JSON written atomically (see
-//! [`crate::fsutil::atomic_write`]). Key names follow the original's DiskLib
+//! The sidecar is versioned JSON written atomically through the datastore
+//! door ([`crate::datastore::VolumeFolder::write_meta`]). Key names follow the original's DiskLib
 //! KV (`status`, `volOpts`, `created`, `created-by`, `attachedVMUuid`, ...)
 //! so the admin tools read familiar fields. The sidecar is written last when
-//! a volume is created and removed first when it is deleted: a volume exists
-//! exactly when its sidecar does.
+//! a volume is created and renamed to the remove marker first when it is
+//! deleted: a volume exists exactly when its sidecar does.
 
 use std::collections::BTreeMap;
-use std::io;
-use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use vmdk_protocol::{AttachStatus, FormatRecord};
@@ -53,31 +51,17 @@ pub struct VolumeMeta {
 /// Why a sidecar could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum MetaError {
-    /// Reading or writing the file failed.
-    #[error("cannot access metadata {path}")]
-    Io {
-        /// The sidecar path.
-        path: String,
-        /// The cause.
-        #[source]
-        source: io::Error,
-    },
-    /// The file is not valid sidecar JSON.
-    #[error("corrupt metadata {path}")]
+    /// Reading or writing the file failed (or it is not a regular file).
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// The file is not sidecar JSON of this version.
+    #[error("unusable metadata {file}")]
     Corrupt {
-        /// The sidecar path.
-        path: String,
-        /// The cause.
+        /// The sidecar.
+        file: crate::store::DsPath,
+        /// What is wrong with it.
         #[source]
-        source: serde_json::Error,
-    },
-    /// The file has a version this agent does not know.
-    #[error("metadata {path} has version {version}; this agent reads version {META_VERSION}")]
-    Version {
-        /// The sidecar path.
-        path: String,
-        /// The version found.
-        version: u32,
+        source: MetaDecodeError,
     },
 }
 
@@ -120,43 +104,6 @@ impl VolumeMeta {
         json
     }
 
-    /// Reads a sidecar; `Ok(None)` when it does not exist.
-    pub fn load(path: &Path) -> Result<Option<Self>, MetaError> {
-        let bytes = match std::fs::read(path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => {
-                return Err(MetaError::Io {
-                    path: path.display().to_string(),
-                    source,
-                })
-            }
-        };
-        match Self::decode(&bytes) {
-            Ok(m) => Ok(Some(m)),
-            Err(MetaDecodeError::Version(version)) => Err(MetaError::Version {
-                path: path.display().to_string(),
-                version,
-            }),
-            Err(MetaDecodeError::Json(source)) => Err(MetaError::Corrupt {
-                path: path.display().to_string(),
-                source,
-            }),
-            Err(MetaDecodeError::TooLarge) => Err(MetaError::Io {
-                path: path.display().to_string(),
-                source: io::Error::other("larger than 64 KiB"),
-            }),
-        }
-    }
-
-    /// Writes the sidecar atomically.
-    pub fn store(&self, path: &Path) -> Result<(), MetaError> {
-        crate::fsutil::atomic_write(path, &self.encode()).map_err(|source| MetaError::Io {
-            path: path.display().to_string(),
-            source,
-        })
-    }
-
     /// An option's effective value.
     pub fn opt(&self, key: &str) -> Option<&str> {
         self.vol_opts.get(key).map(String::as_str)
@@ -169,9 +116,6 @@ mod tests {
 
     #[test]
     fn round_trip_and_version_check() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("v.vmfd");
-        assert!(VolumeMeta::load(&p).unwrap().is_none());
         let m = VolumeMeta {
             version: META_VERSION,
             status: AttachStatus::Detached,
@@ -183,19 +127,20 @@ mod tests {
             attached_at: None,
             formatted: None,
         };
-        m.store(&p).unwrap();
-        let text = std::fs::read_to_string(&p).unwrap();
+        let bytes = m.encode();
+        let text = String::from_utf8(bytes.clone()).unwrap();
         assert!(
             text.contains("\"volOpts\"") && text.contains("\"created-by\""),
             "{text}"
         );
-        assert_eq!(VolumeMeta::load(&p).unwrap().unwrap(), m);
-        std::fs::write(&p, text.replace("\"version\": 1", "\"version\": 9")).unwrap();
+        assert_eq!(VolumeMeta::decode(&bytes).unwrap(), m);
+        let v9 = text.replace("\"version\": 1", "\"version\": 9");
         assert!(matches!(
-            VolumeMeta::load(&p),
-            Err(MetaError::Version { version: 9, .. })
+            VolumeMeta::decode(v9.as_bytes()),
+            Err(MetaDecodeError::Version(9))
         ));
-        std::fs::write(&p, "{garbage").unwrap();
-        assert!(matches!(VolumeMeta::load(&p), Err(MetaError::Corrupt { .. })));
+        assert!(matches!(VolumeMeta::decode(b"{garbage"), Err(MetaDecodeError::Json(_))));
+        let huge = vec![b' '; MAX_META_BYTES as usize + 1];
+        assert!(matches!(VolumeMeta::decode(&huge), Err(MetaDecodeError::TooLarge)));
     }
 }

@@ -17,7 +17,6 @@
 //!   decision that depends on it (remove, attach from another VM).
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -28,13 +27,14 @@ use vmdk_protocol::{
     VolumeInfo, VolumeRef, API_VERSION,
 };
 
-use crate::backend::{Attachment, DiskBackend};
+use crate::backend::{Attachment, BackendError, DiskBackend, DiskInfo, DiskRef};
 use crate::config::AgentConfig;
-use crate::datastore::{Datastore, DiskPaths, DEFAULT_VMGROUP};
+use crate::datastore::{Datastore, Marker, VolumeFiles, VolumeFolder, DEFAULT_VMGROUP};
 use crate::error::AgentError;
 use crate::lock::VolumeLock;
 use crate::meta::{VolumeMeta, META_VERSION};
 use crate::policy::PolicyLock;
+use crate::store::{DsPath, FileKind, StoreError};
 
 mod admin;
 mod recover;
@@ -59,13 +59,34 @@ pub fn validate_vm_id(vm: &str) -> Result<(), AgentError> {
     Ok(())
 }
 
-/// A resolved volume: its canonical name, datastore and files.
+/// A resolved volume: its canonical name, datastore and volume part.
 #[derive(Debug, Clone)]
 struct Target<'a> {
     full: String,
     ds: &'a Datastore,
-    disk: DiskPaths,
+    volume: String,
 }
+
+impl Target<'_> {
+    fn disk(&self) -> DiskRef<'_> {
+        DiskRef {
+            datastore: self.ds,
+            vmgroup: DEFAULT_VMGROUP,
+            volume: &self.volume,
+        }
+    }
+
+    fn files(&self) -> VolumeFiles {
+        VolumeFiles::new(&self.volume)
+    }
+
+    fn shown(&self, file: &str) -> DsPath {
+        self.disk().shown(file)
+    }
+}
+
+/// A vmgroup folder as the service uses it.
+type Folder = Box<dyn VolumeFolder>;
 
 /// The agent's domain service.
 #[derive(Debug)]
@@ -163,67 +184,94 @@ impl VolumeService {
         Ok(Target {
             full: r.full_name(&ds.name),
             ds,
-            disk: ds.disk(DEFAULT_VMGROUP, &r.volume),
+            volume: r.volume,
         })
     }
 
     fn not_found(t: &Target<'_>) -> AgentError {
         AgentError::NotFound {
             name: t.full.clone(),
-            path: t.disk.descriptor.display().to_string(),
+            path: t.shown(&t.files().descriptor).to_string(),
         }
     }
 
-    fn load_meta(t: &Target<'_>) -> Result<Option<VolumeMeta>, AgentError> {
-        VolumeMeta::load(&t.disk.meta).map_err(|source| AgentError::Meta {
+    fn store_err<'a>(t: &'a Target<'_>) -> impl FnOnce(StoreError) -> AgentError + 'a {
+        |source| AgentError::Store {
+            name: t.full.clone(),
+            source,
+        }
+    }
+
+    /// The volume's vmgroup folder, through the datastore door; `None`
+    /// when it does not exist (and `create` is false).
+    fn folder(t: &Target<'_>, create: bool) -> Result<Option<Folder>, AgentError> {
+        Ok(t.ds
+            .folder(DEFAULT_VMGROUP, create)
+            .map_err(Self::store_err(t))?
+            .map(|f| Box::new(f) as Folder))
+    }
+
+    fn load_meta(t: &Target<'_>, folder: &dyn VolumeFolder) -> Result<Option<VolumeMeta>, AgentError> {
+        folder.read_meta(&t.volume).map_err(|source| AgentError::Meta {
             name: t.full.clone(),
             source,
         })
     }
 
-    fn store_meta(t: &Target<'_>, meta: &VolumeMeta) -> Result<(), AgentError> {
-        meta.store(&t.disk.meta).map_err(|source| AgentError::Meta {
+    fn store_meta(t: &Target<'_>, folder: &dyn VolumeFolder, meta: &VolumeMeta) -> Result<(), AgentError> {
+        folder.write_meta(&t.volume, meta).map_err(|source| AgentError::Meta {
             name: t.full.clone(),
             source,
         })
     }
 
-    fn backend_err<'a>(t: &'a Target<'_>) -> impl FnOnce(crate::backend::BackendError) -> AgentError + 'a {
+    fn backend_err<'a>(t: &'a Target<'_>) -> impl FnOnce(BackendError) -> AgentError + 'a {
         |source| AgentError::Backend {
             name: t.full.clone(),
             source,
         }
     }
 
-    /// Runs `f` under the volume's lock. If the volume does not exist
-    /// afterwards, the lock file is removed too, so looking up a missing
-    /// volume leaves nothing behind.
-    fn locked<T>(&self, t: &Target<'_>, f: impl FnOnce(&VolumeLock) -> Result<T, AgentError>) -> Result<T, AgentError> {
-        if !t.disk.dir.is_dir() {
-            return Err(Self::not_found(t));
-        }
-        let lock = VolumeLock::acquire(&t.disk.lock).map_err(|source| AgentError::Io {
-            op: "lock",
-            path: t.disk.lock.display().to_string(),
-            source,
-        })?;
-        let out = f(&lock);
-        if !t.disk.meta.exists() {
+    fn lock(t: &Target<'_>, folder: &dyn VolumeFolder) -> Result<VolumeLock, AgentError> {
+        folder.lock(&t.volume).map_err(Self::store_err(t))
+    }
+
+    /// Drops the lock file of a name that is no volume (any more), so
+    /// looking up a missing volume leaves nothing behind.
+    fn release(t: &Target<'_>, folder: &dyn VolumeFolder, lock: VolumeLock) {
+        if matches!(folder.entry(&t.files().meta), Ok(None)) {
             let _ = lock.unlink();
         }
+    }
+
+    /// Runs `f` under the volume's lock, with its folder (created first
+    /// when `create`).
+    fn locked<T>(
+        &self,
+        t: &Target<'_>,
+        create: bool,
+        f: impl FnOnce(&dyn VolumeFolder) -> Result<T, AgentError>,
+    ) -> Result<T, AgentError> {
+        let folder = Self::folder(t, create)?.ok_or_else(|| Self::not_found(t))?;
+        let lock = Self::lock(t, &*folder)?;
+        let out = f(&*folder);
+        Self::release(t, &*folder, lock);
         out
     }
 
     fn info(&self, t: &Target<'_>, meta: &VolumeMeta) -> Result<VolumeInfo, AgentError> {
-        let desc = self.backend.descriptor(&t.disk).map_err(Self::backend_err(t))?;
-        let allocated = self.backend.allocated_bytes(&t.disk).unwrap_or(0);
-        Ok(build_info(&t.full, t.ds, DEFAULT_VMGROUP, meta, &desc, allocated))
+        let disk = self.backend.disk_info(&t.disk()).map_err(Self::backend_err(t))?;
+        Ok(build_info(&t.full, t.ds, DEFAULT_VMGROUP, meta, &disk))
     }
 
-    /// `GET /v1/volumes/{name}`.
+    /// `GET /v1/volumes/{name}`. Takes no lock: a read never waits behind a
+    /// slow create or attach of the same name. A volume whose files are
+    /// damaged (sidecar, descriptor or extent missing, unreadable, of the
+    /// wrong kind) is an error naming the file, never reported healthy.
     pub fn get(&self, name: &str) -> Result<VolumeInfo, AgentError> {
         let t = self.resolve(name)?;
-        let meta = Self::load_meta(&t)?.ok_or_else(|| Self::not_found(&t))?;
+        let folder = Self::folder(&t, false)?.ok_or_else(|| Self::not_found(&t))?;
+        let meta = Self::load_meta(&t, &*folder)?.ok_or_else(|| Self::not_found(&t))?;
         self.info(&t, &meta)
     }
 
@@ -257,86 +305,109 @@ impl VolumeService {
                 Some(Target {
                     full: r.full_name(&ds.name),
                     ds,
-                    disk: ds.disk(DEFAULT_VMGROUP, &r.volume),
+                    volume: r.volume,
                 })
             }
             None => None,
         };
-        if let Some(src) = &source {
-            if src.disk.meta == t.disk.meta {
-                return Err(AgentError::InvalidRequest(format!(
-                    "cannot clone volume {} onto itself",
-                    t.full
-                )));
-            }
-            if !src.disk.meta.exists() {
-                return Err(AgentError::CloneSourceNotFound {
-                    source_name: src.full.clone(),
-                });
-            }
+        let Some(src) = source else {
+            return self.locked(&t, true, |folder| {
+                self.create_locked(vm, &t, folder, &opts, &req.opts, None)
+            });
+        };
+        if src.full == t.full {
+            return Err(AgentError::InvalidRequest(format!(
+                "cannot clone volume {} onto itself",
+                t.full
+            )));
         }
-        std::fs::create_dir_all(&t.disk.dir).map_err(|source| AgentError::Io {
-            op: "create folder",
-            path: t.disk.dir.display().to_string(),
-            source,
-        })?;
-        let create = || {
-            if Self::load_meta(&t)?.is_some() {
-                return Err(AgentError::AlreadyExists {
+        let not_found = || AgentError::CloneSourceNotFound {
+            source_name: src.full.clone(),
+        };
+        let src_folder = Self::folder(&src, false)?.ok_or_else(not_found)?;
+        if src_folder
+            .entry(&src.files().meta)
+            .map_err(Self::store_err(&src))?
+            .is_none()
+        {
+            return Err(not_found());
+        }
+        let folder = Self::folder(&t, true)?.expect("created");
+        // Lock both volumes in name order so two clones in opposite
+        // directions cannot deadlock.
+        let (first, second) = if (&t.ds.name, &t.volume) < (&src.ds.name, &src.volume) {
+            ((&t, &*folder), (&src, &*src_folder))
+        } else {
+            ((&src, &*src_folder), (&t, &*folder))
+        };
+        let l1 = Self::lock(first.0, first.1)?;
+        let l2 = Self::lock(second.0, second.1)?;
+        let out = self.create_locked(vm, &t, &*folder, &opts, &req.opts, Some((&src, &*src_folder)));
+        Self::release(second.0, second.1, l2);
+        Self::release(first.0, first.1, l1);
+        out
+    }
+
+    /// Create, under the new volume's lock (and the source's, for a clone).
+    fn create_locked(
+        &self,
+        vm: &str,
+        t: &Target<'_>,
+        folder: &dyn VolumeFolder,
+        opts: &VolumeOptions,
+        raw: &BTreeMap<String, String>,
+        source: Option<(&Target<'_>, &dyn VolumeFolder)>,
+    ) -> Result<VolumeInfo, AgentError> {
+        let files = t.files();
+        if let Some(st) = folder.entry(&files.meta).map_err(Self::store_err(t))? {
+            return Err(match st.kind {
+                FileKind::Regular => AgentError::AlreadyExists {
                     name: t.full.clone(),
-                    path: t.disk.descriptor.display().to_string(),
-                });
-            }
-            // Files under this name without metadata are ours to replace
-            // only if a create of ours marked them; anything else (a disk
-            // the original vDVS or an administrator put there) is kept.
-            if !t.disk.marked() {
-                if let Some(f) = t.disk.existing_disk_file() {
+                    path: t.shown(&files.descriptor).to_string(),
+                },
+                found => Self::store_err(t)(StoreError::WrongKind {
+                    file: t.shown(&files.meta),
+                    found,
+                    expected: FileKind::Regular,
+                }),
+            });
+        }
+        // Files under this name without metadata are ours to replace only
+        // if a create of ours marked them; anything else (a disk the
+        // original vDVS or an administrator put there) is kept.
+        if !folder.marked(&t.volume).map_err(Self::store_err(t))? {
+            for f in [&files.descriptor, &files.flat] {
+                if folder.entry(f).map_err(Self::store_err(t))?.is_some() {
                     return Err(AgentError::ForeignFiles {
                         name: t.full.clone(),
-                        path: f.display().to_string(),
+                        path: t.shown(f).to_string(),
                     });
                 }
-            }
-            Self::mark(&t.disk.creating, "create")?;
-            let res = match &source {
-                None => self.create_new(vm, &t, &opts, &req.opts),
-                Some(src) => self.create_clone(vm, &t, src, &opts),
-            };
-            // A failed create removes whatever it wrote (a step after the
-            // disk, such as applying the policy, may have failed).
-            if res.is_err() && !t.disk.meta.exists() {
-                if let Err(e) = self.backend.delete_disk(&t.disk) {
-                    tracing::warn!(volume = %t.full, error = %crate::error::error_chain(&e), "cannot clean up a failed create; the next start does");
-                }
-            }
-            // Done, or cleaned up: the marker goes. If cleanup left files,
-            // it stays, so the next start collects them.
-            if res.is_ok() || t.disk.existing_disk_file().is_none() {
-                if let Err(e) = Self::clear_markers(&t.disk) {
-                    tracing::warn!(volume = %t.full, error = %crate::error::error_chain(&e), "cannot remove the create marker; the next start does");
-                }
-            }
-            res
-        };
-        match &source {
-            None => self.locked(&t, |_| create()),
-            Some(src) => {
-                if !src.disk.dir.is_dir() {
-                    return Err(AgentError::CloneSourceNotFound {
-                        source_name: src.full.clone(),
-                    });
-                }
-                // Lock both volumes in path order so two clones in opposite
-                // directions cannot deadlock.
-                let (first, second) = if t.disk.lock < src.disk.lock {
-                    (&t, src)
-                } else {
-                    (src, &t)
-                };
-                self.locked(first, |_| self.locked(second, |_| create()))
             }
         }
+        folder.mark(&t.volume, Marker::Creating).map_err(Self::store_err(t))?;
+        let res = match source {
+            None => self.create_new(vm, t, folder, opts, raw),
+            Some((src, src_folder)) => self.create_clone(vm, t, folder, src, src_folder, opts),
+        };
+        // A failed create removes whatever it wrote (a step after the disk,
+        // such as applying the policy, may have failed).
+        if res.is_err() && matches!(folder.entry(&files.meta), Ok(None)) {
+            if let Err(e) = self.backend.delete_disk(&t.disk()) {
+                tracing::warn!(volume = %t.full, error = %crate::error::error_chain(&e), "cannot clean up a failed create; the next start does");
+            }
+        }
+        // Done, or cleaned up: the marker goes. If cleanup left files, it
+        // stays, so the next start collects them.
+        let leftovers = [&files.descriptor, &files.flat]
+            .iter()
+            .any(|f| !matches!(folder.entry(f), Ok(None)));
+        if res.is_ok() || !leftovers {
+            if let Err(e) = folder.clear_markers(&t.volume) {
+                tracing::warn!(volume = %t.full, error = %crate::error::error_chain(&e), "cannot remove the create marker; the next start does");
+            }
+        }
+        res
     }
 
     /// A VSAN policy must exist and the datastore must be VSAN; see
@@ -349,12 +420,13 @@ impl VolumeService {
         &self,
         vm: &str,
         t: &Target<'_>,
+        folder: &dyn VolumeFolder,
         opts: &VolumeOptions,
         raw: &BTreeMap<String, String>,
     ) -> Result<VolumeInfo, AgentError> {
         let size_mb = opts.size_mb.unwrap_or(opt::DEFAULT_SIZE_MB);
         self.backend
-            .create_disk(&t.disk, size_mb * MIB, opts.disk_format)
+            .create_disk(&t.disk(), size_mb * MIB, opts.disk_format)
             .map_err(Self::backend_err(t))?;
         self.apply_new_policy(t, opts)?;
         let mut vol_opts = raw.clone();
@@ -365,28 +437,29 @@ impl VolumeService {
         );
         vol_opts.insert(opt::ACCESS.into(), opts.access.to_string());
         vol_opts.insert(opt::ATTACH_AS.into(), opts.attach_as.to_string());
-        self.commit_new(vm, t, vol_opts, None)
+        self.commit_new(vm, t, folder, vol_opts, None)
     }
 
     fn create_clone(
         &self,
         vm: &str,
         t: &Target<'_>,
+        folder: &dyn VolumeFolder,
         src: &Target<'_>,
+        src_folder: &dyn VolumeFolder,
         opts: &VolumeOptions,
     ) -> Result<VolumeInfo, AgentError> {
-        let src_meta = Self::load_meta(src)?.ok_or_else(|| AgentError::CloneSourceNotFound {
+        let src_meta = Self::load_meta(src, src_folder)?.ok_or_else(|| AgentError::CloneSourceNotFound {
             source_name: src.full.clone(),
         })?;
-        if let Some(att) = self.live_attachment(src, &src_meta)? {
-            let _ = att;
+        if self.live_attachment(src, src_folder, &src_meta)?.is_some() {
             return Err(AgentError::CloneSourceAttached {
                 name: src.full.clone(),
                 vm: src_meta.attached_vm.clone().unwrap_or_else(|| "unknown".into()),
             });
         }
         self.backend
-            .clone_disk(&src.disk, &t.disk, opts.disk_format)
+            .clone_disk(&src.disk(), &t.disk(), opts.disk_format)
             .map_err(Self::backend_err(t))?;
         self.apply_new_policy(t, opts)?;
         let mut vol_opts = src_meta.vol_opts.clone();
@@ -399,7 +472,7 @@ impl VolumeService {
             None => vol_opts.remove(opt::VSAN_POLICY_NAME),
         };
         // A copy of a formatted disk holds the same filesystem.
-        self.commit_new(vm, t, vol_opts, src_meta.formatted.clone())
+        self.commit_new(vm, t, folder, vol_opts, src_meta.formatted.clone())
     }
 
     /// Writes the sidecar of a new volume: the commit point of create.
@@ -407,6 +480,7 @@ impl VolumeService {
         &self,
         vm: &str,
         t: &Target<'_>,
+        folder: &dyn VolumeFolder,
         vol_opts: BTreeMap<String, String>,
         formatted: Option<FormatRecord>,
     ) -> Result<VolumeInfo, AgentError> {
@@ -421,58 +495,38 @@ impl VolumeService {
             attached_at: None,
             formatted,
         };
-        if let Err(e) = Self::store_meta(t, &meta) {
-            let _ = crate::fsutil::remove_if_exists(&t.disk.meta);
-            let _ = self.backend.delete_disk(&t.disk);
-            return Err(e);
-        }
+        Self::store_meta(t, folder, &meta)?;
         tracing::info!(volume = %t.full, vm, "created volume");
         self.info(t, &meta)
     }
 
-    /// Writes a create or remove marker (see [`DiskPaths::creating`])
-    /// durably, before the operation touches any other file.
-    fn mark(marker: &Path, what: &str) -> Result<(), AgentError> {
-        crate::fsutil::write_marker(marker, what).map_err(|source| AgentError::Io {
-            op: "write",
-            path: marker.display().to_string(),
-            source,
-        })
-    }
-
-    /// Removes both markers. Not synced: a marker that comes back after a
-    /// crash only makes the next start look at that name again.
-    fn clear_markers(disk: &DiskPaths) -> Result<(), AgentError> {
-        for marker in disk.markers() {
-            crate::fsutil::remove_if_exists(marker).map_err(|source| AgentError::Io {
-                op: "delete",
-                path: marker.display().to_string(),
-                source,
-            })?;
-        }
-        Ok(())
-    }
-
     /// The backend's live attachment, healing metadata that claims an
     /// attachment the backend no longer has (e.g. after a host reboot).
-    fn live_attachment(&self, t: &Target<'_>, meta: &VolumeMeta) -> Result<Option<Attachment>, AgentError> {
-        let live = self.backend.attachment(&t.disk).map_err(Self::backend_err(t))?;
+    fn live_attachment(
+        &self,
+        t: &Target<'_>,
+        folder: &dyn VolumeFolder,
+        meta: &VolumeMeta,
+    ) -> Result<Option<Attachment>, AgentError> {
+        let live = self.backend.attachment(&t.disk()).map_err(Self::backend_err(t))?;
         if live.is_none() && meta.status == AttachStatus::Attached {
             tracing::warn!(volume = %t.full, vm = ?meta.attached_vm, "metadata says attached but no device is bound; marking detached");
             let mut healed = meta.clone();
             clear_attachment(&mut healed);
-            Self::store_meta(t, &healed)?;
+            Self::store_meta(t, folder, &healed)?;
         }
         Ok(live)
     }
 
-    /// `DELETE /v1/volumes/{name}`. Refused while the volume is attached.
+    /// `DELETE /v1/volumes/{name}`. Refused while the volume is attached,
+    /// and when one of its files is not a regular file (nothing is deleted
+    /// then). Works on a full datastore: it writes nothing before it frees.
     pub fn remove(&self, vm: &str, name: &str) -> Result<(), AgentError> {
         validate_vm_id(vm)?;
         let t = self.resolve(name)?;
-        self.locked(&t, |lock| {
-            let meta = Self::load_meta(&t)?.ok_or_else(|| Self::not_found(&t))?;
-            if let Some(att) = self.live_attachment(&t, &meta)? {
+        self.locked(&t, false, |folder| {
+            let meta = Self::load_meta(&t, folder)?.ok_or_else(|| Self::not_found(&t))?;
+            if let Some(att) = self.live_attachment(&t, folder, &meta)? {
                 let holder = match (&meta.status, &meta.attached_vm) {
                     (AttachStatus::Attached, Some(vm)) => vm.clone(),
                     _ => format!("unknown (device {})", att.device.unwrap_or_default()),
@@ -482,17 +536,24 @@ impl VolumeService {
                     vm: holder,
                 });
             }
-            // Marked first, so a crash part-way leaves files the next start
-            // knows to be ours and collects.
-            Self::mark(&t.disk.removing, "remove")?;
-            crate::fsutil::remove_if_exists(&t.disk.meta).map_err(|source| AgentError::Io {
-                op: "delete",
-                path: t.disk.meta.display().to_string(),
-                source,
-            })?;
-            self.backend.delete_disk(&t.disk).map_err(Self::backend_err(&t))?;
-            Self::clear_markers(&t.disk)?;
-            let _ = lock.unlink();
+            let files = t.files();
+            for f in [&files.descriptor, &files.flat] {
+                if let Some(st) = folder.entry(f).map_err(Self::store_err(&t))? {
+                    if st.kind != FileKind::Regular {
+                        return Err(Self::store_err(&t)(StoreError::WrongKind {
+                            file: t.shown(f),
+                            found: st.kind,
+                            expected: FileKind::Regular,
+                        }));
+                    }
+                }
+            }
+            // The sidecar becomes the remove marker in one rename, so a
+            // crash part-way leaves files the next start knows to be ours.
+            folder.begin_remove(&t.volume).map_err(Self::store_err(&t))?;
+            self.backend.delete_disk(&t.disk()).map_err(Self::backend_err(&t))?;
+            folder.clear_markers(&t.volume).map_err(Self::store_err(&t))?;
+            t.ds.refill_reserve();
             tracing::info!(volume = %t.full, vm, "removed volume");
             Ok(())
         })
@@ -503,10 +564,10 @@ impl VolumeService {
     pub fn attach(&self, vm: &str, name: &str) -> Result<AttachInfo, AgentError> {
         validate_vm_id(vm)?;
         let t = self.resolve(name)?;
-        self.locked(&t, |_| {
-            let mut meta = Self::load_meta(&t)?.ok_or_else(|| Self::not_found(&t))?;
+        self.locked(&t, false, |folder| {
+            let mut meta = Self::load_meta(&t, folder)?.ok_or_else(|| Self::not_found(&t))?;
             if meta.status == AttachStatus::Attached && meta.attached_vm.as_deref() != Some(vm) {
-                if self.live_attachment(&t, &meta)?.is_some() {
+                if self.live_attachment(&t, folder, &meta)?.is_some() {
                     return Err(AgentError::AttachedElsewhere {
                         name: t.full.clone(),
                         vm: meta.attached_vm.clone().unwrap_or_default(),
@@ -524,14 +585,14 @@ impl VolumeService {
                 meta.attached_vm = Some(vm.to_owned());
                 meta.attached_device = None;
                 meta.attached_at = Some(now_rfc3339());
-                Self::store_meta(&t, &meta)?;
+                Self::store_meta(&t, folder, &meta)?;
             }
-            let att = match self.backend.attach(vm, &t.disk) {
+            let att = match self.backend.attach(vm, &t.disk()) {
                 Ok(a) => a,
                 Err(e) => {
                     if fresh {
                         clear_attachment(&mut meta);
-                        if let Err(me) = Self::store_meta(&t, &meta) {
+                        if let Err(me) = Self::store_meta(&t, folder, &meta) {
                             tracing::warn!(volume = %t.full, error = %crate::error::error_chain(&me), "cannot undo attach intent; the next operation heals it");
                         }
                     }
@@ -553,28 +614,28 @@ impl VolumeService {
 
     /// `POST /v1/volumes/{name}/detach`. Succeeds when there is nothing to
     /// detach, including when another VM holds the volume (that VM's
-    /// attachment is left alone, as the original did).
+    /// attachment is left alone, as the original did). A device still in
+    /// use (mounted or open) is not released: the detach fails with
+    /// `in_use` and the volume stays recorded as attached.
     pub fn detach(&self, vm: &str, name: &str) -> Result<(), AgentError> {
         validate_vm_id(vm)?;
         let t = self.resolve(name)?;
-        self.locked(&t, |_| {
-            let mut meta = Self::load_meta(&t)?.ok_or_else(|| Self::not_found(&t))?;
+        self.locked(&t, false, |folder| {
+            let mut meta = Self::load_meta(&t, folder)?.ok_or_else(|| Self::not_found(&t))?;
             if meta.status == AttachStatus::Attached && meta.attached_vm.as_deref() != Some(vm) {
                 tracing::info!(volume = %t.full, vm, holder = ?meta.attached_vm, "detach ignored: attached to another VM");
                 return Ok(());
             }
-            self.backend.detach(&t.disk).map_err(Self::backend_err(&t))?;
+            self.backend.detach(&t.disk()).map_err(Self::backend_err(&t))?;
             if meta.status == AttachStatus::Attached {
                 clear_attachment(&mut meta);
-                Self::store_meta(&t, &meta)?;
+                Self::store_meta(&t, folder, &meta)?;
                 tracing::info!(volume = %t.full, vm, "detached volume");
             }
             Ok(())
         })
     }
-}
 
-impl VolumeService {
     /// `POST /v1/volumes/{name}/formatted`: records, durably, that the
     /// disk now holds a filesystem of `fstype`. Only the VM the volume is
     /// attached to may record it (it is the one that ran `mkfs`). Recording
@@ -584,8 +645,8 @@ impl VolumeService {
         validate_vm_id(vm)?;
         let fstype: FsType = fstype.parse()?;
         let t = self.resolve(name)?;
-        self.locked(&t, |_| {
-            let mut meta = Self::load_meta(&t)?.ok_or_else(|| Self::not_found(&t))?;
+        self.locked(&t, false, |folder| {
+            let mut meta = Self::load_meta(&t, folder)?.ok_or_else(|| Self::not_found(&t))?;
             if meta.status != AttachStatus::Attached || meta.attached_vm.as_deref() != Some(vm) {
                 return Err(AgentError::InvalidRequest(format!(
                     "volume {} is not attached to VM {vm}; only the VM holding a volume records its filesystem",
@@ -607,7 +668,7 @@ impl VolumeService {
                 at: now_rfc3339(),
                 by: vm.to_owned(),
             });
-            Self::store_meta(&t, &meta)?;
+            Self::store_meta(&t, folder, &meta)?;
             tracing::info!(volume = %t.full, vm, %fstype, "recorded filesystem");
             self.info(&t, &meta)
         })
@@ -625,15 +686,9 @@ fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
 }
 
-/// Builds the wire view of a volume from its metadata and descriptor.
-pub fn build_info(
-    full: &str,
-    ds: &Datastore,
-    vmgroup: &str,
-    meta: &VolumeMeta,
-    desc: &crate::vmdk::Descriptor,
-    allocated: u64,
-) -> VolumeInfo {
+/// Builds the wire view of a volume from its metadata and what the
+/// backend knows of its disk.
+pub fn build_info(full: &str, ds: &Datastore, vmgroup: &str, meta: &VolumeMeta, disk: &DiskInfo) -> VolumeInfo {
     let volume = full.rsplit_once('@').map(|(v, _)| v).unwrap_or(full);
     let parse_or = |key: &str| meta.opt(key).map(str::to_owned);
     VolumeInfo {
@@ -641,12 +696,12 @@ pub fn build_info(
         volume: volume.to_owned(),
         datastore: ds.name.clone(),
         vmgroup: vmgroup.to_owned(),
-        capacity_bytes: desc.capacity_bytes(),
-        allocated_bytes: allocated,
+        capacity_bytes: disk.capacity_bytes,
+        allocated_bytes: disk.allocated_bytes,
         disk_format: meta
             .opt(opt::DISKFORMAT)
             .and_then(|v| v.parse().ok())
-            .unwrap_or(if desc.is_thin() {
+            .unwrap_or(if disk.thin {
                 DiskFormat::Thin
             } else {
                 DiskFormat::ZeroedThick
@@ -669,17 +724,10 @@ pub fn build_info(
         created: meta.created.clone(),
         created_by: meta.created_by.clone(),
         clone_from: parse_or(opt::CLONE_FROM),
-        disk_uuid: desc.uuid().unwrap_or_default().to_owned(),
+        disk_uuid: disk.uuid.clone().unwrap_or_default(),
         options: meta.vol_opts.clone(),
         formatted: meta.formatted.clone(),
     }
 }
 
-/// Whether `path` is inside `root` after resolving both (used by tests and
-/// admin tools to assert no file escaped its datastore).
-pub fn is_within(root: &Path, path: &Path) -> bool {
-    match (std::fs::canonicalize(root), std::fs::canonicalize(path)) {
-        (Ok(r), Ok(p)) => p.starts_with(r),
-        _ => false,
-    }
-}
+pub use crate::datastore::is_within;

@@ -10,7 +10,7 @@ use std::path::Path;
 use vmdk_protocol::options as opt;
 use vmdk_protocol::AttachStatus;
 
-use crate::datastore::{DiskPaths, DEFAULT_VMGROUP, DOCKVOLS};
+use crate::datastore::{VolumeFiles, DEFAULT_VMGROUP, DOCKVOLS};
 use crate::meta::{VolumeMeta, META_VERSION};
 use crate::vmdk::{new_disk_uuid, Descriptor};
 
@@ -20,20 +20,14 @@ use crate::vmdk::{new_disk_uuid, Descriptor};
 pub fn write_volume(ds_root: &Path, volume: &str, capacity: u64, used: u64, extra: &[(&str, &str)]) -> io::Result<()> {
     let dir = ds_root.join(DOCKVOLS).join(DEFAULT_VMGROUP);
     std::fs::create_dir_all(&dir)?;
-    let disk = DiskPaths::new(&dir, volume);
+    let files = VolumeFiles::new(volume);
     let mut seed = [0u8; 16];
     for (i, b) in volume.bytes().enumerate() {
         seed[i % 16] = seed[i % 16].wrapping_mul(31).wrapping_add(b);
     }
-    let d = Descriptor::new_vmfs(
-        &disk.flat_file_name(),
-        capacity,
-        true,
-        &new_disk_uuid(seed),
-        0x1234_5678,
-    );
-    std::fs::write(&disk.descriptor, d.render())?;
-    let f = std::fs::File::create(&disk.flat)?;
+    let d = Descriptor::new_vmfs(&files.flat, capacity, true, &new_disk_uuid(seed), 0x1234_5678);
+    std::fs::write(dir.join(&files.descriptor), d.render())?;
+    let f = std::fs::File::create(dir.join(&files.flat))?;
     if used > 0 {
         io::Write::write_all(&mut &f, &vec![0x5a; used as usize])?;
     }
@@ -61,5 +55,5 @@ pub fn write_volume(ds_root: &Path, volume: &str, capacity: u64, used: u64, extr
         attached_at: None,
         formatted: None,
     };
-    std::fs::write(&disk.meta, serde_json::to_vec(&meta).map_err(io::Error::other)?)
+    std::fs::write(dir.join(&files.meta), meta.encode())
 }

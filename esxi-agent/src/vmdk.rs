@@ -17,6 +17,9 @@ use std::fmt::Write as _;
 pub const SECTOR: u64 = 512;
 /// Descriptors larger than this are not descriptors (the original's rule).
 pub const MAX_DESCRIPTOR_BYTES: u64 = 5000;
+/// Largest capacity a descriptor may declare: ESXi's largest virtual disk
+/// (62 TB).
+pub const MAX_CAPACITY_BYTES: u64 = vmdk_protocol::size::MAX_SIZE_MB * vmdk_protocol::size::MIB;
 
 /// A parsed descriptor.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -56,6 +59,15 @@ pub enum DescriptorError {
         /// The line.
         line: String,
     },
+    /// The extents add up to nothing, or to more than any VMDK can be.
+    #[error("the extents declare {sectors} sectors; a VMDK holds 1 to {} sectors (62 TB)", MAX_CAPACITY_BYTES / SECTOR)]
+    BadCapacity {
+        /// The declared total, saturated at `u64::MAX`.
+        sectors: u64,
+    },
+    /// The bytes are not UTF-8 text.
+    #[error("not a VMDK descriptor: not UTF-8 text")]
+    NotText,
 }
 
 impl Descriptor {
@@ -94,9 +106,15 @@ impl Descriptor {
         }
     }
 
-    /// Virtual size: the sum of the extents.
+    /// Virtual size: the sum of the extents. [`Descriptor::parse`] refuses
+    /// descriptors whose sum is 0 or over [`MAX_CAPACITY_BYTES`]; for
+    /// others built by hand the sum saturates instead of wrapping.
     pub fn capacity_bytes(&self) -> u64 {
-        self.extents.iter().map(|e| e.sectors * SECTOR).sum()
+        self.total_sectors().saturating_mul(SECTOR)
+    }
+
+    fn total_sectors(&self) -> u64 {
+        self.extents.iter().fold(0u64, |acc, e| acc.saturating_add(e.sectors))
     }
 
     /// Whether the disk is thin (`ddb.thinProvisioned = "1"`).
@@ -127,7 +145,17 @@ impl Descriptor {
         s
     }
 
-    /// Parses descriptor text tolerantly.
+    /// Parses descriptor bytes (see [`Descriptor::parse`]).
+    pub fn parse_bytes(bytes: &[u8]) -> Result<Self, DescriptorError> {
+        if bytes.len() as u64 > MAX_DESCRIPTOR_BYTES {
+            return Err(DescriptorError::NotADescriptor("larger than 5000 bytes"));
+        }
+        Self::parse(std::str::from_utf8(bytes).map_err(|_| DescriptorError::NotText)?)
+    }
+
+    /// Parses descriptor text tolerantly: unknown keys, comments, other
+    /// create types and several extents are accepted. A pure function that
+    /// never panics; the declared capacity must be 1 sector to 62 TB.
     pub fn parse(text: &str) -> Result<Self, DescriptorError> {
         let mut d = Descriptor::default();
         let mut saw_header = false;
@@ -168,6 +196,10 @@ impl Descriptor {
             } else {
                 "no header and no extent line"
             }));
+        }
+        let sectors = d.total_sectors();
+        if sectors == 0 || sectors > MAX_CAPACITY_BYTES / SECTOR {
+            return Err(DescriptorError::BadCapacity { sectors });
         }
         Ok(d)
     }
@@ -277,5 +309,36 @@ ddb.sidecars = "docker-volume-vsphere","gerrit-1a2b.vmfd"
         assert_eq!(d.capacity_bytes(), 2048 * 512);
         assert!(Descriptor::parse("hello world").is_err());
         assert!(Descriptor::parse("RW notanumber VMFS \"x\"").is_err());
+    }
+
+    #[test]
+    fn absurd_sizes_are_refused_not_wrapped() {
+        // 2^55 sectors * 512 wraps u64 to 0: it once became a 0-byte disk.
+        let wraps = format!("RW {} VMFS \"x-flat.vmdk\"\n", 1u64 << 55);
+        assert!(matches!(
+            Descriptor::parse(&wraps),
+            Err(DescriptorError::BadCapacity { .. })
+        ));
+        let two = format!("RW {0} VMFS \"a\"\nRW {0} VMFS \"b\"\n", u64::MAX);
+        assert!(matches!(
+            Descriptor::parse(&two),
+            Err(DescriptorError::BadCapacity { sectors: u64::MAX })
+        ));
+        assert!(matches!(
+            Descriptor::parse("RW 0 VMFS \"x-flat.vmdk\"\n"),
+            Err(DescriptorError::BadCapacity { sectors: 0 })
+        ));
+        let max = MAX_CAPACITY_BYTES / SECTOR;
+        assert_eq!(
+            Descriptor::parse(&format!("RW {max} VMFS \"x\"\n"))
+                .unwrap()
+                .capacity_bytes(),
+            MAX_CAPACITY_BYTES
+        );
+        assert!(Descriptor::parse(&format!("RW {} VMFS \"x\"\n", max + 1)).is_err());
+        assert!(matches!(
+            Descriptor::parse_bytes(&[0xff, 0xfe]),
+            Err(DescriptorError::NotText)
+        ));
     }
 }

@@ -49,6 +49,13 @@ fn fixture() -> Fixture {
     }
 }
 
+/// Binds a fake loop device to `path`, as a crashed agent would have.
+fn bind(loops: &dyn vmdk_agent::backend::loopdev::LoopDevices, path: &Path) -> PathBuf {
+    let real = std::fs::canonicalize(path).unwrap();
+    let file = std::fs::File::open(&real).unwrap();
+    loops.attach(&file, &real).unwrap()
+}
+
 async fn call(
     app: &axum::Router,
     method: Method,
@@ -423,9 +430,7 @@ async fn foreign_disks_in_the_folder_are_never_touched() {
     std::fs::write(dir.join("legacy-flat.vmdk"), vec![7u8; 4096]).unwrap();
     std::fs::write(dir.join("legacy.vmdk"), "# Disk DescriptorFile\n").unwrap();
     std::fs::write(dir.join("legacy-1234abcd.vmfd"), "{\"status\": \"detached\"}").unwrap();
-    f.loops
-        .attach(&std::fs::canonicalize(dir.join("legacy-flat.vmdk")).unwrap())
-        .unwrap();
+    bind(&*f.loops, &dir.join("legacy-flat.vmdk"));
     let before = files(&dir);
     let (s, v) = create(&f.app, "legacy", json!({"size": "10mb"})).await;
     assert_eq!(s, StatusCode::CONFLICT, "{v}");
@@ -521,15 +526,11 @@ async fn start_up_releases_devices_no_metadata_records() {
     call(&f.app, Method::POST, "/v1/volumes/recorded/attach", Some("vmA"), None).await;
     // An agent killed after binding the device but before writing metadata.
     let dir = f.ds.join("dockvols/_DEFAULT");
-    f.loops
-        .attach(&std::fs::canonicalize(dir.join("crashed-flat.vmdk")).unwrap())
-        .unwrap();
+    bind(&*f.loops, &dir.join("crashed-flat.vmdk"));
     // And a device bound to the extent of a remove that was cut off.
     std::fs::write(dir.join("gone.removing"), b"remove\n").unwrap();
     std::fs::write(dir.join("gone-flat.vmdk"), b"").unwrap();
-    f.loops
-        .attach(&std::fs::canonicalize(dir.join("gone-flat.vmdk")).unwrap())
-        .unwrap();
+    bind(&*f.loops, &dir.join("gone-flat.vmdk"));
     let mut released = f.svc.release_unrecorded_attachments();
     released.sort();
     assert_eq!(released, ["crashed@local", "gone@local"]);

@@ -350,7 +350,9 @@ impl Drop for KernelCleanup {
         if let Ok(list) = loops.list() {
             for (dev, backing) in list {
                 if backing.starts_with(&self.0) {
-                    let _ = loops.detach(&dev);
+                    if let Ok(Some(id)) = loops.backing(&dev) {
+                        let _ = loops.detach(&dev, id);
+                    }
                 }
             }
         }

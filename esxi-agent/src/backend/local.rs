@@ -1,23 +1,30 @@
 //! The `local` backend: datastores are directories, attach is a loop device.
 //!
 //! Disks are written exactly as ESXi keeps them on VMFS: a `vmfs`
-//! descriptor and a raw `-flat.vmdk` extent, sparse for `thin`, allocated
-//! with `fallocate` for `zeroedthick`, allocated and zero-written for
-//! `eagerzeroedthick`.
+//! descriptor and a raw `-flat.vmdk` extent (mode 0600), sparse for `thin`,
+//! allocated with `fallocate` for `zeroedthick`, allocated and zero-written
+//! for `eagerzeroedthick`.
+//!
+//! Every file is reached through the datastore door ([`crate::store`]):
+//! nothing is followed through a link, only regular files are opened or
+//! deleted, and a loop device is bound from the extent's already opened
+//! and checked descriptor. A device counts as this volume's only when the
+//! kernel says it is bound to the very inode of the volume's extent
+//! (`LOOP_GET_STATUS64`), never by a path match alone.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use vmdk_protocol::DiskFormat;
 
 use super::loopdev::LoopDevices;
-use super::{Attachment, BackendError, DiskBackend};
-use crate::datastore::DiskPaths;
-use crate::fsutil::{atomic_write, fsync_dir, remove_if_exists, sparse_copy};
+use super::{Attachment, BackendError, DiskBackend, DiskInfo, DiskRef};
+use crate::datastore::{LocalFolder, VolumeFiles};
+use crate::fsutil::sparse_copy;
+use crate::store::{tighten_file_mode, Access, FileId, FileKind, StoreError, FILE_MODE};
 use crate::vmdk::{new_disk_uuid, Descriptor, MAX_DESCRIPTOR_BYTES};
 
 /// Directory datastores plus loop devices.
@@ -26,52 +33,154 @@ pub struct LocalBackend {
     loops: Arc<dyn LoopDevices>,
 }
 
+/// The path the kernel shows for an open file (`/proc/self/fd/N`).
+fn real_path(file: &File) -> Option<PathBuf> {
+    std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd())).ok()
+}
+
 impl LocalBackend {
     /// A backend using `loops` for attach and detach.
     pub fn new(loops: Arc<dyn LoopDevices>) -> Self {
         Self { loops }
     }
 
-    fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> BackendError + 'a {
-        move |source| BackendError::Io {
-            op,
-            path: path.to_owned(),
+    fn folder(disk: &DiskRef<'_>, create: bool) -> Result<Option<LocalFolder>, BackendError> {
+        Ok(disk.datastore.folder(disk.vmgroup, create)?)
+    }
+
+    fn existing_folder(disk: &DiskRef<'_>) -> Result<LocalFolder, BackendError> {
+        Self::folder(disk, false)?.ok_or_else(|| BackendError::Missing {
+            file: disk.shown(&disk.files().descriptor),
+        })
+    }
+
+    fn read_descriptor(
+        folder: &LocalFolder,
+        disk: &DiskRef<'_>,
+        files: &VolumeFiles,
+    ) -> Result<Descriptor, BackendError> {
+        let bytes = folder
+            .dir()
+            .read_bounded(&files.descriptor, MAX_DESCRIPTOR_BYTES)?
+            .ok_or_else(|| BackendError::Missing {
+                file: disk.shown(&files.descriptor),
+            })?;
+        Descriptor::parse_bytes(&bytes).map_err(|source| BackendError::Descriptor {
+            file: disk.shown(&files.descriptor),
             source,
+        })
+    }
+
+    /// The descriptor, checked to describe the one extent this backend
+    /// uses (`<vol>-flat.vmdk`), before anything is bound or copied.
+    fn own_descriptor(
+        folder: &LocalFolder,
+        disk: &DiskRef<'_>,
+        files: &VolumeFiles,
+    ) -> Result<Descriptor, BackendError> {
+        let d = Self::read_descriptor(folder, disk, files)?;
+        match d.extents.as_slice() {
+            [e] if e.file == files.flat => Ok(d),
+            _ => Err(BackendError::Inconsistent {
+                file: disk.shown(&files.descriptor),
+                what: format!(
+                    "it does not describe exactly one extent named {}; vmdk uses only such disks",
+                    files.flat
+                ),
+            }),
         }
     }
 
-    fn bound_devices(&self, disk: &DiskPaths) -> Result<Vec<PathBuf>, BackendError> {
-        let flat = match std::fs::canonicalize(&disk.flat) {
-            Ok(p) => p,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(Self::io("resolve", &disk.flat)(e)),
+    /// Opens the extent, checking it is a regular file of the descriptor's
+    /// capacity.
+    fn open_extent(
+        folder: &LocalFolder,
+        disk: &DiskRef<'_>,
+        files: &VolumeFiles,
+        desc: &Descriptor,
+        access: Access,
+    ) -> Result<File, BackendError> {
+        let file = folder.open(&files.flat, access)?.ok_or_else(|| BackendError::Missing {
+            file: disk.shown(&files.flat),
+        })?;
+        let len = file
+            .metadata()
+            .map_err(|source| BackendError::Io {
+                op: "look at",
+                file: disk.shown(&files.flat),
+                source,
+            })?
+            .len();
+        if len != desc.capacity_bytes() {
+            return Err(BackendError::Inconsistent {
+                file: disk.shown(&files.flat),
+                what: format!(
+                    "the extent holds {len} bytes but the descriptor declares {}",
+                    desc.capacity_bytes()
+                ),
+            });
+        }
+        Ok(file)
+    }
+
+    /// The loop devices bound to exactly this open extent.
+    fn bound_devices(&self, extent: &File, disk: &DiskRef<'_>) -> Result<Vec<PathBuf>, BackendError> {
+        let id = FileId::of(extent).map_err(|source| BackendError::Io {
+            op: "look at",
+            file: disk.shown(&disk.files().flat),
+            source,
+        })?;
+        let Some(path) = real_path(extent) else {
+            return Ok(Vec::new());
         };
         let list = self.loops.list().map_err(|source| BackendError::Device {
             op: "list loop devices for",
-            path: disk.flat.clone(),
+            device: disk.shown(&disk.files().flat).to_string(),
             source,
         })?;
-        Ok(list
-            .into_iter()
-            .filter(|(_, backing)| *backing == flat || *backing == disk.flat)
-            .map(|(dev, _)| dev)
-            .collect())
+        let mut out = Vec::new();
+        for (dev, backing) in list {
+            if backing != path {
+                continue;
+            }
+            // The path the kernel shows is a hint; the inode decides.
+            match self.loops.backing(&dev) {
+                Ok(Some(b)) if b == id => out.push(dev),
+                Ok(_) => {}
+                Err(source) => {
+                    return Err(BackendError::Device {
+                        op: "read the status of",
+                        device: dev.display().to_string(),
+                        source,
+                    })
+                }
+            }
+        }
+        Ok(out)
     }
 
-    fn write_new_extent(path: &Path, capacity: u64, format: DiskFormat) -> io::Result<File> {
-        let f = OpenOptions::new().read(true).write(true).create_new(true).open(path)?;
+    /// The extent as it is, for attachment lookups: `None` when the volume
+    /// or its extent is gone.
+    fn current_extent(disk: &DiskRef<'_>) -> Result<Option<File>, BackendError> {
+        let Some(folder) = Self::folder(disk, false)? else {
+            return Ok(None);
+        };
+        Ok(folder.open(&disk.files().flat, Access::Read)?)
+    }
+
+    fn allocate(file: &File, capacity: u64, format: DiskFormat) -> io::Result<()> {
         match format {
-            DiskFormat::Thin => f.set_len(capacity)?,
+            DiskFormat::Thin => file.set_len(capacity)?,
             DiskFormat::ZeroedThick | DiskFormat::EagerZeroedThick => {
                 let len = i64::try_from(capacity).map_err(|_| io::Error::other("size too large"))?;
-                // SAFETY: `f` is an open descriptor for the duration of the call.
-                let rc = unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, len) };
+                // SAFETY: `file` is an open descriptor for the duration of the call.
+                let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len) };
                 if rc < 0 {
                     return Err(io::Error::last_os_error());
                 }
                 if format == DiskFormat::EagerZeroedThick {
                     let zeros = vec![0u8; 1 << 20];
-                    let mut w = &f;
+                    let mut w = file;
                     let mut left = capacity;
                     while left > 0 {
                         let n = left.min(zeros.len() as u64) as usize;
@@ -81,21 +190,70 @@ impl LocalBackend {
                 }
             }
         }
-        f.sync_all()?;
-        Ok(f)
+        Ok(())
     }
 
-    fn write_descriptor(disk: &DiskPaths, capacity: u64, thin: bool) -> Result<Descriptor, BackendError> {
+    fn write_descriptor(
+        folder: &LocalFolder,
+        files: &VolumeFiles,
+        capacity: u64,
+        thin: bool,
+    ) -> Result<Descriptor, BackendError> {
         let mut rnd = [0u8; 16];
         File::open("/dev/urandom")
             .and_then(|mut f| io::Read::read_exact(&mut f, &mut rnd))
-            .map_err(Self::io("read random bytes for", &disk.descriptor))?;
+            .map_err(|source| BackendError::Io {
+                op: "read random bytes for",
+                file: folder.dir().file(&files.descriptor),
+                source,
+            })?;
         let uuid = new_disk_uuid(rnd);
         let cid = u32::from_be_bytes([rnd[12], rnd[13], rnd[14], rnd[15]]);
-        let d = Descriptor::new_vmfs(&disk.flat_file_name(), capacity, thin, &uuid, cid);
-        atomic_write(&disk.descriptor, d.render().as_bytes())
-            .map_err(Self::io("write descriptor", &disk.descriptor))?;
+        let d = Descriptor::new_vmfs(&files.flat, capacity, thin, &uuid, cid);
+        folder.dir().write_atomic(&files.descriptor, d.render().as_bytes())?;
         Ok(d)
+    }
+
+    /// Writes a new disk: extent (0600, `O_EXCL`), filled by `fill`, synced,
+    /// then the descriptor. On failure both files are removed.
+    fn write_new_disk(
+        disk: &DiskRef<'_>,
+        capacity: u64,
+        format: DiskFormat,
+        fill: impl FnOnce(&File) -> io::Result<()>,
+    ) -> Result<DiskInfo, BackendError> {
+        let folder = Self::folder(disk, true)?.expect("created");
+        let files = disk.files();
+        // A leftover of a create that crashed before its metadata was
+        // written (the service lets only its own marked leftovers reach
+        // here); only a regular file is ever deleted.
+        folder.dir().remove(&files.flat)?;
+        let result = (|| {
+            let out = folder.dir().create_new(&files.flat, FILE_MODE)?;
+            let io = |op| {
+                let file = disk.shown(&files.flat);
+                move |source| BackendError::Io { op, file, source }
+            };
+            Self::allocate(&out, capacity, format).map_err(io("allocate"))?;
+            fill(&out).map_err(io("write"))?;
+            out.sync_all().map_err(io("sync"))?;
+            let d = Self::write_descriptor(&folder, &files, capacity, format == DiskFormat::Thin)?;
+            let allocated = out
+                .metadata()
+                .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
+                .unwrap_or(0);
+            Ok(DiskInfo {
+                capacity_bytes: capacity,
+                allocated_bytes: allocated,
+                thin: d.is_thin(),
+                uuid: d.uuid().map(str::to_owned),
+            })
+        })();
+        if result.is_err() {
+            let _ = folder.dir().remove(&files.flat);
+            let _ = folder.dir().remove(&files.descriptor);
+        }
+        result
     }
 }
 
@@ -106,110 +264,149 @@ impl DiskBackend for LocalBackend {
 
     fn create_disk(
         &self,
-        disk: &DiskPaths,
+        disk: &DiskRef<'_>,
         capacity_bytes: u64,
         format: DiskFormat,
-    ) -> Result<Descriptor, BackendError> {
-        // A leftover from a create that crashed before its metadata was
-        // written is not a volume; start from scratch.
-        remove_if_exists(&disk.flat).map_err(Self::io("remove stale extent", &disk.flat))?;
-        let result = Self::write_new_extent(&disk.flat, capacity_bytes, format)
-            .map_err(Self::io("create extent", &disk.flat))
-            .and_then(|_| Self::write_descriptor(disk, capacity_bytes, format == DiskFormat::Thin));
-        if result.is_err() {
-            let _ = remove_if_exists(&disk.flat);
-            let _ = remove_if_exists(&disk.descriptor);
-        }
-        result
+    ) -> Result<DiskInfo, BackendError> {
+        Self::write_new_disk(disk, capacity_bytes, format, |_| Ok(()))
     }
 
-    fn clone_disk(&self, src: &DiskPaths, dst: &DiskPaths, format: DiskFormat) -> Result<Descriptor, BackendError> {
-        let capacity = self.descriptor(src)?.capacity_bytes();
-        remove_if_exists(&dst.flat).map_err(Self::io("remove stale extent", &dst.flat))?;
-        let result = (|| {
-            let out =
-                Self::write_new_extent(&dst.flat, capacity, format).map_err(Self::io("create extent", &dst.flat))?;
-            let input = File::open(&src.flat).map_err(Self::io("open source extent", &src.flat))?;
-            sparse_copy(&input, &out, capacity).map_err(Self::io("copy extent to", &dst.flat))?;
-            Self::write_descriptor(dst, capacity, format == DiskFormat::Thin)
-        })();
-        if result.is_err() {
-            let _ = remove_if_exists(&dst.flat);
-            let _ = remove_if_exists(&dst.descriptor);
-        }
-        result
+    fn clone_disk(&self, src: &DiskRef<'_>, dst: &DiskRef<'_>, format: DiskFormat) -> Result<DiskInfo, BackendError> {
+        let folder = Self::existing_folder(src)?;
+        let files = src.files();
+        let desc = Self::own_descriptor(&folder, src, &files)?;
+        let capacity = desc.capacity_bytes();
+        // Regular, of the declared size, opened once: what is copied is
+        // exactly what was checked.
+        let input = Self::open_extent(&folder, src, &files, &desc, Access::Read)?;
+        Self::write_new_disk(dst, capacity, format, |out| sparse_copy(&input, out, capacity))
     }
 
-    fn delete_disk(&self, disk: &DiskPaths) -> Result<(), BackendError> {
-        remove_if_exists(&disk.descriptor).map_err(Self::io("delete descriptor", &disk.descriptor))?;
-        remove_if_exists(&disk.flat).map_err(Self::io("delete extent", &disk.flat))?;
-        fsync_dir(&disk.dir).map_err(Self::io("sync", &disk.dir))
+    fn delete_disk(&self, disk: &DiskRef<'_>) -> Result<(), BackendError> {
+        let Some(folder) = Self::folder(disk, false)? else {
+            return Ok(());
+        };
+        let files = disk.files();
+        folder.dir().remove(&files.descriptor)?;
+        folder.dir().remove(&files.flat)?;
+        // The deletes must survive a crash before the remove is reported.
+        folder.dir().sync()?;
+        Ok(())
     }
 
-    fn descriptor(&self, disk: &DiskPaths) -> Result<Descriptor, BackendError> {
-        let f = File::open(&disk.descriptor).map_err(Self::io("open descriptor", &disk.descriptor))?;
-        let len = f
-            .metadata()
-            .map_err(Self::io("stat descriptor", &disk.descriptor))?
-            .len();
-        if len > MAX_DESCRIPTOR_BYTES {
-            return Err(BackendError::Descriptor {
-                path: disk.descriptor.clone(),
-                source: crate::vmdk::DescriptorError::NotADescriptor("larger than 5000 bytes"),
+    fn disk_info(&self, disk: &DiskRef<'_>) -> Result<DiskInfo, BackendError> {
+        let folder = Self::existing_folder(disk)?;
+        let files = disk.files();
+        let desc = Self::read_descriptor(&folder, disk, &files)?;
+        let extent = match folder.dir().stat(&files.flat)? {
+            None => {
+                return Err(BackendError::Missing {
+                    file: disk.shown(&files.flat),
+                })
+            }
+            Some(st) if st.kind != FileKind::Regular => {
+                return Err(StoreError::WrongKind {
+                    file: disk.shown(&files.flat),
+                    found: st.kind,
+                    expected: FileKind::Regular,
+                }
+                .into())
+            }
+            Some(st) => st,
+        };
+        if desc.extents.len() == 1 && extent.size != desc.capacity_bytes() {
+            return Err(BackendError::Inconsistent {
+                file: disk.shown(&files.flat),
+                what: format!(
+                    "the extent holds {} bytes but the descriptor declares {}",
+                    extent.size,
+                    desc.capacity_bytes()
+                ),
             });
         }
-        let text = io::read_to_string(f).map_err(Self::io("read descriptor", &disk.descriptor))?;
-        Descriptor::parse(&text).map_err(|source| BackendError::Descriptor {
-            path: disk.descriptor.clone(),
-            source,
+        Ok(DiskInfo {
+            capacity_bytes: desc.capacity_bytes(),
+            allocated_bytes: extent.allocated,
+            thin: desc.is_thin(),
+            uuid: desc.uuid().map(str::to_owned),
         })
     }
 
-    fn allocated_bytes(&self, disk: &DiskPaths) -> Result<u64, BackendError> {
-        let m = std::fs::metadata(&disk.flat).map_err(Self::io("stat extent", &disk.flat))?;
-        Ok(m.blocks() * 512)
-    }
-
-    fn attach(&self, _vm: &str, disk: &DiskPaths) -> Result<Attachment, BackendError> {
-        if let Some(dev) = self.bound_devices(disk)?.into_iter().next() {
+    fn attach(&self, _vm: &str, disk: &DiskRef<'_>) -> Result<Attachment, BackendError> {
+        let folder = Self::existing_folder(disk)?;
+        let files = disk.files();
+        let desc = Self::own_descriptor(&folder, disk, &files)?;
+        let extent = Self::open_extent(&folder, disk, &files, &desc, Access::ReadWrite)?;
+        // Extents written by older versions were 0644.
+        let _ = tighten_file_mode(&extent, FILE_MODE);
+        if let Some(dev) = self.bound_devices(&extent, disk)?.into_iter().next() {
             return Ok(Attachment {
                 device: Some(dev.display().to_string()),
             });
         }
-        let dev = self.loops.attach(&disk.flat).map_err(|source| BackendError::Device {
-            op: "attach loop device for",
-            path: disk.flat.clone(),
-            source,
-        })?;
+        let name = real_path(&extent).unwrap_or_else(|| PathBuf::from(&files.flat));
+        let dev = self
+            .loops
+            .attach(&extent, &name)
+            .map_err(|source| BackendError::Device {
+                op: "attach a loop device to",
+                device: disk.shown(&files.flat).to_string(),
+                source,
+            })?;
         Ok(Attachment {
             device: Some(dev.display().to_string()),
         })
     }
 
-    fn detach(&self, disk: &DiskPaths) -> Result<(), BackendError> {
-        for dev in self.bound_devices(disk)? {
-            self.loops.detach(&dev).map_err(|source| BackendError::Device {
-                op: "detach loop device",
-                path: dev.clone(),
-                source,
+    fn detach(&self, disk: &DiskRef<'_>) -> Result<(), BackendError> {
+        let Some(extent) = Self::current_extent(disk)? else {
+            return Ok(());
+        };
+        let id = FileId::of(&extent).map_err(|source| BackendError::Io {
+            op: "look at",
+            file: disk.shown(&disk.files().flat),
+            source,
+        })?;
+        for dev in self.bound_devices(&extent, disk)? {
+            self.loops.detach(&dev, id).map_err(|source| {
+                if source.raw_os_error() == Some(libc::EBUSY) {
+                    BackendError::Busy {
+                        device: dev.display().to_string(),
+                    }
+                } else {
+                    BackendError::Device {
+                        op: "detach loop device",
+                        device: dev.display().to_string(),
+                        source,
+                    }
+                }
             })?;
         }
         Ok(())
     }
 
-    fn apply_policy(&self, disk: &DiskPaths, name: &str, _content: &str) -> Result<(), BackendError> {
+    fn apply_policy(&self, disk: &DiskRef<'_>, name: &str, _content: &str) -> Result<(), BackendError> {
         // A directory datastore has no storage policy to set: the policy is
         // recorded in the volume's metadata by the service. The disk must
         // still be there, as it must be for a real backend.
-        std::fs::metadata(&disk.descriptor).map_err(Self::io("apply policy to", &disk.descriptor))?;
-        tracing::debug!(disk = %disk.descriptor.display(), policy = name, "policy recorded (local backend)");
+        let folder = Self::existing_folder(disk)?;
+        let files = disk.files();
+        match folder.dir().stat(&files.descriptor)? {
+            Some(st) if st.kind == FileKind::Regular => {}
+            _ => {
+                return Err(BackendError::Missing {
+                    file: disk.shown(&files.descriptor),
+                })
+            }
+        }
+        tracing::debug!(disk = %disk.shown(&files.descriptor), policy = name, "policy recorded (local backend)");
         Ok(())
     }
 
     fn attached_extents(&self) -> Result<Vec<(PathBuf, Attachment)>, BackendError> {
         let list = self.loops.list().map_err(|source| BackendError::Device {
             op: "list loop devices",
-            path: PathBuf::from("/sys/block"),
+            device: "/sys/block".into(),
             source,
         })?;
         Ok(list
@@ -225,9 +422,16 @@ impl DiskBackend for LocalBackend {
             .collect())
     }
 
-    fn attachment(&self, disk: &DiskPaths) -> Result<Option<Attachment>, BackendError> {
-        Ok(self.bound_devices(disk)?.into_iter().next().map(|d| Attachment {
-            device: Some(d.display().to_string()),
-        }))
+    fn attachment(&self, disk: &DiskRef<'_>) -> Result<Option<Attachment>, BackendError> {
+        let Some(extent) = Self::current_extent(disk)? else {
+            return Ok(None);
+        };
+        Ok(self
+            .bound_devices(&extent, disk)?
+            .into_iter()
+            .next()
+            .map(|d| Attachment {
+                device: Some(d.display().to_string()),
+            }))
     }
 }

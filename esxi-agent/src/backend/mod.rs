@@ -14,10 +14,50 @@ use std::fmt;
 use std::io;
 use std::path::PathBuf;
 
-use vmdk_protocol::DiskFormat;
+use vmdk_protocol::{DiskFormat, ErrorCode};
 
-use crate::datastore::DiskPaths;
-use crate::vmdk::{Descriptor, DescriptorError};
+use crate::datastore::{Datastore, VolumeFiles};
+use crate::store::{DsPath, StoreError};
+use crate::vmdk::DescriptorError;
+
+/// Which disk an operation is about: datastore, vmgroup folder, volume.
+#[derive(Debug, Clone, Copy)]
+pub struct DiskRef<'a> {
+    /// The datastore.
+    pub datastore: &'a Datastore,
+    /// The vmgroup folder.
+    pub vmgroup: &'a str,
+    /// The volume part of the name.
+    pub volume: &'a str,
+}
+
+impl DiskRef<'_> {
+    /// The volume's file names.
+    pub fn files(&self) -> VolumeFiles {
+        VolumeFiles::new(self.volume)
+    }
+
+    /// `[ds] dockvols/<vmgroup>/<file>`, for messages.
+    pub fn shown(&self, file: &str) -> DsPath {
+        DsPath::new(
+            &self.datastore.name,
+            &format!("{}/{}/{file}", crate::datastore::DOCKVOLS, self.vmgroup),
+        )
+    }
+}
+
+/// What a backend knows about a disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskInfo {
+    /// Virtual size.
+    pub capacity_bytes: u64,
+    /// Bytes the disk really occupies.
+    pub allocated_bytes: u64,
+    /// Whether it is thin provisioned.
+    pub thin: bool,
+    /// Disk UUID in ESXi's `60 00 C2 9...` form, when known.
+    pub uuid: Option<String>,
+}
 
 /// A live attachment of a disk to a VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,40 +66,81 @@ pub struct Attachment {
     pub device: Option<String>,
 }
 
-/// Why a backend operation failed.
+/// Why a backend operation failed. Files are named as [`DsPath`]s, never
+/// by host path.
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
-    /// A file operation on the datastore failed.
-    #[error("{op} {path}")]
-    Io {
-        /// What was being done, e.g. `create extent`.
-        op: &'static str,
+    /// A datastore file could not be used (missing folder, a planted link,
+    /// a full datastore, ...).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A file the disk needs is not there.
+    #[error("{file} is missing")]
+    Missing {
         /// The file.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: io::Error,
+        file: DsPath,
     },
     /// The descriptor could not be read.
-    #[error("bad descriptor {path}")]
+    #[error("bad descriptor {file}")]
     Descriptor {
         /// The descriptor file.
-        path: PathBuf,
+        file: DsPath,
         /// The cause.
         #[source]
         source: DescriptorError,
     },
-    /// Binding or unbinding a device failed.
-    #[error("{op} {path}")]
-    Device {
-        /// What was being done, e.g. `attach loop device for`.
+    /// The disk's files do not agree with each other.
+    #[error("{file}: {what}")]
+    Inconsistent {
+        /// The file.
+        file: DsPath,
+        /// What does not agree.
+        what: String,
+    },
+    /// A file operation on an open disk file failed.
+    #[error("cannot {op} {file}")]
+    Io {
+        /// What was being done, e.g. `allocate`.
         op: &'static str,
-        /// The disk or device.
-        path: PathBuf,
+        /// The file.
+        file: DsPath,
         /// The cause.
         #[source]
         source: io::Error,
     },
+    /// Binding or unbinding a device failed.
+    #[error("cannot {op} {device}")]
+    Device {
+        /// What was being done, e.g. `attach loop device for`.
+        op: &'static str,
+        /// The disk or device.
+        device: String,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The device is still in use on the host (mounted or held open), so it
+    /// was not detached; it stays attached and recorded as such.
+    #[error("{device} is still in use (mounted or open); it was not detached and stays attached")]
+    Busy {
+        /// The device.
+        device: String,
+    },
+}
+
+impl BackendError {
+    /// The wire code (one exhaustive match).
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::Busy { .. } => ErrorCode::InUse,
+            Self::Store(_)
+            | Self::Missing { .. }
+            | Self::Descriptor { .. }
+            | Self::Inconsistent { .. }
+            | Self::Io { .. } => ErrorCode::Backend,
+            Self::Device { .. } => ErrorCode::Backend,
+        }
+    }
 }
 
 /// Creates, deletes, attaches and detaches disks.
@@ -67,7 +148,9 @@ pub enum BackendError {
 /// Contract for every implementation:
 /// * `create_disk` writes a complete disk or returns an error having removed
 ///   what it wrote;
-/// * `delete_disk`, `detach` succeed when there is nothing to do;
+/// * `delete_disk`, `detach` succeed when there is nothing to do; neither
+///   ever deletes or releases what is not the named volume's;
+/// * `detach` succeeds only when the disk really was released;
 /// * `attach` returns the existing attachment when the disk is already
 ///   attached, so a retried attach is harmless;
 /// * `attachment` reports the live state, not what metadata says.
@@ -77,24 +160,22 @@ pub trait DiskBackend: Send + Sync + fmt::Debug {
     /// Creates descriptor and extent for a new disk.
     fn create_disk(
         &self,
-        disk: &DiskPaths,
+        disk: &DiskRef<'_>,
         capacity_bytes: u64,
         format: DiskFormat,
-    ) -> Result<Descriptor, BackendError>;
+    ) -> Result<DiskInfo, BackendError>;
     /// Copies a detached disk into a new one with the given format.
-    fn clone_disk(&self, src: &DiskPaths, dst: &DiskPaths, format: DiskFormat) -> Result<Descriptor, BackendError>;
+    fn clone_disk(&self, src: &DiskRef<'_>, dst: &DiskRef<'_>, format: DiskFormat) -> Result<DiskInfo, BackendError>;
     /// Deletes descriptor and extent.
-    fn delete_disk(&self, disk: &DiskPaths) -> Result<(), BackendError>;
-    /// Reads the descriptor.
-    fn descriptor(&self, disk: &DiskPaths) -> Result<Descriptor, BackendError>;
-    /// Bytes the extent really occupies.
-    fn allocated_bytes(&self, disk: &DiskPaths) -> Result<u64, BackendError>;
+    fn delete_disk(&self, disk: &DiskRef<'_>) -> Result<(), BackendError>;
+    /// What is known about the disk; an error when it is not whole.
+    fn disk_info(&self, disk: &DiskRef<'_>) -> Result<DiskInfo, BackendError>;
     /// Attaches the disk to `vm` (or returns the existing attachment).
-    fn attach(&self, vm: &str, disk: &DiskPaths) -> Result<Attachment, BackendError>;
+    fn attach(&self, vm: &str, disk: &DiskRef<'_>) -> Result<Attachment, BackendError>;
     /// Detaches the disk from whatever it is attached to.
-    fn detach(&self, disk: &DiskPaths) -> Result<(), BackendError>;
+    fn detach(&self, disk: &DiskRef<'_>) -> Result<(), BackendError>;
     /// The live attachment, if any.
-    fn attachment(&self, disk: &DiskPaths) -> Result<Option<Attachment>, BackendError>;
+    fn attachment(&self, disk: &DiskRef<'_>) -> Result<Option<Attachment>, BackendError>;
     /// Applies VSAN policy `name`, whose expression is `content`, to an
     /// existing disk (at create, and again for each volume using the policy
     /// when `vmdk-agent policy update` changes it). The service records the
@@ -102,10 +183,10 @@ pub trait DiskBackend: Send + Sync + fmt::Debug {
     /// follow it (`vsphere`: set the policy of the disk's vSAN object;
     /// `local`: there is nothing to apply to a file, so applying means only
     /// that recording). Fails when the disk does not exist.
-    fn apply_policy(&self, disk: &DiskPaths, name: &str, content: &str) -> Result<(), BackendError>;
-    /// Every extent this backend currently has attached, with its
-    /// attachment. The service uses it at start to release attachments no
-    /// metadata records (an agent killed between binding a device and
-    /// writing the sidecar).
+    fn apply_policy(&self, disk: &DiskRef<'_>, name: &str, content: &str) -> Result<(), BackendError>;
+    /// Every extent this backend currently has attached, by the host path
+    /// the kernel shows, with its attachment. The service uses it at start
+    /// to release attachments no metadata records (an agent killed between
+    /// binding a device and writing the sidecar).
     fn attached_extents(&self) -> Result<Vec<(PathBuf, Attachment)>, BackendError>;
 }

@@ -19,16 +19,15 @@
 
 pub mod expr;
 
-use std::fs::File;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use nix::fcntl::{Flock, FlockArg};
 use vmdk_protocol::ErrorCode;
 
 pub use expr::{ContentError, PolicyExpr};
 
 use crate::datastore::Datastore;
+use crate::store::{Dir, DsPath, FileKind, FileLock, StoreError};
 
 /// Folder of the policy files under `dockvols/`.
 pub const POLICIES_DIR: &str = "policies";
@@ -139,6 +138,10 @@ pub enum PolicyError {
         /// Each volume and why it failed.
         failures: Vec<(String, String)>,
     },
+    /// A file of the policy folder could not be used (a planted link, a
+    /// FIFO, too large, ...).
+    #[error(transparent)]
+    Store(#[from] StoreError),
     /// The policy folder or a policy file could not be read or written.
     #[error("{op} {path}")]
     Io {
@@ -192,7 +195,7 @@ impl PolicyError {
             Self::AlreadyExists { .. } => ErrorCode::AlreadyExists,
             Self::InUse { .. } => ErrorCode::InUse,
             Self::UpdateFailed { .. } => ErrorCode::Backend,
-            Self::Io { .. } => ErrorCode::Io,
+            Self::Io { .. } | Self::Store(_) => ErrorCode::Io,
         }
     }
 }
@@ -240,100 +243,111 @@ pub fn parse_content(name: &str, content: &str) -> Result<PolicyExpr, PolicyErro
 /// A held policy-folder lock, released on drop.
 #[derive(Debug)]
 pub struct PolicyLock {
-    _file: Flock<File>,
+    _lock: FileLock,
 }
 
-/// The policy folder of one VSAN datastore.
+/// Largest policy file read (an expression is a line of text).
+pub const MAX_POLICY_BYTES: u64 = 64 * 1024;
+
+/// The policy folder of one VSAN datastore, reached through the datastore
+/// door ([`crate::store`]): no file in it is followed through a link, and
+/// only regular files are read.
 #[derive(Debug, Clone)]
 pub struct PolicyStore {
-    dir: PathBuf,
-    datastore: String,
+    ds: Datastore,
 }
 
 impl PolicyStore {
     /// The store of the first VSAN datastore in `datastores`.
     pub fn of(datastores: &[Datastore]) -> Result<Self, PolicyError> {
         let ds = datastores.iter().find(|d| d.vsan).ok_or(PolicyError::NoVsanDatastore)?;
-        Ok(Self {
-            dir: ds.dockvols().join(POLICIES_DIR),
-            datastore: ds.name.clone(),
-        })
+        Ok(Self { ds: ds.clone() })
     }
 
-    /// `<datastore>/dockvols/policies`.
-    pub fn dir(&self) -> &Path {
-        &self.dir
+    /// `[datastore] dockvols/policies`, for messages.
+    pub fn shown(&self) -> DsPath {
+        DsPath::new(&self.ds.name, &format!("{}/{POLICIES_DIR}", crate::datastore::DOCKVOLS))
+    }
+
+    /// `<datastore>/dockvols/policies` on this host.
+    pub fn dir(&self) -> PathBuf {
+        self.ds.root.join(crate::datastore::DOCKVOLS).join(POLICIES_DIR)
     }
 
     /// The datastore holding the policies.
     pub fn datastore(&self) -> &str {
-        &self.datastore
+        &self.ds.name
     }
 
-    /// The file of a (validated) policy name.
-    pub fn path(&self, name: &str) -> PathBuf {
-        self.dir.join(name)
+    /// How a (validated) policy name's file is named in messages.
+    pub fn path(&self, name: &str) -> DsPath {
+        self.shown().join(name)
     }
 
-    fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> PolicyError + 'a {
-        move |source| PolicyError::Io {
-            op,
-            path: path.display().to_string(),
-            source,
-        }
+    fn folder(&self, create: bool) -> Result<Option<Dir>, PolicyError> {
+        self.ds.policies(create).map_err(PolicyError::Store)
     }
 
-    fn lock(&self, arg: FlockArg) -> Result<PolicyLock, PolicyError> {
-        let path = self.dir.join(LOCK_FILE);
-        let file = crate::lock::lock_file(&path, arg).map_err(Self::io("lock", &path))?;
-        Ok(PolicyLock { _file: file })
+    fn lock(&self, dir: &Dir, exclusive: bool) -> Result<PolicyLock, PolicyError> {
+        let l = dir.lock_file(LOCK_FILE, exclusive, true)?;
+        Ok(PolicyLock {
+            _lock: l.expect("a blocking lock is always taken"),
+        })
     }
 
     /// Shared lock for using a policy; `None` when no policy was ever
     /// created (the folder does not exist, and using a policy creates
     /// nothing).
     pub fn lock_shared(&self) -> Result<Option<PolicyLock>, PolicyError> {
-        if !self.dir.is_dir() {
-            return Ok(None);
+        match self.folder(false)? {
+            Some(d) => self.lock(&d, false).map(Some),
+            None => Ok(None),
         }
-        self.lock(FlockArg::LockShared).map(Some)
     }
 
     /// Exclusive lock for changing policies; creates the folder.
     pub fn lock_exclusive(&self) -> Result<PolicyLock, PolicyError> {
-        std::fs::create_dir_all(&self.dir).map_err(Self::io("create policy folder", &self.dir))?;
-        self.lock(FlockArg::LockExclusive)
+        let d = self.folder(true)?.expect("created");
+        self.lock(&d, true)
     }
 
     /// The content of a policy (without the trailing newline).
     pub fn read(&self, name: &str) -> Result<Option<String>, PolicyError> {
-        let path = self.path(name);
-        match std::fs::read_to_string(&path) {
-            Ok(s) => Ok(Some(s.trim_end_matches(['\n', '\r']).to_owned())),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(Self::io("read policy", &path)(e)),
-        }
+        let Some(dir) = self.folder(false)? else {
+            return Ok(None);
+        };
+        Self::read_in(&dir, name)
     }
 
-    /// Every policy as (name, content), sorted by name. Files that cannot
-    /// be policies (the lock, temp files) are skipped.
+    fn read_in(dir: &Dir, name: &str) -> Result<Option<String>, PolicyError> {
+        let Some(bytes) = dir.read_bounded(name, MAX_POLICY_BYTES)? else {
+            return Ok(None);
+        };
+        let text = String::from_utf8(bytes).map_err(|_| PolicyError::Io {
+            op: "read policy",
+            path: dir.file(name).to_string(),
+            source: io::Error::new(io::ErrorKind::InvalidData, "not UTF-8 text"),
+        })?;
+        Ok(Some(text.trim_end_matches(['\n', '\r']).to_owned()))
+    }
+
+    /// Every policy as (name, content), sorted by name. Entries that cannot
+    /// be policies (the lock, temp files, anything but a regular file) are
+    /// skipped.
     pub fn list(&self) -> Result<Vec<(String, String)>, PolicyError> {
-        let entries = match std::fs::read_dir(&self.dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(Self::io("list policies in", &self.dir)(e)),
+        let Some(dir) = self.folder(false)? else {
+            return Ok(Vec::new());
         };
         let mut out = Vec::new();
-        for entry in entries {
-            let entry = entry.map_err(Self::io("list policies in", &self.dir))?;
-            let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
-                continue;
-            };
-            if validate_name(&name).is_err() || !entry.file_type().is_ok_and(|t| t.is_file()) {
+        for entry in dir.entries()? {
+            if validate_name(&entry.name).is_err() || entry.kind.is_some_and(|k| k != FileKind::Regular) {
                 continue;
             }
-            if let Some(content) = self.read(&name)? {
-                out.push((name, content));
+            match Self::read_in(&dir, &entry.name) {
+                Ok(Some(content)) => out.push((entry.name, content)),
+                Ok(None) => {}
+                Err(PolicyError::Store(StoreError::WrongKind { .. })) => {}
+                Err(e) => return Err(e),
             }
         }
         out.sort();
@@ -347,42 +361,46 @@ impl PolicyStore {
 
     /// Writes a policy file atomically (content plus a newline).
     pub fn write(&self, name: &str, content: &str) -> Result<(), PolicyError> {
-        let path = self.path(name);
-        crate::fsutil::atomic_write(&path, format!("{content}\n").as_bytes()).map_err(Self::io("write policy", &path))
+        let dir = self.folder(true)?.expect("created");
+        Ok(dir.write_atomic(name, format!("{content}\n").as_bytes())?)
     }
 
     /// Removes a policy file and its failed-updates record.
     pub fn remove(&self, name: &str) -> Result<(), PolicyError> {
-        let path = self.path(name);
-        std::fs::remove_file(&path).map_err(Self::io("remove policy", &path))?;
-        crate::fsutil::fsync_dir(&self.dir).map_err(Self::io("sync", &self.dir))?;
+        if let Some(dir) = self.folder(false)? {
+            dir.remove(name)?;
+            dir.sync()?;
+        }
         self.clear_failed_updates(name)
     }
 
-    fn failed_updates_path(&self, name: &str) -> PathBuf {
-        self.dir.join(FAILED_UPDATES_DIR).join(name)
+    fn failed_dir(&self, create: bool) -> Result<Option<Dir>, PolicyError> {
+        match self.folder(create)? {
+            Some(d) => Ok(d.subdir(FAILED_UPDATES_DIR, create.then_some(crate::store::DIR_MODE))?),
+            None => Ok(None),
+        }
     }
 
     /// The volumes a policy's last update could not reach, if any. An
     /// unreadable record is reported as an error, never ignored: it is the
     /// administrator's only list of volumes left on old settings.
     pub fn failed_updates(&self, name: &str) -> Result<Option<FailedUpdates>, PolicyError> {
-        let path = self.failed_updates_path(name);
-        let text = match std::fs::read(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(Self::io("read failed policy updates", &path)(e)),
+        let Some(dir) = self.failed_dir(false)? else {
+            return Ok(None);
         };
-        let record: FailedUpdates = serde_json::from_slice(&text).map_err(|e| {
-            Self::io("parse failed policy updates", &path)(io::Error::new(io::ErrorKind::InvalidData, e))
-        })?;
+        let Some(text) = dir.read_bounded(name, MAX_FAILED_UPDATES_BYTES)? else {
+            return Ok(None);
+        };
+        let bad = |what: String| PolicyError::Io {
+            op: "read failed policy updates",
+            path: dir.file(name).to_string(),
+            source: io::Error::new(io::ErrorKind::InvalidData, what),
+        };
+        let record: FailedUpdates = serde_json::from_slice(&text).map_err(|e| bad(e.to_string()))?;
         if record.version != FAILED_UPDATES_VERSION {
-            return Err(Self::io("read failed policy updates", &path)(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!(
-                    "unsupported version {} (this agent reads {FAILED_UPDATES_VERSION})",
-                    record.version
-                ),
+            return Err(bad(format!(
+                "unsupported version {} (this agent reads {FAILED_UPDATES_VERSION})",
+                record.version
             )));
         }
         Ok(Some(record))
@@ -390,27 +408,25 @@ impl PolicyStore {
 
     /// Records (atomically) the volumes an update could not reach.
     pub fn record_failed_updates(&self, name: &str, record: &FailedUpdates) -> Result<(), PolicyError> {
-        let path = self.failed_updates_path(name);
-        let dir = self.dir.join(FAILED_UPDATES_DIR);
-        std::fs::create_dir_all(&dir).map_err(Self::io("create", &dir))?;
+        let dir = self.failed_dir(true)?.expect("created");
         let mut json = serde_json::to_vec_pretty(record).expect("plain data serializes");
         json.push(b'\n');
-        crate::fsutil::atomic_write(&path, &json).map_err(Self::io("write failed policy updates", &path))
+        Ok(dir.write_atomic(name, &json)?)
     }
 
     /// Drops the failed-updates record of a policy, if there is one.
     pub fn clear_failed_updates(&self, name: &str) -> Result<(), PolicyError> {
-        let path = self.failed_updates_path(name);
-        match std::fs::remove_file(&path) {
-            Ok(()) => {
-                let dir = self.dir.join(FAILED_UPDATES_DIR);
-                crate::fsutil::fsync_dir(&dir).map_err(Self::io("sync", &dir))
+        if let Some(dir) = self.failed_dir(false)? {
+            if dir.remove(name)? {
+                dir.sync()?;
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(Self::io("remove failed policy updates", &path)(e)),
         }
+        Ok(())
     }
 }
+
+/// Largest failed-updates record read.
+pub const MAX_FAILED_UPDATES_BYTES: u64 = 16 << 20;
 
 #[cfg(test)]
 mod tests {
@@ -481,10 +497,15 @@ mod tests {
         store.write("SW=2", r#"(("stripeWidth" i2))"#).unwrap();
         std::fs::write(store.dir().join("junk.tmp"), "x").unwrap();
         std::fs::create_dir(store.dir().join("subdir")).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", store.dir().join("linked")).unwrap();
         assert_eq!(
-            std::fs::read_to_string(store.path("SW=2")).unwrap(),
+            std::fs::read_to_string(store.dir().join("SW=2")).unwrap(),
             "((\"stripeWidth\" i2))\n"
         );
+        assert!(matches!(
+            store.read("linked"),
+            Err(PolicyError::Store(StoreError::WrongKind { .. }))
+        ));
         assert_eq!(
             store.list().unwrap(),
             vec![("SW=2".to_string(), r#"(("stripeWidth" i2))"#.to_string())]

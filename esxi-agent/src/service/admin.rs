@@ -7,13 +7,14 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use serde::Serialize;
 use vmdk_protocol::options::{self as opt, VolumeOptions};
 use vmdk_protocol::{AccessMode, AttachAs, VolumeInfo};
 
 use super::{Target, VolumeService};
-use crate::datastore::{Datastore, DiskPaths, DEFAULT_VMGROUP};
+use crate::datastore::{Datastore, VolumeFolder, DEFAULT_VMGROUP};
 use crate::error::AgentError;
 use crate::meta::VolumeMeta;
 use crate::policy::{self, PolicyError, PolicyExpr, PolicyLock, PolicyStore};
@@ -131,40 +132,46 @@ impl VolumeService {
                 available: Vec::new(),
             })?;
             self.backend
-                .apply_policy(&t.disk, name, &content)
+                .apply_policy(&t.disk(), name, &content)
                 .map_err(Self::backend_err(t))
         })
     }
 
-    /// Every volume on every datastore: a target per `<vol>.vmfd`.
-    fn volume_targets(&self) -> Result<Vec<Target<'_>>, AgentError> {
+    /// Every volume on every datastore: a target per `<vol>.vmfd` entry,
+    /// with its folder (opened once per datastore, shared by the threads).
+    #[allow(clippy::type_complexity)]
+    fn volume_targets(&self) -> Result<Vec<(Target<'_>, Arc<dyn VolumeFolder>)>, AgentError> {
         let mut out = Vec::new();
         for ds in &self.datastores {
-            let dir = ds.group_dir(DEFAULT_VMGROUP);
-            let entries = match std::fs::read_dir(&dir) {
-                Ok(e) => e,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            let folder: Arc<dyn VolumeFolder> = match ds.folder(DEFAULT_VMGROUP, false) {
+                Ok(Some(f)) => Arc::new(f),
+                Ok(None) => continue,
                 Err(source) => {
-                    return Err(AgentError::Io {
-                        op: "list",
-                        path: dir.display().to_string(),
+                    return Err(AgentError::Store {
+                        name: format!("*@{}", ds.name),
                         source,
                     })
                 }
             };
-            for entry in entries.flatten() {
-                let fname = entry.file_name();
-                let Some(volume) = fname.to_str().and_then(|n| n.strip_suffix(".vmfd")) else {
+            let entries = folder.list().map_err(|source| AgentError::Store {
+                name: format!("*@{}", ds.name),
+                source,
+            })?;
+            for entry in entries {
+                let Some(volume) = entry.name.strip_suffix(".vmfd") else {
                     continue;
                 };
                 if vmdk_protocol::name::validate_volume(volume).is_err() {
                     continue;
                 }
-                out.push(Target {
-                    full: format!("{volume}@{}", ds.name),
-                    ds,
-                    disk: DiskPaths::new(&dir, volume),
-                });
+                out.push((
+                    Target {
+                        full: format!("{volume}@{}", ds.name),
+                        ds,
+                        volume: volume.to_owned(),
+                    },
+                    folder.clone(),
+                ));
             }
         }
         Ok(out)
@@ -174,11 +181,11 @@ impl VolumeService {
     /// logged and skipped.
     fn all_metadata(&self) -> Result<Vec<(Target<'_>, VolumeMeta)>, AgentError> {
         let targets = self.volume_targets()?;
-        let metas = par_map(&targets, |t| Self::load_meta(t));
+        let metas = par_map(&targets, |(t, f)| Self::load_meta(t, &**f));
         Ok(targets
             .into_iter()
             .zip(metas)
-            .filter_map(|(t, m)| match m {
+            .filter_map(|((t, _), m)| match m {
                 Ok(Some(m)) => Some((t, m)),
                 Ok(None) => None,
                 Err(e) => {
@@ -208,8 +215,8 @@ impl VolumeService {
     /// and skipped.
     pub fn inventory(&self) -> Result<Vec<VolumeInfo>, AgentError> {
         let targets = self.volume_targets()?;
-        let infos = par_map(&targets, |t| {
-            Self::load_meta(t).and_then(|m| match m {
+        let infos = par_map(&targets, |(t, f)| {
+            Self::load_meta(t, &**f).and_then(|m| match m {
                 Some(m) => self.info(t, &m).map(Some),
                 None => Ok(None),
             })
@@ -217,7 +224,7 @@ impl VolumeService {
         let mut out: Vec<VolumeInfo> = targets
             .iter()
             .zip(infos)
-            .filter_map(|(t, r)| match r {
+            .filter_map(|((t, _), r)| match r {
                 Ok(info) => info,
                 Err(e) => {
                     tracing::warn!(volume = %t.full, error = %crate::error::error_chain(&e), "skipping unreadable volume");
@@ -240,7 +247,7 @@ impl VolumeService {
         if store.read(name)?.is_some() {
             return Err(PolicyError::AlreadyExists {
                 name: name.to_owned(),
-                path: store.path(name).display().to_string(),
+                path: store.path(name).to_string(),
             }
             .into());
         }
@@ -264,7 +271,8 @@ impl VolumeService {
             }
             .into())
         };
-        if !store.dir().is_dir() {
+        if store.lock_shared()?.is_none() {
+            // No policy folder: nothing to find, and nothing is created.
             return Err(not_found(&store)?);
         }
         let lock = store.lock_exclusive()?;
@@ -318,13 +326,13 @@ impl VolumeService {
             failed: Vec::new(),
         };
         for t in &users {
-            let applied = self.locked(t, |_| {
-                let meta = Self::load_meta(t)?.ok_or_else(|| Self::not_found(t))?;
+            let applied = self.locked(t, false, |folder| {
+                let meta = Self::load_meta(t, folder)?.ok_or_else(|| Self::not_found(t))?;
                 if meta.opt(opt::VSAN_POLICY_NAME) != Some(name) {
                     return Ok(false);
                 }
                 self.backend
-                    .apply_policy(&t.disk, name, content)
+                    .apply_policy(&t.disk(), name, content)
                     .map_err(Self::backend_err(t))?;
                 Ok(true)
             });
@@ -447,15 +455,15 @@ impl VolumeService {
         }
         let access = opts.get(opt::ACCESS).map(|v| v.parse::<AccessMode>()).transpose()?;
         let attach_as = opts.get(opt::ATTACH_AS).map(|v| v.parse::<AttachAs>()).transpose()?;
-        self.locked(&t, |_| {
-            let mut meta = Self::load_meta(&t)?.ok_or_else(|| Self::not_found(&t))?;
+        self.locked(&t, false, |folder| {
+            let mut meta = Self::load_meta(&t, folder)?.ok_or_else(|| Self::not_found(&t))?;
             if let Some(a) = access {
                 meta.vol_opts.insert(opt::ACCESS.into(), a.to_string());
             }
             if let Some(a) = attach_as {
                 meta.vol_opts.insert(opt::ATTACH_AS.into(), a.to_string());
             }
-            Self::store_meta(&t, &meta)?;
+            Self::store_meta(&t, folder, &meta)?;
             tracing::info!(volume = %t.full, ?access, ?attach_as, "updated volume settings");
             self.info(&t, &meta)
         })
@@ -466,19 +474,22 @@ impl VolumeService {
         self.datastores
             .iter()
             .map(|ds| {
-                let volumes = std::fs::read_dir(ds.group_dir(DEFAULT_VMGROUP))
-                    .map(|entries| {
-                        entries
-                            .flatten()
-                            .filter(|e| {
-                                e.file_name()
-                                    .to_str()
-                                    .and_then(|n| n.strip_suffix(".vmfd"))
-                                    .is_some_and(|v| vmdk_protocol::name::validate_volume(v).is_ok())
-                            })
-                            .count()
-                    })
-                    .unwrap_or(0);
+                let volumes = match ds.folder(DEFAULT_VMGROUP, false) {
+                    Ok(Some(f)) => f
+                        .list()
+                        .map(|entries| {
+                            entries
+                                .iter()
+                                .filter(|e| {
+                                    e.name
+                                        .strip_suffix(".vmfd")
+                                        .is_some_and(|v| vmdk_protocol::name::validate_volume(v).is_ok())
+                                })
+                                .count()
+                        })
+                        .unwrap_or(0),
+                    _ => 0,
+                };
                 let fs = nix::sys::statvfs::statvfs(&ds.root).ok();
                 DatastoreUsage {
                     name: ds.name.clone(),

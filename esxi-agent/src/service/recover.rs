@@ -7,9 +7,8 @@ use std::path::Path;
 use vmdk_protocol::AttachStatus;
 
 use super::{Target, VolumeService};
-use crate::datastore::{DiskPaths, VolumeFile, DEFAULT_VMGROUP};
-use crate::error::AgentError;
-use crate::lock::VolumeLock;
+use crate::datastore::{VolumeFile, VolumeFiles, VolumeFolder, DEFAULT_VMGROUP};
+use crate::store::FileId;
 
 /// What [`VolumeService::recover_on_start`] did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -22,12 +21,18 @@ pub struct StartupRecovery {
 }
 
 impl VolumeService {
-    /// Everything the agent checks when it starts, before it serves:
+    /// Everything the agent checks when it starts, before it serves: makes
+    /// each datastore's folders private and fills its space reserve,
     /// releases unrecorded attachments, then deletes what cut-off creates
     /// and removes left behind (only files the agent marked as its own).
-    /// Both only touch volumes whose lock is free or that they hold, so
-    /// another agent on a shared datastore is never disturbed.
+    /// The last two only touch volumes whose lock is free or that they
+    /// hold, so another agent on a shared datastore is never disturbed.
     pub fn recover_on_start(&self) -> StartupRecovery {
+        for ds in &self.datastores {
+            if let Err(e) = ds.prepare() {
+                tracing::warn!(datastore = %ds.name, error = %crate::error::error_chain(&e), "cannot prepare the datastore");
+            }
+        }
         let released = self.release_unrecorded_attachments();
         let collected = self.collect_incomplete_volumes();
         StartupRecovery { released, collected }
@@ -35,33 +40,45 @@ impl VolumeService {
 
     /// Deletes what creates and removes cut off by a crash left: the files
     /// of a name that has no metadata but carries the agent's
-    /// `<vol>.creating` or `<vol>.removing` marker (written before any
-    /// disk file is made or any is deleted, so such a name never was, or no
-    /// longer is, a volume). Also drops stale `<vol>.vmfd.tmp` and
-    /// `<vol>.vmdk.tmp` files of writes that never reached their rename,
-    /// markers of operations whose volume is intact, and lone lock files.
+    /// `<vol>.creating` or `<vol>.removing` marker (made before any disk
+    /// file is made or any is deleted, so such a name never was, or no
+    /// longer is, a volume). Also drops temp files of atomic writes whose
+    /// writer is gone, markers of operations whose volume is intact, and
+    /// lone lock files.
     ///
     /// Files without metadata and without a marker (a disk the original
-    /// vDVS or an administrator put there) are never deleted, only logged.
-    /// A name whose lock another process holds is skipped: an operation is
-    /// under way there. So is an extent that is still bound to a device.
-    /// Returns the names collected (`vol@ds`).
+    /// vDVS or an administrator put there) are never deleted, only logged;
+    /// nor is anything that is not a regular file. A name whose lock
+    /// another process holds is skipped: an operation is under way there.
+    /// So is an extent that is still bound to a device. Returns the names
+    /// collected (`vol@ds`).
     pub fn collect_incomplete_volumes(&self) -> Vec<String> {
         let mut collected = Vec::new();
         for ds in &self.datastores {
-            let dir = ds.group_dir(DEFAULT_VMGROUP);
-            let Ok(entries) = std::fs::read_dir(&dir) else {
-                continue;
+            let folder = match ds.folder(DEFAULT_VMGROUP, false) {
+                Ok(Some(f)) => f,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::warn!(datastore = %ds.name, error = %crate::error::error_chain(&e), "cannot look for unfinished creates and removes");
+                    continue;
+                }
+            };
+            if let Err(e) = folder.remove_stale_temp_files() {
+                tracing::warn!(datastore = %ds.name, error = %crate::error::error_chain(&e), "cannot remove leftover temp files");
+            }
+            let entries = match folder.list() {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::warn!(datastore = %ds.name, error = %crate::error::error_chain(&e), "cannot list volumes");
+                    continue;
+                }
             };
             // Which kinds of file each name has, from the listing alone: a
-            // volume with its sidecar and no marker or temp file (nearly
-            // all of them) needs no lock and no further look.
+            // volume with its sidecar and no marker (nearly all of them)
+            // needs no lock and no further look.
             let mut kinds: BTreeMap<String, Vec<VolumeFile>> = BTreeMap::new();
-            for e in entries.flatten() {
-                let Ok(file) = e.file_name().into_string() else {
-                    continue;
-                };
-                if let Some((stem, kind)) = DiskPaths::volume_of_file(&file) {
+            for e in entries {
+                if let Some((stem, kind)) = VolumeFiles::volume_of_file(&e.name) {
                     if vmdk_protocol::name::validate_volume(stem).is_ok() {
                         kinds.entry(stem.to_owned()).or_default().push(kind);
                     }
@@ -74,9 +91,9 @@ impl VolumeService {
                 let t = Target {
                     full: format!("{stem}@{}", ds.name),
                     ds,
-                    disk: DiskPaths::new(&dir, stem),
+                    volume: stem.clone(),
                 };
-                match self.collect_one(&t) {
+                match self.collect_one(&t, &folder) {
                     Ok(true) => {
                         tracing::warn!(volume = %t.full, "deleted the files of a create or remove that did not finish");
                         collected.push(t.full.clone());
@@ -91,40 +108,41 @@ impl VolumeService {
         collected
     }
 
-    fn collect_one(&self, t: &Target<'_>) -> Result<bool, String> {
-        let d = &t.disk;
-        let chain = |e: AgentError| crate::error::error_chain(&e);
-        let lock_existed = d.lock.exists();
-        let lock = match VolumeLock::try_acquire(&d.lock) {
+    fn collect_one(&self, t: &Target<'_>, folder: &dyn VolumeFolder) -> Result<bool, String> {
+        let files = t.files();
+        let chain = |e: &dyn std::error::Error| crate::error::error_chain(e);
+        let lock_existed = folder.entry(&files.lock).map_err(|e| chain(&e))?.is_some();
+        let lock = match folder.try_lock(&t.volume) {
             Ok(Some(lock)) => lock,
             Ok(None) => return Ok(false),
-            Err(e) => return Err(format!("lock {}: {e}", d.lock.display())),
+            Err(e) => return Err(chain(&e)),
         };
-        // Temp files of atomic writes that never reached their rename (the
-        // lock is ours, so no write is under way).
-        for tmp in d.temp_files() {
-            crate::fsutil::remove_if_exists(&tmp).map_err(|e| format!("delete {}: {e}", tmp.display()))?;
-        }
-        let marked = d.marked();
-        if d.meta.exists() {
-            if d.removing.exists() {
+        // Temp files of writes that never reached their rename (the lock is
+        // ours, so no write is under way).
+        folder.remove_legacy_temps(&t.volume).map_err(|e| chain(&e))?;
+        let marked = folder.marked(&t.volume).map_err(|e| chain(&e))?;
+        if folder.entry(&files.meta).map_err(|e| chain(&e))?.is_some() {
+            if folder.entry(&files.removing).map_err(|e| chain(&e))?.is_some() {
                 tracing::warn!(volume = %t.full, "a remove stopped before it deleted anything; the volume stays");
             }
-            Self::clear_markers(d).map_err(chain)?;
+            folder.clear_markers(&t.volume).map_err(|e| chain(&e))?;
             if !lock_existed {
                 // Made by this check (a foreign file named like metadata).
                 let _ = lock.unlink();
             }
             return Ok(false);
         }
-        let has_disk = d.existing_disk_file().is_some();
+        let mut has_disk = false;
+        for f in [&files.descriptor, &files.flat] {
+            has_disk |= folder.entry(f).map_err(|e| chain(&e))?.is_some();
+        }
         if has_disk && !marked {
-            tracing::warn!(volume = %t.full, dir = %d.dir.display(), "files without vmdk metadata (not a vmdk volume); left alone");
+            tracing::warn!(volume = %t.full, folder = %folder.shown(""), "files without vmdk metadata (not a vmdk volume); left alone");
             let _ = lock.unlink();
             return Ok(false);
         }
         if has_disk {
-            match self.backend.attachment(d) {
+            match self.backend.attachment(&t.disk()) {
                 Ok(None) => {}
                 Ok(Some(att)) => {
                     return Err(format!(
@@ -132,12 +150,12 @@ impl VolumeService {
                         att.device.unwrap_or_default()
                     ))
                 }
-                Err(e) => return Err(crate::error::error_chain(&e)),
+                Err(e) => return Err(chain(&e)),
             }
-            self.backend.delete_disk(d).map_err(|e| crate::error::error_chain(&e))?;
+            self.backend.delete_disk(&t.disk()).map_err(|e| chain(&e))?;
         }
-        Self::clear_markers(d).map_err(chain)?;
-        lock.unlink().map_err(|e| format!("delete {}: {e}", d.lock.display()))?;
+        folder.clear_markers(&t.volume).map_err(|e| chain(&e))?;
+        lock.unlink().map_err(|e| chain(&e))?;
         Ok(has_disk)
     }
 
@@ -161,19 +179,19 @@ impl VolumeService {
             let Some(t) = self.target_of_extent(&extent) else {
                 continue;
             };
-            let res = self.locked(&t, |_| {
-                let meta = Self::load_meta(&t)?;
+            let res = self.locked(&t, false, |folder| {
+                let meta = Self::load_meta(&t, folder)?;
                 let recorded = meta.as_ref().is_some_and(|m| m.status == AttachStatus::Attached);
                 if recorded {
                     return Ok(false);
                 }
                 // No metadata and no marker of ours: not a vmdk volume, and
                 // its device is not ours to release.
-                if meta.is_none() && !t.disk.marked() {
+                if meta.is_none() && !folder.marked(&t.volume).map_err(Self::store_err(&t))? {
                     tracing::warn!(volume = %t.full, device = ?att.device, "a device is bound to a file that is not a vmdk volume; left alone");
                     return Ok(false);
                 }
-                self.backend.detach(&t.disk).map_err(Self::backend_err(&t))?;
+                self.backend.detach(&t.disk()).map_err(Self::backend_err(&t))?;
                 Ok(true)
             });
             match res {
@@ -190,22 +208,28 @@ impl VolumeService {
         released
     }
 
-    /// The volume an extent path belongs to, if it lies in a vmgroup folder
-    /// of a configured datastore.
+    /// The volume an extent path (as the kernel shows it) belongs to, if it
+    /// lies in the default vmgroup folder of a configured datastore. The
+    /// folder is recognised by identity (device and inode), not by a path
+    /// comparison; the backend then acts only on the extent's own inode.
     fn target_of_extent(&self, extent: &Path) -> Option<Target<'_>> {
         let file = extent.file_name()?.to_str()?;
         let volume = file.strip_suffix("-flat.vmdk")?;
         vmdk_protocol::name::validate_volume(volume).ok()?;
-        let group_dir = extent.parent()?;
-        let group = group_dir.file_name()?.to_str()?.to_owned();
-        let dockvols = group_dir.parent()?;
+        let parent = std::fs::metadata(extent.parent()?).ok()?;
+        let parent = FileId {
+            dev: std::os::unix::fs::MetadataExt::dev(&parent),
+            ino: std::os::unix::fs::MetadataExt::ino(&parent),
+        };
         for ds in &self.datastores {
-            let ours = std::fs::canonicalize(ds.dockvols()).ok();
-            if ours.as_deref() == Some(dockvols) || ds.dockvols() == dockvols {
+            let Ok(Some(folder)) = ds.folder(DEFAULT_VMGROUP, false) else {
+                continue;
+            };
+            if folder.dir().stat_self().is_ok_and(|s| s.id == parent) {
                 return Some(Target {
                     full: format!("{volume}@{}", ds.name),
                     ds,
-                    disk: DiskPaths::new(&ds.group_dir(&group), volume),
+                    volume: volume.to_owned(),
                 });
             }
         }
