@@ -1,0 +1,307 @@
+//! A hostile datastore, on the real kernel (root only): for every kind of
+//! entry an attacker with write access to a datastore can plant, in place
+//! of each of a volume's files, every operation runs, and then:
+//!
+//! * nothing outside the datastore was read, written or created (inotify
+//!   watches the attacker's targets; their content is compared too);
+//! * no loop device is bound to, and no filesystem mounted from, a file
+//!   outside the datastore;
+//! * every error names the volume, and none carries the content or path
+//!   of a file outside;
+//! * a bystander volume on the same datastore keeps working (get, mount,
+//!   write, unmount);
+//! * no operation hangs.
+
+mod support;
+
+use std::ffi::CString;
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+use serde_json::Value;
+use support::{docker_call, loops_under, real_plugin, KernelCleanup, Plugin};
+
+/// What is planted in place of one of the victim's files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Garbage,
+    Oversized,
+    LinkInside,
+    LinkOutside,
+    Dangling,
+    Fifo,
+    Device,
+    Directory,
+}
+
+const KINDS: [Kind; 8] = [
+    Kind::Garbage,
+    Kind::Oversized,
+    Kind::LinkInside,
+    Kind::LinkOutside,
+    Kind::Dangling,
+    Kind::Fifo,
+    Kind::Device,
+    Kind::Directory,
+];
+
+/// The victim's files an attacker can replace or plant (suffixes).
+const FILES: [&str; 8] = [
+    ".vmdk",
+    "-flat.vmdk",
+    ".vmfd",
+    ".lck",
+    ".creating",
+    ".removing",
+    ".vmdk.tmp",
+    ".vmfd.tmp",
+];
+
+const SIZE: u64 = 16 << 20;
+const SECRET: &str = "TOP-SECRET-LINE-FROM-OUTSIDE";
+
+/// The attacker's side: files outside the datastore, watched.
+struct Outside {
+    dir: tempfile::TempDir,
+    inotify: Inotify,
+}
+
+impl Outside {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        // A secret the size of a volume (so no size check hides a follow),
+        // and one line of text a descriptor read would echo.
+        let mut secret = format!("{SECRET}\n").into_bytes();
+        secret.resize(SIZE as usize, b'S');
+        std::fs::write(dir.path().join("secret"), &secret).unwrap();
+        std::fs::create_dir(dir.path().join("subdir")).unwrap();
+        let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC).unwrap();
+        let all = AddWatchFlags::IN_ALL_EVENTS;
+        for p in [
+            dir.path().to_owned(),
+            dir.path().join("secret"),
+            dir.path().join("subdir"),
+        ] {
+            inotify.add_watch(&p, all).unwrap();
+        }
+        Self { dir, inotify }
+    }
+
+    fn secret(&self) -> PathBuf {
+        self.dir.path().join("secret")
+    }
+
+    /// Every event on the attacker's files since the last call.
+    fn events(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Ok(evs) = self.inotify.read_events() {
+            if evs.is_empty() {
+                break;
+            }
+            out.extend(evs.into_iter().map(|e| format!("{:?} {:?}", e.mask, e.name)));
+        }
+        out
+    }
+
+    fn untouched(&self) -> bool {
+        let s = std::fs::read(self.secret()).unwrap();
+        s.starts_with(SECRET.as_bytes()) && s.len() as u64 == SIZE && self.dir.path().read_dir().unwrap().count() == 2
+    }
+}
+
+fn plant(dir: &Path, name: &str, kind: Kind, outside: &Outside, inside_twin: &str) {
+    let p = dir.join(name);
+    let _ = std::fs::remove_file(&p);
+    let _ = std::fs::remove_dir_all(&p);
+    match kind {
+        Kind::Garbage => std::fs::write(&p, b"\x00\xffgarbage{\n[not json or vmdk]\x07").unwrap(),
+        Kind::Oversized => {
+            let f = std::fs::File::create(&p).unwrap();
+            f.set_len(1 << 30).unwrap();
+        }
+        Kind::LinkInside => symlink(inside_twin, &p).unwrap(),
+        Kind::LinkOutside => symlink(outside.secret(), &p).unwrap(),
+        Kind::Dangling => symlink(outside.dir.path().join("created-by-root"), &p).unwrap(),
+        Kind::Fifo => nix::unistd::mkfifo(&p, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap(),
+        Kind::Device => {
+            let c = CString::new(p.to_str().unwrap()).unwrap();
+            // SAFETY: a valid C string; creates a character device node
+            // (1:3, /dev/null's numbers).
+            let rc = unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o600, libc::makedev(1, 3)) };
+            assert_eq!(rc, 0, "mknod {}", p.display());
+        }
+        Kind::Directory => {
+            std::fs::create_dir(&p).unwrap();
+            std::fs::write(p.join("inner"), "x").unwrap();
+        }
+    }
+}
+
+async fn call(p: &Plugin, endpoint: &str, body: &str, what: &str) -> (StatusCode, Value) {
+    match tokio::time::timeout(Duration::from_secs(60), docker_call(&p.app, endpoint, Some(body))).await {
+        Ok(r) => r,
+        Err(_) => panic!("{what}: {endpoint} {body} hung"),
+    }
+}
+
+/// Runs one case; returns what went wrong (empty: nothing).
+async fn case(file: &str, kind: Kind) -> Vec<String> {
+    let what = format!("victim{file} as {kind:?}");
+    let outside = Outside::new();
+    let p = real_plugin().await;
+    let _c = KernelCleanup(std::fs::canonicalize(p.dir.path()).unwrap());
+    let ds = std::fs::canonicalize(p.datastore()).unwrap();
+    let mut problems = Vec::new();
+    for v in ["victim", "bystander"] {
+        let (s, b) = call(
+            &p,
+            "VolumeDriver.Create",
+            &format!(r#"{{"Name":"{v}","Opts":{{"size":"16mb"}}}}"#),
+            &what,
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK, "{what}: setup create {v}: {b}");
+    }
+    let dir = ds.join("dockvols/_DEFAULT");
+    plant(
+        &dir,
+        &format!("victim{file}"),
+        kind,
+        &outside,
+        &format!("bystander{file}"),
+    );
+    let _ = outside.events();
+
+    let mut errors = Vec::new();
+    let mut note = |step: &str, (s, b): (StatusCode, Value)| {
+        if s != StatusCode::OK {
+            errors.push((step.to_owned(), b["Err"].as_str().unwrap_or_default().to_owned()));
+        }
+        b
+    };
+    // Every operation, on the victim.
+    let ls = p.svc.inventory();
+    match &ls {
+        Ok(list) if list.iter().any(|v| v.volume == "bystander") => {}
+        other => problems.push(format!("admin ls lost the bystander: {other:?}")),
+    }
+    let list = note("list", call(&p, "VolumeDriver.List", "{}", &what).await);
+    if !list["Volumes"]
+        .as_array()
+        .is_some_and(|a| a.iter().any(|v| v["Name"] == "bystander"))
+    {
+        problems.push(format!("List lost the bystander: {list}"));
+    }
+    let get = note("get", call(&p, "VolumeDriver.Get", r#"{"Name":"victim"}"#, &what).await);
+    if get.to_string().contains(SECRET) {
+        problems.push(format!("Get echoed the outside secret: {get}"));
+    }
+    note(
+        "clone",
+        call(
+            &p,
+            "VolumeDriver.Create",
+            r#"{"Name":"copy","Opts":{"clone-from":"victim"}}"#,
+            &what,
+        )
+        .await,
+    );
+    let (ms, mb) = call(&p, "VolumeDriver.Mount", r#"{"Name":"victim","ID":"m1"}"#, &what).await;
+    if ms == StatusCode::OK {
+        let mp = PathBuf::from(mb["Mountpoint"].as_str().unwrap());
+        if std::fs::write(mp.join("hello"), "x").is_err() {
+            problems.push(format!("Mount returned {} but it is not writable", mp.display()));
+        }
+        note(
+            "unmount",
+            call(&p, "VolumeDriver.Unmount", r#"{"Name":"victim","ID":"m1"}"#, &what).await,
+        );
+    } else {
+        note("mount", (ms, mb));
+    }
+    note(
+        "remove",
+        call(&p, "VolumeDriver.Remove", r#"{"Name":"victim"}"#, &what).await,
+    );
+    note(
+        "create",
+        call(
+            &p,
+            "VolumeDriver.Create",
+            r#"{"Name":"victim","Opts":{"size":"16mb"}}"#,
+            &what,
+        )
+        .await,
+    );
+    let _ = p.svc.recover_on_start();
+
+    // The bystander keeps working.
+    let (s, b) = call(&p, "VolumeDriver.Get", r#"{"Name":"bystander"}"#, &what).await;
+    if s != StatusCode::OK || b["Volume"]["Status"].get("error").is_some() {
+        problems.push(format!("bystander Get: {s} {b}"));
+    }
+    let (s, b) = call(&p, "VolumeDriver.Mount", r#"{"Name":"bystander","ID":"b1"}"#, &what).await;
+    if s == StatusCode::OK {
+        let mp = PathBuf::from(b["Mountpoint"].as_str().unwrap());
+        if let Err(e) = std::fs::write(mp.join("f"), "bystander data") {
+            problems.push(format!("bystander not writable: {e}"));
+        }
+        let (s, b) = call(&p, "VolumeDriver.Unmount", r#"{"Name":"bystander","ID":"b1"}"#, &what).await;
+        if s != StatusCode::OK {
+            problems.push(format!("bystander Unmount: {b}"));
+        }
+    } else {
+        problems.push(format!("bystander Mount: {b}"));
+    }
+
+    // Nothing outside was touched.
+    let events = outside.events();
+    if !events.is_empty() {
+        problems.push(format!("files outside the datastore were accessed: {events:?}"));
+    }
+    if !outside.untouched() {
+        problems.push("files outside the datastore changed".into());
+    }
+    for (dev, backing) in support::loops_under(Path::new("/")) {
+        if !backing.starts_with(&ds) && backing.starts_with(outside.dir.path()) {
+            problems.push(format!("{} is bound to {}", dev.display(), backing.display()));
+        }
+    }
+    let outside_real = std::fs::canonicalize(outside.dir.path()).unwrap();
+    for (dev, backing) in loops_under(&outside_real) {
+        problems.push(format!(
+            "{} is bound to a file outside: {}",
+            dev.display(),
+            backing.display()
+        ));
+    }
+    for (step, e) in &errors {
+        if e.contains(SECRET) || e.contains(outside.dir.path().to_str().unwrap()) {
+            problems.push(format!("{step} error leaks the outside: {e}"));
+        }
+        if !e.contains("victim") && !e.contains("copy") {
+            problems.push(format!("{step} error does not name the volume: {e}"));
+        }
+    }
+    problems.into_iter().map(|p| format!("{what}: {p}")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_hostile_entry_in_place_of_every_volume_file() {
+    support::require_root();
+    let mut problems = Vec::new();
+    for file in FILES {
+        for kind in KINDS {
+            problems.extend(case(file, kind).await);
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "{} problems:\n{}",
+        problems.len(),
+        problems.join("\n")
+    );
+}
