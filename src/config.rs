@@ -58,6 +58,8 @@ pub struct ServeConfig {
     pub reconcile_interval: u64,
     /// Seconds a volume stays mounted after its last Unmount (0: none).
     pub detach_grace: u64,
+    /// Limits of the plugin socket (timeouts, connections, body size).
+    pub limits: vmdk_agent::server::ServeLimits,
 }
 
 #[cfg(test)]

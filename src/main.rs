@@ -49,6 +49,12 @@ enum Command {
         /// a restart) reuses it (0: release at once).
         #[arg(long, env = "VMDK_DETACH_GRACE", default_value_t = 0)]
         detach_grace: u64,
+        /// Limits of the plugin socket as KEY=VALUE,...: header-timeout,
+        /// body-timeout, send-timeout (durations), max-connections,
+        /// max-requests, max-body-bytes. Default:
+        /// header-timeout=10s,body-timeout=10s,send-timeout=30s,max-connections=256,max-requests=64,max-body-bytes=65536.
+        #[arg(long, env = "VMDK_SERVE_LIMITS", value_name = "KEY=VALUE,...")]
+        limits: Option<vmdk_agent::server::ServeLimits>,
     },
     /// Show what the plugin on this VM holds (volumes, devices, Docker
     /// mount IDs), checked against the live mounts. Changes nothing.
@@ -115,6 +121,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             docker_socket,
             reconcile_interval,
             detach_grace,
+            limits,
         } => {
             if agent.is_some() && !datastores.is_empty() {
                 anyhow::bail!("--datastore configures the embedded agent; it cannot be combined with --agent");
@@ -134,7 +141,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 docker_socket,
                 reconcile_interval,
                 detach_grace,
+                limits: limits.unwrap_or_default(),
             };
+            match vmdk_agent::server::raise_fd_limit() {
+                Ok((before, after)) if after > before => {
+                    tracing::info!(before, after, "raised the open-file limit")
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+            }
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(vmdk_plugin::serve::run(cfg, shutdown_signal()))
                 .map_err(|e| anyhow::anyhow!(vmdk_plugin::error_chain(&e)))

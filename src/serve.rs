@@ -63,6 +63,19 @@ pub fn agent_client(cfg: &ServeConfig) -> Result<AgentClient, ServeError> {
     Ok(AgentClient::Embedded(Arc::new(svc)))
 }
 
+/// The errors the server answers itself (a body too slow or too large),
+/// in the plugin API's shape `{"Err": ...}`, which Docker shows as
+/// `VolumeDriver.<Method>: <Err>`.
+pub fn plugin_error_reply(status: axum::http::StatusCode, message: String) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    (
+        status,
+        [(axum::http::header::CONTENT_TYPE, crate::plugin::CONTENT_TYPE)],
+        serde_json::json!({ "Err": message }).to_string(),
+    )
+        .into_response()
+}
+
 /// Runs the plugin until `shutdown` resolves.
 pub async fn run(
     cfg: ServeConfig,
@@ -72,7 +85,8 @@ pub async fn run(
     run_with(cfg, agent, Arc::new(LinuxSystem), shutdown).await
 }
 
-/// [`run`] with an explicit agent and kernel seam.
+/// [`run`] with an explicit agent and kernel seam. The socket is served by
+/// [`vmdk_agent::server::serve_bounded`] within `cfg.limits`.
 pub async fn run_with(
     cfg: ServeConfig,
     agent: AgentClient,
@@ -116,9 +130,18 @@ pub async fn run_with(
             m.reconcile().await;
         }
     });
-    let res = axum::serve(listener, crate::plugin::router(manager))
-        .with_graceful_shutdown(shutdown)
-        .await;
+    let limits = cfg
+        .limits
+        .fit_fd_limit(vmdk_agent::server::fd_limit().unwrap_or(1024), 1);
+    tracing::info!(%limits, "plugin socket limits");
+    let res = vmdk_agent::server::serve_bounded(
+        listener.into(),
+        crate::plugin::router(manager),
+        limits,
+        plugin_error_reply,
+        shutdown,
+    )
+    .await;
     background.abort();
     let _ = std::fs::remove_file(&cfg.socket);
     res.map_err(|source| ServeError::Io {

@@ -393,6 +393,7 @@ async fn a_remote_agent_over_http_behaves_like_the_embedded_one() {
         vmdk_agent::server::Listeners {
             socket: sock.clone(),
             tcp: None,
+            limits: Default::default(),
         },
         async move {
             let _ = rx.await;
@@ -542,6 +543,7 @@ async fn the_served_socket_answers_dockers_exact_bytes_on_one_connection() {
         docker_socket: dir.path().join("no-docker.sock"),
         reconcile_interval: 0,
         detach_grace: 0,
+        limits: Default::default(),
     };
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(vmdk_plugin::serve::run_with(

@@ -19,7 +19,7 @@ use vmdk_agent::backend::loopdev::LinuxLoops;
 use vmdk_agent::config::{AgentConfig, BackendKind, DEFAULT_SOCKET};
 use vmdk_agent::error::error_chain;
 use vmdk_agent::policy::PolicyExpr;
-use vmdk_agent::server::{serve, Listeners};
+use vmdk_agent::server::{raise_fd_limit, serve, Listeners, ServeLimits};
 use vmdk_agent::{AgentError, VolumeService};
 
 /// Host agent of vmdk: VMDK volumes for Docker on vSphere datastores.
@@ -55,9 +55,17 @@ enum Command {
         /// Unix socket to listen on (mode 0600).
         #[arg(long)]
         socket: Option<PathBuf>,
-        /// Also listen on TCP, e.g. 127.0.0.1:7981.
+        /// Also listen on TCP, on a loopback address such as
+        /// 127.0.0.1:7981 (the API has no authentication yet, so other
+        /// addresses are refused).
         #[arg(long)]
         tcp: Option<std::net::SocketAddr>,
+        /// Limits of each listener as KEY=VALUE,...: header-timeout,
+        /// body-timeout, send-timeout (durations), max-connections,
+        /// max-requests, max-body-bytes. Default:
+        /// header-timeout=10s,body-timeout=10s,send-timeout=30s,max-connections=256,max-requests=64,max-body-bytes=65536.
+        #[arg(long, env = "VMDK_SERVE_LIMITS", value_name = "KEY=VALUE,...")]
+        limits: Option<ServeLimits>,
     },
     /// List volumes on every configured datastore.
     Ls(LsArgs),
@@ -148,13 +156,20 @@ struct StatusArgs {
     format: Format,
 }
 
-fn load_config(config: Option<&PathBuf>, datastores: &[String]) -> anyhow::Result<AgentConfig> {
+fn load_config(
+    config: Option<&PathBuf>,
+    datastores: &[String],
+    tcp: Option<std::net::SocketAddr>,
+) -> anyhow::Result<AgentConfig> {
     let mut cfg = match config {
         Some(p) => AgentConfig::from_file(p)?,
         None => AgentConfig::default(),
     };
     for d in datastores {
         cfg.add_datastore_flag(d)?;
+    }
+    if let Some(addr) = tcp {
+        cfg.set_tcp_flag(addr);
     }
     cfg.validate()?;
     Ok(cfg)
@@ -211,16 +226,24 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let cfg = || load_config(cli.config.as_ref(), &cli.datastores);
+    let cfg = || load_config(cli.config.as_ref(), &cli.datastores, None);
     match cli.command {
-        Command::Serve { socket, tcp } => {
-            let cfg = cfg()?;
+        Command::Serve { socket, tcp, limits } => {
+            let cfg = load_config(cli.config.as_ref(), &cli.datastores, tcp)?;
             let svc = service(&cfg)?;
+            match raise_fd_limit() {
+                Ok((before, after)) if after > before => {
+                    tracing::info!(before, after, "raised the open-file limit")
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+            }
             let listeners = Listeners {
                 socket: socket
                     .or(cfg.socket.clone())
                     .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET)),
-                tcp: tcp.or(cfg.tcp),
+                tcp: cfg.tcp,
+                limits: limits.unwrap_or_default(),
             };
             let rt = tokio::runtime::Runtime::new().context("start runtime")?;
             rt.block_on(serve(svc, listeners, shutdown_signal()))
