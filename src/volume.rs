@@ -180,7 +180,7 @@ fn formatted_but_blank_text(name: &str, record: &FormatRecord, device: &str, ext
         other => format!("use the {other} repair tools"),
     };
     format!(
-        "volume {name} is recorded as formatted with {fstype} on {at} (by VM {by}), but its disk {device} shows no filesystem signature: its filesystem is damaged. vmdk never formats a volume twice: nothing was changed, and the disk was detached again. To recover, repair the filesystem while nothing mounts the volume, as DISK the device the disk is attached as or, for the local backend, its extent {extent}: {repair}. Then mount the volume again",
+        "volume {name} is recorded as formatted with {fstype} on {at} (by VM {by}), but its disk {device} shows no filesystem signature: its filesystem is damaged. vmdk never formats a volume twice: nothing was changed, and the disk was detached again. To recover, repair the filesystem while nothing mounts the volume; DISK is the device the disk is attached as or, for the local backend, its extent {extent}: {repair}. Then mount the volume again",
         fstype = record.fstype,
         at = record.at,
         by = record.by,
@@ -1261,4 +1261,30 @@ pub fn inspect_status(info: &VolumeInfo, rec: Option<&MountRecord>) -> serde_jso
     m.insert("vmgroup".into(), json!(info.vmgroup));
     m.insert("mounts".into(), json!(rec.map(|r| r.ids.len()).unwrap_or(0)));
     m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_paths_from_the_agent_must_stay_under_dev() {
+        for ok in ["/dev/loop0", "/dev/disk/by-id/wwn-0x6000c29", "/dev/sdb"] {
+            assert!(device_path_ok(ok), "{ok}");
+        }
+        for bad in ["/etc/shadow", "/dev", "/dev/", "/dev/../etc/x", "dev/loop0", ""] {
+            assert!(!device_path_ok(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn answers_must_name_the_volume_asked_about() {
+        assert!(answer_names("v", "v@local"));
+        assert!(answer_names("v@LOCAL", "v@local"));
+        assert!(!answer_names("v", "w@local"));
+        assert!(!answer_names("v@ds1", "v@ds2"));
+        assert!(!answer_names("v", "v"));
+        assert!(!answer_names("x", "../../etc@local"));
+        assert!(!answer_names("x", "x@a/b"));
+    }
 }

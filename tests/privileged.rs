@@ -342,21 +342,14 @@ fn fs_uuid(device: &str) -> String {
     uuid
 }
 
-/// A hash of a whole file, to show that a refused Mount changed nothing.
-fn file_hash(path: &std::path::Path) -> u64 {
-    use std::hash::{Hash, Hasher};
-    use std::io::Read;
-    let mut f = std::fs::File::open(path).unwrap();
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).unwrap();
-        if n == 0 {
-            break;
-        }
-        buf[..n].hash(&mut h);
-    }
-    h.finish()
+/// What a format would change of an extent file: its first 4 MiB (every
+/// mkfs writes its superblock and metadata there), its size and its
+/// allocated blocks. Equal before and after shows a refused Mount changed
+/// nothing.
+fn disk_fingerprint(path: &std::path::Path) -> (Vec<u8>, u64, u64) {
+    let head = vmdk_plugin::sys::read_head(path, 4 << 20).unwrap();
+    let meta = std::fs::metadata(path).unwrap();
+    (head, meta.len(), meta.blocks())
 }
 
 fn run_tool(program: &str, args: &[&std::ffi::OsStr]) -> std::process::Output {
@@ -370,58 +363,81 @@ fn run_tool(program: &str, args: &[&std::ffi::OsStr]) -> std::process::Output {
 /// Issue 7, finding 2: zeroing only the primary superblock of a volume
 /// with data made the next Mount format it. Now the Mount is refused with
 /// the recovery steps, nothing on the disk changes, and following those
-/// steps (`mke2fs -n` for the backups, `e2fsck -b`) brings the data back.
+/// steps (ext4: `mke2fs -n` for the backups, `e2fsck -b`; xfs:
+/// `xfs_repair`) brings the data back.
 #[tokio::test]
 async fn a_damaged_superblock_is_refused_and_the_data_survives_fsck() {
     let p = real_plugin().await;
     let _c = KernelCleanup(canonical_tmp(&p));
-    ok(&p.app, "VolumeDriver.Create", r#"{"Name":"sb"}"#).await;
-    let v = ok(&p.app, "VolumeDriver.Mount", r#"{"Name":"sb","ID":"a"}"#).await;
-    let data = std::path::PathBuf::from(v["Mountpoint"].as_str().unwrap());
-    std::fs::write(data.join("file"), "survives").unwrap();
-    ok(&p.app, "VolumeDriver.Unmount", r#"{"Name":"sb","ID":"a"}"#).await;
-    let flat = p.datastore().join("dockvols/_DEFAULT/sb-flat.vmdk");
-    let f = std::fs::OpenOptions::new().write(true).open(&flat).unwrap();
-    std::os::unix::fs::FileExt::write_all_at(&f, &[0u8; 1024], 1024).unwrap();
-    f.sync_all().unwrap();
-    drop(f);
-    let before = file_hash(&flat);
-
-    let e = err(&p.app, "VolumeDriver.Mount", r#"{"Name":"sb","ID":"b"}"#).await;
-    for want in [
-        "volume sb@local is recorded as formatted with ext4 on ",
-        "(by VM vm-test), but its disk /dev/loop",
-        "shows no filesystem signature",
-        "nothing was changed",
-        "e2fsck -b 32768 DISK",
-        "-b 8193",
-        "mke2fs -n DISK",
+    // (volume, create options, where the primary superblock is)
+    for (name, opts, superblock) in [
+        ("sb", "{}", 1024..2048u64),
+        ("sbxfs", r#"{"size":"300mb","fstype":"xfs"}"#, 0..512),
     ] {
-        assert!(e.contains(want), "{e:?} lacks {want:?}");
-    }
-    assert!(mounts_at(&p.mount_root().join("sb@local")).is_empty());
-    assert!(
-        loops_under(&canonical_tmp(&p)).is_empty(),
-        "the refused Mount left the disk attached"
-    );
-    assert_eq!(file_hash(&flat), before, "the refused Mount changed the disk");
+        let call = |id: &str| format!(r#"{{"Name":"{name}","ID":"{id}"}}"#);
+        ok(
+            &p.app,
+            "VolumeDriver.Create",
+            &format!(r#"{{"Name":"{name}","Opts":{opts}}}"#),
+        )
+        .await;
+        let v = ok(&p.app, "VolumeDriver.Mount", &call("a")).await;
+        let data = std::path::PathBuf::from(v["Mountpoint"].as_str().unwrap());
+        std::fs::write(data.join("file"), "survives").unwrap();
+        ok(&p.app, "VolumeDriver.Unmount", &call("a")).await;
+        let flat = p.datastore().join(format!("dockvols/_DEFAULT/{name}-flat.vmdk"));
+        let f = std::fs::OpenOptions::new().write(true).open(&flat).unwrap();
+        let zeros = vec![0u8; (superblock.end - superblock.start) as usize];
+        std::os::unix::fs::FileExt::write_all_at(&f, &zeros, superblock.start).unwrap();
+        f.sync_all().unwrap();
+        drop(f);
+        let before = disk_fingerprint(&flat);
 
-    // The recovery the error describes, on the extent file.
-    let out = run_tool("mke2fs", &["-n".as_ref(), flat.as_os_str()]);
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let backup: u64 = text
-        .split("Superblock backups stored on blocks:")
-        .nth(1)
-        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).find(|s| !s.is_empty()))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no backup superblocks in mke2fs -n output: {text}"));
-    let b = backup.to_string();
-    let out = run_tool("e2fsck", &["-fy".as_ref(), "-b".as_ref(), b.as_ref(), flat.as_os_str()]);
-    assert!(matches!(out.status.code(), Some(0 | 1)), "e2fsck: {out:?}");
-    let v = ok(&p.app, "VolumeDriver.Mount", r#"{"Name":"sb","ID":"c"}"#).await;
-    let data = std::path::PathBuf::from(v["Mountpoint"].as_str().unwrap());
-    assert_eq!(std::fs::read_to_string(data.join("file")).unwrap(), "survives");
-    ok(&p.app, "VolumeDriver.Unmount", r#"{"Name":"sb","ID":"c"}"#).await;
+        let e = err(&p.app, "VolumeDriver.Mount", &call("b")).await;
+        let fstype = if name == "sb" { "ext4" } else { "xfs" };
+        let repair = if name == "sb" {
+            "e2fsck -b 32768 DISK"
+        } else {
+            "xfs_repair DISK"
+        };
+        for want in [
+            &format!("volume {name}@local is recorded as formatted with {fstype} on ")[..],
+            "(by VM vm-test), but its disk /dev/loop",
+            "shows no filesystem signature",
+            "nothing was changed",
+            repair,
+        ] {
+            assert!(e.contains(want), "{e:?} lacks {want:?}");
+        }
+        assert!(mounts_at(&p.mount_root().join(format!("{name}@local"))).is_empty());
+        assert!(
+            loops_under(&canonical_tmp(&p)).is_empty(),
+            "the refused Mount left the disk attached"
+        );
+        assert!(disk_fingerprint(&flat) == before, "the refused Mount changed the disk");
+
+        // The recovery the error describes, on the extent file.
+        if name == "sb" {
+            let out = run_tool("mke2fs", &["-n".as_ref(), flat.as_os_str()]);
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            let backup: u64 = text
+                .split("Superblock backups stored on blocks:")
+                .nth(1)
+                .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).find(|s| !s.is_empty()))
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("no backup superblocks in mke2fs -n output: {text}"));
+            let b = backup.to_string();
+            let out = run_tool("e2fsck", &["-fy".as_ref(), "-b".as_ref(), b.as_ref(), flat.as_os_str()]);
+            assert!(matches!(out.status.code(), Some(0 | 1)), "e2fsck: {out:?}");
+        } else {
+            let out = run_tool("xfs_repair", &["-f".as_ref(), flat.as_os_str()]);
+            assert!(out.status.success(), "xfs_repair: {out:?}");
+        }
+        let v = ok(&p.app, "VolumeDriver.Mount", &call("c")).await;
+        let data = std::path::PathBuf::from(v["Mountpoint"].as_str().unwrap());
+        assert_eq!(std::fs::read_to_string(data.join("file")).unwrap(), "survives");
+        ok(&p.app, "VolumeDriver.Unmount", &call("c")).await;
+    }
     assert!(loops_under(&canonical_tmp(&p)).is_empty());
 }
 

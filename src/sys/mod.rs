@@ -419,6 +419,45 @@ mod tests {
     }
 
     #[test]
+    fn data_dir_is_checked_without_following_anything() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = dir.path();
+        assert_eq!(check_data_dir(m, "data").unwrap(), DataDir::Missing);
+        make_data_dir(m, "data").unwrap();
+        assert_eq!(check_data_dir(m, "data").unwrap(), DataDir::Valid);
+        std::os::unix::fs::symlink("/etc", m.join("link")).unwrap();
+        let DataDir::Invalid(why) = check_data_dir(m, "link").unwrap() else {
+            panic!("a symlink passed")
+        };
+        assert_eq!(why, "it is a symbolic link (to \"/etc\")");
+        // mkdirat does not follow a planted symlink either (EEXIST).
+        let e = make_data_dir(m, "link").unwrap_err().to_string();
+        assert!(e.contains("mkdir"), "{e}");
+        std::fs::write(m.join("file"), "x").unwrap();
+        assert_eq!(
+            check_data_dir(m, "file").unwrap(),
+            DataDir::Invalid("it is a regular file, not a directory".into())
+        );
+        // A directory that is another mount (here: /proc below /).
+        let DataDir::Invalid(why) = check_data_dir(Path::new("/"), "proc").unwrap() else {
+            panic!("another filesystem passed")
+        };
+        assert!(why.starts_with("it is on another filesystem"), "{why}");
+        // The mount dir itself must not be a symlink.
+        std::os::unix::fs::symlink(m.join("data"), m.join("dirlink")).unwrap();
+        assert!(check_data_dir(&m.join("dirlink"), "x").is_err());
+    }
+
+    #[test]
+    fn read_head_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("f");
+        std::fs::write(&f, vec![7u8; 5000]).unwrap();
+        assert_eq!(read_head(&f, 100).unwrap(), vec![7u8; 100]);
+        assert_eq!(read_head(&f, 1 << 20).unwrap().len(), 5000);
+    }
+
+    #[test]
     fn labels_truncate_on_char_boundaries() {
         assert_eq!(fs_label("vsanvol1", 16), "vsanvol1");
         assert_eq!(fs_label("a-very-long-volume-name", 12), "a-very-long-");
