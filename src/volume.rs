@@ -604,26 +604,33 @@ impl VolumeManager {
     pub async fn unmount(self: &Arc<Self>, name: &str, id: &str) -> Result<(), PluginError> {
         VolumeRef::parse(name)?;
         let _gate = self.gate.read().await;
-        let default_ds = if name.contains('@') {
-            None
-        } else {
-            self.default_datastore().await
-        };
-        let full = {
-            // Only the record of the volume Docker names, and only if it
-            // holds the ID: an Unmount never releases another volume, even
-            // when a caller reuses an ID.
+        // Only the record of the volume Docker names, and only if it holds
+        // the ID: an Unmount never releases another volume, even when a
+        // caller reuses an ID.
+        let holders = |default_ds: Option<&str>| -> Vec<String> {
             let st = self.state.lock().unwrap();
-            let holder = st
-                .mounts
+            st.mounts
                 .iter()
-                .find(|(k, r)| docker_api::names_volume(name, k, default_ds.as_deref()) && r.ids.contains_key(id));
-            match holder {
-                Some((k, _)) => k.clone(),
-                None => {
-                    tracing::info!(volume = name, id, "unmount of an unknown mount ID; nothing to do");
-                    return Ok(());
-                }
+                .filter(|(k, r)| docker_api::names_volume(name, k, default_ds) && r.ids.contains_key(id))
+                .map(|(k, _)| k.clone())
+                .collect()
+        };
+        let mut found = holders(None);
+        if found.len() > 1 {
+            // A short name held on several datastores: it names the one
+            // on the default datastore (asked only in this rare case).
+            let default_ds = self.default_datastore().await;
+            found = holders(default_ds.as_deref());
+        }
+        let full = match found.as_slice() {
+            [one] => one.clone(),
+            [] => {
+                tracing::info!(volume = name, id, "unmount of an unknown mount ID; nothing to do");
+                return Ok(());
+            }
+            many => {
+                tracing::warn!(volume = name, id, holders = ?many, "the default datastore is unknown (agent unreachable), so it is unclear which volume this Unmount names; nothing released, the reconcile pass releases what no container uses");
+                return Ok(());
             }
         };
         let lock = self.volume_lock(&full);
