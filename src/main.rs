@@ -163,28 +163,44 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// Writes `text` to stdout. A reader that went away (`status | head`)
+/// is not an error: the output is simply not wanted any more, so the
+/// command ends quietly with status 0 instead of panicking on EPIPE.
+fn emit(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(anyhow::anyhow!("cannot write to stdout: {e}")),
+        _ => Ok(()),
+    }
+}
+
 fn status(
     socket: &std::path::Path,
     mount_root: &std::path::Path,
     state_dir: &std::path::Path,
     format: Format,
 ) -> anyhow::Result<()> {
+    use std::fmt::Write;
     use vmdk_plugin::sys::System;
     let mounts = vmdk_plugin::sys::LinuxSystem
         .mounts()
         .map_err(|e| anyhow::anyhow!(vmdk_plugin::error_chain(&e)))?;
+    // The daemon mounts below the canonical path, as mountinfo shows it.
+    let mount_root = std::fs::canonicalize(mount_root).unwrap_or_else(|_| mount_root.to_owned());
     let serving = std::os::unix::net::UnixStream::connect(socket).is_ok();
-    let r = vmdk_plugin::status::report(socket, serving, mount_root, state_dir, &mounts);
+    let r = vmdk_plugin::status::report(socket, serving, &mount_root, state_dir, &mounts);
     if format == Format::Json {
-        println!("{}", serde_json::to_string_pretty(&r)?);
-        return Ok(());
+        return emit(&format!("{}\n", serde_json::to_string_pretty(&r)?));
     }
-    println!(
+    let mut out = String::new();
+    writeln!(
+        out,
         "Plugin socket: {} ({})",
         r.socket.display(),
         if r.serving { "serving" } else { "not running" }
-    );
-    println!("State file:    {}", r.state_file.display());
+    )?;
+    writeln!(out, "State file:    {}", r.state_file.display())?;
     let rows: Vec<Vec<String>> = r
         .volumes
         .iter()
@@ -202,20 +218,17 @@ fn status(
             ]
         })
         .collect();
-    println!();
-    print!(
-        "{}",
-        vmdk_agent::admin::render_table(
-            &["Volume", "Device", "Filesystem", "Access", "Mounted", "Mount IDs"],
-            &rows
-        )
-    );
+    writeln!(out)?;
+    out.push_str(&vmdk_agent::admin::render_table(
+        &["Volume", "Device", "Filesystem", "Access", "Mounted", "Mount IDs"],
+        &rows,
+    ));
     if !r.problems.is_empty() {
-        println!();
-        println!("Problems (the plugin's recovery fixes these at its next start):");
+        writeln!(out)?;
+        writeln!(out, "Problems (the plugin's recovery fixes these at its next start):")?;
         for p in &r.problems {
-            println!("  - {p}");
+            writeln!(out, "  - {p}")?;
         }
     }
-    Ok(())
+    emit(&out)
 }

@@ -31,8 +31,13 @@ pub struct DockerRequest {
     /// Volume name.
     #[serde(rename = "Name", default)]
     pub name: String,
-    /// Create options; `null` and absent both mean none.
-    #[serde(rename = "Opts", default)]
+    /// Create options; `null` and absent both mean none. A key given
+    /// twice is refused (never "the last wins").
+    #[serde(
+        rename = "Opts",
+        default,
+        deserialize_with = "vmdk_protocol::options::unique_map_or_null"
+    )]
     pub opts: Option<BTreeMap<String, String>>,
     /// Mount ID (Mount, Unmount).
     #[serde(rename = "ID", default)]
@@ -165,7 +170,10 @@ async fn path(State(m): Mgr, body: Bytes) -> Response {
     if req.name.is_empty() {
         return ok(json!({"Mountpoint": "", "Err": ""}));
     }
-    ok(json!({"Mountpoint": m.path(&req.name).await, "Err": ""}))
+    match m.path(&req.name).await {
+        Ok(mp) => ok(json!({"Mountpoint": mp, "Err": ""})),
+        Err(e) => err(M, crate::error_chain(&e)),
+    }
 }
 
 async fn get(State(m): Mgr, body: Bytes) -> Response {
@@ -180,9 +188,13 @@ async fn get(State(m): Mgr, body: Bytes) -> Response {
     match m.get(&req.name).await {
         Ok(Some(info)) => {
             let rec = m.record(&info.name);
+            let mountpoint = match m.mountpoint(&info.name) {
+                Ok(mp) => mp,
+                Err(e) => return err(M, crate::error_chain(&e)),
+            };
             let v = DockerVolume {
                 name: req.name.clone(),
-                mountpoint: m.mountpoint(&info.name).display().to_string(),
+                mountpoint: mountpoint.display().to_string(),
                 created_at: Some(info.created.clone()),
                 status: Some(inspect_status(&info, rec.as_ref())),
             };
@@ -201,16 +213,17 @@ async fn get(State(m): Mgr, body: Bytes) -> Response {
                 &e,
                 PluginError::Agent { source, .. } if matches!(source.code(), Some(ErrorCode::Io | ErrorCode::Backend))
             );
-            if rec.is_none() && !exists_but_damaged {
-                return err(M, crate::error_chain(&e));
-            }
+            let mountpoint = match m.mountpoint(&full) {
+                Ok(mp) if rec.is_some() || exists_but_damaged => mp,
+                _ => return err(M, crate::error_chain(&e)),
+            };
             let mut status = serde_json::Map::new();
             status.insert("health".into(), json!("degraded"));
             status.insert("error".into(), json!(crate::error_chain(&e)));
             status.insert("mounts".into(), json!(rec.map_or(0, |r| r.ids.len())));
             let v = DockerVolume {
                 name: req.name.clone(),
-                mountpoint: m.mountpoint(&full).display().to_string(),
+                mountpoint: mountpoint.display().to_string(),
                 created_at: None,
                 status: Some(status),
             };

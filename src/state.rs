@@ -96,10 +96,35 @@ pub struct StateStore {
     path: PathBuf,
 }
 
+/// Creates `dir` (and missing parents) with mode 0700, or makes an
+/// existing one 0700, logging what it tightened. It must be a directory
+/// owned by this process's user: a directory another user controls would
+/// let that user swap what the plugin mounts on or reads.
+pub fn private_dir(dir: &Path, what: &str) -> io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    let meta = std::fs::metadata(dir)?;
+    let uid = nix::unistd::geteuid().as_raw();
+    if !meta.is_dir() || meta.uid() != uid {
+        return Err(io::Error::other(format!(
+            "{what} {} must be a directory owned by uid {uid} (it is owned by uid {}); fix it with chown {uid} {}",
+            dir.display(),
+            meta.uid(),
+            dir.display()
+        )));
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode != 0o700 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        tracing::warn!(dir = %dir.display(), was = format!("{mode:04o}"), "{what} was accessible to other users; made it 0700");
+    }
+    Ok(())
+}
+
 impl StateStore {
-    /// A store in `dir` (created if missing).
+    /// A store in `dir` (created if missing, made private: 0700).
     pub fn new(dir: &Path) -> io::Result<Self> {
-        std::fs::create_dir_all(dir)?;
+        private_dir(dir, "state dir")?;
         Ok(Self::at(dir))
     }
 
@@ -150,9 +175,14 @@ impl StateStore {
         let _ = std::fs::rename(&self.path, aside);
     }
 
-    /// Saves atomically.
+    /// Saves atomically; the file is readable by its owner only (0600).
     pub fn save(&self, state: &PluginState) -> io::Result<()> {
-        vmdk_agent::fsutil::atomic_write(&self.path, &state.encode())
+        use std::os::unix::fs::PermissionsExt;
+        vmdk_agent::fsutil::atomic_write(&self.path, &state.encode())?;
+        if std::fs::metadata(&self.path)?.permissions().mode() & 0o777 != 0o600 {
+            std::fs::set_permissions(&self.path, std::fs::Permissions::from_mode(0o600))?;
+        }
+        Ok(())
     }
 }
 

@@ -19,13 +19,14 @@ use tokio::sync::{OnceCell, RwLock};
 use vmdk_protocol::options::{self as opt, VolumeOptions};
 use vmdk_protocol::size::human_bytes;
 use vmdk_protocol::{
-    AccessMode, AttachStatus, CreateRequest, ErrorCode, FsType, NameError, OptionError, VolumeInfo, VolumeRef,
+    AccessMode, AttachStatus, CreateRequest, ErrorCode, FormatRecord, FsType, NameError, OptionError, VolumeInfo,
+    VolumeRef,
 };
 
 use crate::agent_client::{AgentCallError, AgentClient};
 use crate::docker_api;
 use crate::state::{MountRecord, PluginState, StateStore};
-use crate::sys::{SysError, System};
+use crate::sys::{DataDir, SysError, System};
 
 /// Name of the directory inside each volume that Docker mounts.
 pub const DATA_DIR: &str = "data";
@@ -101,6 +102,137 @@ pub enum PluginError {
         #[source]
         source: std::io::Error,
     },
+    /// The agent answered about another volume than the one asked for,
+    /// or with a name that is not a valid `vol@datastore`.
+    #[error("the agent answered for volume {got:?} when asked about {asked:?}; vmdk does not use an answer about another volume or with an invalid name")]
+    AgentAnswer {
+        /// The name asked about.
+        asked: String,
+        /// The name in the answer.
+        got: String,
+    },
+    /// A name that should be canonical (`vol@datastore`) is not.
+    #[error("{0:?} is not a volume name of the form vol@datastore")]
+    NotCanonical(String),
+    /// The agent named a device node outside `/dev`.
+    #[error("volume {name}: the agent reported device {device:?}, which is not a device path under /dev; vmdk does not format or mount it")]
+    BadDevice {
+        /// The volume.
+        name: String,
+        /// The device path the agent gave.
+        device: String,
+    },
+    /// The volume is recorded as formatted but its disk shows no
+    /// filesystem: never formatted again.
+    #[error("{}", formatted_but_blank_text(.name, .record, .device, .extent))]
+    FormattedButBlank {
+        /// The volume.
+        name: String,
+        /// What the agent recorded.
+        record: FormatRecord,
+        /// The device it was attached as.
+        device: String,
+        /// Where its extent lives on a `local` datastore.
+        extent: String,
+    },
+    /// A never-formatted disk that holds data without a signature.
+    #[error("volume {name}: its disk {device} holds data but no filesystem signature (the first non-zero byte is at offset {offset}); vmdk will not format over unknown data, so nothing was changed and the disk was detached again. Look at it with `blkid -p DISK` or `file -s DISK`; if the volume never held anything (its first Mount was cut off while formatting), remove it and create it again")]
+    UnknownData {
+        /// The volume.
+        name: String,
+        /// The device it was attached as.
+        device: String,
+        /// Offset of the first non-zero byte.
+        offset: usize,
+    },
+    /// The filesystem was made (or found) but recording it failed.
+    #[error("volume {name}: cannot record that its disk holds {fstype}; the Mount was rolled back")]
+    RecordFormat {
+        /// The volume.
+        name: String,
+        /// The filesystem type.
+        fstype: FsType,
+        /// The cause.
+        #[source]
+        source: AgentCallError,
+    },
+    /// `data` on the volume is not a real directory on its filesystem.
+    #[error("volume {name}: {path} cannot be handed to Docker: {reason}. vmdk hands Docker only a real directory on the volume's own filesystem, so nothing was mounted into a container")]
+    DataDir {
+        /// The volume.
+        name: String,
+        /// `<mount dir>/data`.
+        path: PathBuf,
+        /// What it is instead.
+        reason: String,
+    },
+}
+
+/// How many bytes at the start of a never-formatted disk must be zero
+/// before vmdk formats it: enough for every partition table and every
+/// filesystem's primary superblock (ext4 at 1 KiB, xfs at 0, GPT at 512).
+pub const BLANK_CHECK_BYTES: usize = 1 << 20;
+
+fn formatted_but_blank_text(name: &str, record: &FormatRecord, device: &str, extent: &str) -> String {
+    let repair = match record.fstype.as_str() {
+        "ext4" => "`e2fsck -b 32768 DISK` (for volumes under 512 MB: `-b 8193`) restores it from a backup superblock; `mke2fs -n DISK` lists the backups and changes nothing".to_owned(),
+        "xfs" => "`xfs_repair DISK` finds a secondary superblock (`xfs_repair -f FILE` for an extent file)".to_owned(),
+        other => format!("use the {other} repair tools"),
+    };
+    format!(
+        "volume {name} is recorded as formatted with {fstype} on {at} (by VM {by}), but its disk {device} shows no filesystem signature: its filesystem is damaged. vmdk never formats a volume twice: nothing was changed, and the disk was detached again. To recover, repair the filesystem while nothing mounts the volume; DISK is the device the disk is attached as or, for the local backend, its extent {extent}: {repair}. Then mount the volume again",
+        fstype = record.fstype,
+        at = record.at,
+        by = record.by,
+    )
+}
+
+/// Whether `device` is a plain path under `/dev` (a device node or a
+/// `/dev/disk/by-*` link), as a remote agent is a network peer.
+fn device_path_ok(device: &str) -> bool {
+    use std::path::Component;
+    let p = Path::new(device);
+    p.starts_with("/dev/")
+        && p.components().count() > 2
+        && p.components()
+            .all(|c| matches!(c, Component::RootDir | Component::Normal(_)))
+}
+
+/// Whether `full` is a valid canonical `vol@datastore`: exactly one path
+/// component below the mount root (never `.`, `..` or containing `/`).
+fn canonical(full: &str) -> Result<VolumeRef, PluginError> {
+    let r = VolumeRef::parse(full)?;
+    if r.datastore.is_none() {
+        return Err(PluginError::NotCanonical(full.to_owned()));
+    }
+    Ok(r)
+}
+
+/// Whether the agent's canonical `got` is the volume `asked` names.
+fn answer_names(asked: &str, got: &str) -> bool {
+    let Ok(g) = canonical(got) else { return false };
+    let Ok(a) = VolumeRef::parse(asked) else { return false };
+    a.volume == g.volume
+        && match (&a.datastore, &g.datastore) {
+            (Some(x), Some(y)) => x.to_lowercase() == y.to_lowercase(),
+            _ => true,
+        }
+}
+
+fn add_id(rec: &mut MountRecord, id: &str, now: u64) {
+    if rec.ids.contains_key(id) {
+        *rec.nested.entry(id.to_owned()).or_insert(0) += 1;
+    } else {
+        rec.ids.insert(id.to_owned(), now);
+    }
+}
+
+/// Whether a recorded mount is really there.
+enum Live {
+    /// Mounted at its mount dir from the recorded device, `data` valid.
+    Yes,
+    /// Not mounted (or something else is): the text says what.
+    Gone(String),
 }
 
 impl PluginError {
@@ -154,8 +286,14 @@ fn now_secs() -> u64 {
 impl VolumeManager {
     /// A manager; call [`VolumeManager::recover`] once before serving
     /// mounts (the plugin does this in the background).
-    pub fn new(agent: AgentClient, sys: Arc<dyn System>, cfg: ManagerConfig) -> std::io::Result<Arc<Self>> {
-        std::fs::create_dir_all(&cfg.mount_root)?;
+    ///
+    /// The mount root and the state dir are made private (0700), tightening
+    /// looser modes; they must belong to this process's user. The mount
+    /// root is used by its canonical path, as `/proc/self/mountinfo`
+    /// shows it.
+    pub fn new(agent: AgentClient, sys: Arc<dyn System>, mut cfg: ManagerConfig) -> std::io::Result<Arc<Self>> {
+        crate::state::private_dir(&cfg.mount_root, "mount root")?;
+        cfg.mount_root = std::fs::canonicalize(&cfg.mount_root)?;
         let store = StateStore::new(&cfg.state_dir)?;
         Ok(Arc::new(Self {
             agent,
@@ -175,14 +313,21 @@ impl VolumeManager {
         &self.cfg.vm_id
     }
 
-    /// `<mount-root>/<vol@ds>`.
-    pub fn mount_dir(&self, full: &str) -> PathBuf {
-        self.cfg.mount_root.join(full)
+    /// `<mount-root>/<vol@ds>`. `full` must be a valid canonical name, so
+    /// the path is always one directory directly below the mount root.
+    pub fn mount_dir(&self, full: &str) -> Result<PathBuf, PluginError> {
+        canonical(full)?;
+        Ok(self.cfg.mount_root.join(full))
     }
 
     /// `<mount-root>/<vol@ds>/data`, the path Docker mounts into containers.
-    pub fn mountpoint(&self, full: &str) -> PathBuf {
-        self.mount_dir(full).join(DATA_DIR)
+    pub fn mountpoint(&self, full: &str) -> Result<PathBuf, PluginError> {
+        Ok(self.mount_dir(full)?.join(DATA_DIR))
+    }
+
+    /// The mount root in use (canonical).
+    pub fn mount_root(&self) -> &Path {
+        &self.cfg.mount_root
     }
 
     /// A copy of the current mount state.
@@ -314,7 +459,11 @@ impl VolumeManager {
             return Ok(None);
         }
         match self.agent.get(&self.cfg.vm_id, name).await {
-            Ok(info) => Ok(Some(info)),
+            Ok(info) if answer_names(name, &info.name) => Ok(Some(info)),
+            Ok(info) => Err(PluginError::AgentAnswer {
+                asked: name.to_owned(),
+                got: info.name,
+            }),
             Err(e)
                 if matches!(
                     e.code(),
@@ -338,14 +487,22 @@ impl VolumeManager {
         let default = self.default_datastore().await;
         Ok(vols
             .into_iter()
-            .map(|v| {
+            .filter_map(|v| {
+                // A name that is not a valid vol@ds (or does not match its
+                // parts) never becomes a path.
+                let mp = match self.mountpoint(&v.name) {
+                    Ok(mp) if v.name == format!("{}@{}", v.volume, v.datastore) => mp,
+                    _ => {
+                        tracing::warn!(name = ?v.name, "the agent listed an invalid volume name; skipping it");
+                        return None;
+                    }
+                };
                 let shown = if Some(&v.datastore) == default.as_ref() {
                     v.volume.clone()
                 } else {
                     v.name.clone()
                 };
-                let mp = self.mountpoint(&v.name);
-                (shown, mp)
+                Some((shown, mp))
             })
             .collect())
     }
@@ -395,27 +552,42 @@ impl VolumeManager {
             .await?
             .ok_or_else(|| PluginError::NotFound(name.to_owned()))?;
         let full = info.name.clone();
+        let mountpoint = self.mountpoint(&full)?;
         let lock = self.volume_lock(&full);
         let _l = lock.lock().await;
         let now = now_secs();
-        let id = id.to_owned();
-        let joined = self.update(&full, |s| match s.mounts.get_mut(&full) {
-            Some(rec) => {
-                if rec.ids.contains_key(&id) {
-                    *rec.nested.entry(id.clone()).or_insert(0) += 1;
-                } else {
-                    rec.ids.insert(id.clone(), now);
+        // A record is a claim, proved against the live mounts before a
+        // Mount joins it: after an unclean reboot or a plugin killed in an
+        // Unmount it may describe a mount that is gone.
+        let kept = match self.record(&full) {
+            Some(rec) => match self.check_live(&full, &rec).await? {
+                Live::Yes => {
+                    self.update(&full, |s| {
+                        if let Some(r) = s.mounts.get_mut(&full) {
+                            add_id(r, id, now);
+                        }
+                    })?;
+                    return Ok(mountpoint);
                 }
-                true
-            }
-            None => false,
-        })?;
-        if joined {
-            return Ok(self.mountpoint(&full));
-        }
-        let rec = self.activate(&info).await?;
-        let mut rec = rec;
-        rec.ids.insert(id, now);
+                Live::Gone(why) => {
+                    tracing::warn!(volume = %full, why, "recorded as mounted, but it is not; mounting it again");
+                    let d = self.mount_dir(&full)?;
+                    self.sys(&full, "unmount", move |s| s.unmount(&d)).await?;
+                    Some(rec)
+                }
+            },
+            None => None,
+        };
+        let fresh = self.activate(&info).await?;
+        let mut rec = match kept {
+            Some(old) => MountRecord {
+                ids: old.ids,
+                nested: old.nested,
+                ..fresh
+            },
+            None => fresh,
+        };
+        add_id(&mut rec, id, now);
         let saved = self.update(&full, |s| {
             s.mounts.insert(full.clone(), rec.clone());
         });
@@ -424,31 +596,41 @@ impl VolumeManager {
             return Err(e);
         }
         tracing::info!(volume = %full, device = %rec.device, "mounted");
-        Ok(self.mountpoint(&full))
+        Ok(mountpoint)
     }
 
     /// `VolumeDriver.Unmount`: drops one Mount of the ID, and the ID with
     /// its last; the last ID unmounts and detaches. An unknown ID succeeds.
     pub async fn unmount(self: &Arc<Self>, name: &str, id: &str) -> Result<(), PluginError> {
+        VolumeRef::parse(name)?;
         let _gate = self.gate.read().await;
-        let full = {
-            // The record of the volume Docker names, if it holds the ID. Only
-            // when no record matches the name is the ID looked up alone. So
-            // two volumes never trade mounts, even when a caller reuses an ID.
+        // Only the record of the volume Docker names, and only if it holds
+        // the ID: an Unmount never releases another volume, even when a
+        // caller reuses an ID.
+        let holders = |default_ds: Option<&str>| -> Vec<String> {
             let st = self.state.lock().unwrap();
-            let named = |k: &str| docker_api::names_volume(name, k, None);
-            let holds = |r: &MountRecord| r.ids.contains_key(id);
-            let holder = if st.mounts.keys().any(|k| named(k)) {
-                st.mounts.iter().find(|(k, r)| named(k) && holds(r))
-            } else {
-                st.mounts.iter().find(|(_, r)| holds(r))
-            };
-            match holder {
-                Some((k, _)) => k.clone(),
-                None => {
-                    tracing::info!(volume = name, id, "unmount of an unknown mount ID; nothing to do");
-                    return Ok(());
-                }
+            st.mounts
+                .iter()
+                .filter(|(k, r)| docker_api::names_volume(name, k, default_ds) && r.ids.contains_key(id))
+                .map(|(k, _)| k.clone())
+                .collect()
+        };
+        let mut found = holders(None);
+        if found.len() > 1 {
+            // A short name held on several datastores: it names the one
+            // on the default datastore (asked only in this rare case).
+            let default_ds = self.default_datastore().await;
+            found = holders(default_ds.as_deref());
+        }
+        let full = match found.as_slice() {
+            [one] => one.clone(),
+            [] => {
+                tracing::info!(volume = name, id, "unmount of an unknown mount ID; nothing to do");
+                return Ok(());
+            }
+            many => {
+                tracing::warn!(volume = name, id, holders = ?many, "the default datastore is unknown (agent unreachable), so it is unclear which volume this Unmount names; nothing released, the reconcile pass releases what no container uses");
+                return Ok(());
             }
         };
         let lock = self.volume_lock(&full);
@@ -496,8 +678,10 @@ impl VolumeManager {
         });
     }
 
-    /// `VolumeDriver.Path`: the would-be mountpoint; never fails.
-    pub async fn path(&self, name: &str) -> PathBuf {
+    /// `VolumeDriver.Path`: the would-be mountpoint, always directly below
+    /// the mount root; an invalid name is an error.
+    pub async fn path(&self, name: &str) -> Result<PathBuf, PluginError> {
+        VolumeRef::parse(name)?;
         self.mountpoint(&self.full_name_hint(name).await)
     }
 
@@ -507,15 +691,22 @@ impl VolumeManager {
     /// failure, because Docker sends no Unmount after a failed Mount.
     async fn activate(&self, info: &VolumeInfo) -> Result<MountRecord, PluginError> {
         let full = info.name.clone();
-        let dir = self.mount_dir(&full);
+        let dir = self.mount_dir(&full)?;
         let att = self
             .agent
             .attach(&self.cfg.vm_id, &full)
             .await
             .map_err(PluginError::agent(&full))?;
-        let res = self
-            .format_and_mount(info, att.device.clone(), &att.disk_uuid, &dir)
-            .await;
+        let res = if att.volume.name == full {
+            // The volume as the attach left it: its format record is fresh.
+            self.format_and_mount(&att.volume, att.device.clone(), &att.disk_uuid, &dir)
+                .await
+        } else {
+            Err(PluginError::AgentAnswer {
+                asked: full.clone(),
+                got: att.volume.name.clone(),
+            })
+        };
         match res {
             Ok(rec) => Ok(rec),
             Err(e) => {
@@ -531,6 +722,77 @@ impl VolumeManager {
         }
     }
 
+    /// Records with the agent that the disk holds `fstype`; the Mount fails
+    /// (and rolls back) if it cannot.
+    async fn record_format(&self, full: &str, fstype: FsType) -> Result<(), PluginError> {
+        self.agent
+            .mark_formatted(&self.cfg.vm_id, full, fstype.as_str())
+            .await
+            .map(|_| ())
+            .map_err(|source| PluginError::RecordFormat {
+                name: full.to_owned(),
+                fstype,
+                source,
+            })
+    }
+
+    /// Finds or makes the filesystem: a signature on the device is used
+    /// (and recorded if it was not); a disk recorded as formatted without
+    /// one is refused; a never-formatted disk is formatted only if its
+    /// first [`BLANK_CHECK_BYTES`] are zero, and recorded before the Mount
+    /// answers.
+    async fn filesystem(&self, info: &VolumeInfo, dev: &Path) -> Result<String, PluginError> {
+        let full = info.name.clone();
+        let d = dev.to_owned();
+        let found = self.sys(&full, "probe filesystem", move |s| s.probe_fs(&d)).await?;
+        if let Some(t) = found {
+            if t != info.fstype {
+                tracing::warn!(volume = %full, found = %t, recorded = %info.fstype, "disk holds another filesystem than recorded; using what is on disk");
+            }
+            match (&info.formatted, t.parse::<FsType>()) {
+                (None, Ok(fs)) => {
+                    tracing::info!(volume = %full, fstype = %fs, "disk holds a filesystem not yet recorded; recording it");
+                    self.record_format(&full, fs).await?;
+                }
+                (None, Err(_)) => {
+                    tracing::warn!(volume = %full, found = %t, "disk holds a filesystem vmdk does not make; not recording it")
+                }
+                (Some(_), _) => {}
+            }
+            return Ok(t);
+        }
+        if let Some(record) = &info.formatted {
+            return Err(PluginError::FormattedButBlank {
+                name: full.clone(),
+                record: record.clone(),
+                device: dev.display().to_string(),
+                extent: format!("<datastore>/dockvols/{}/{}-flat.vmdk", info.vmgroup, info.volume),
+            });
+        }
+        let d = dev.to_owned();
+        let head = self
+            .sys(&full, "read the start of the disk", move |s| {
+                s.read_head(&d, BLANK_CHECK_BYTES)
+            })
+            .await?;
+        if let Some(offset) = head.iter().position(|b| *b != 0) {
+            return Err(PluginError::UnknownData {
+                name: full.clone(),
+                device: dev.display().to_string(),
+                offset,
+            });
+        }
+        let want: FsType = info.fstype.parse().unwrap_or(FsType::Ext4);
+        let (d, label) = (dev.to_owned(), info.volume.clone());
+        tracing::info!(volume = %full, fstype = %want, "formatting on first use");
+        self.sys(&full, "make filesystem", move |s| s.mkfs(&d, want, &label))
+            .await?;
+        // Durable with the agent before Docker hears of the mount: from
+        // here on this disk is never formatted again.
+        self.record_format(&full, want).await?;
+        Ok(want.to_string())
+    }
+
     async fn format_and_mount(
         &self,
         info: &VolumeInfo,
@@ -543,66 +805,58 @@ impl VolumeManager {
             name: full.clone(),
             disk_uuid: disk_uuid.to_owned(),
         })?;
+        if !device_path_ok(&device) {
+            return Err(PluginError::BadDevice {
+                name: full.clone(),
+                device,
+            });
+        }
         let dev = PathBuf::from(&device);
         let d = dev.clone();
         self.sys(&full, "wait for device", move |s| s.wait_for_device(&d, DEVICE_TIMEOUT))
             .await?;
-        let d = dev.clone();
-        let found = self.sys(&full, "probe filesystem", move |s| s.probe_fs(&d)).await?;
-        let fstype = match found {
-            Some(t) => {
-                if t != info.fstype {
-                    tracing::warn!(volume = %full, found = %t, recorded = %info.fstype, "disk holds another filesystem than recorded; using what is on disk");
-                }
-                t
-            }
-            None => {
-                let want: FsType = info.fstype.parse().unwrap_or(FsType::Ext4);
-                let d = dev.clone();
-                let label = info.volume.clone();
-                tracing::info!(volume = %full, fstype = %want, "formatting on first use");
-                self.sys(&full, "make filesystem", move |s| s.mkfs(&d, want, &label))
-                    .await?;
-                want.to_string()
-            }
-        };
-        std::fs::create_dir_all(dir).map_err(|source| PluginError::Sys {
-            name: full.clone(),
-            op: "create mount directory",
-            source: SysError::Io {
-                op: "mkdir",
-                path: dir.to_owned(),
-                source,
-            },
-        })?;
+        let fstype = self.filesystem(info, &dev).await?;
+        self.make_mount_dir(&full, dir)?;
         let read_only = info.access == AccessMode::ReadOnly;
         let (d, t, fs) = (dev.clone(), dir.to_owned(), fstype.clone());
         self.sys(&full, "mount", move |s| s.mount(&d, &t, &fs, read_only))
             .await?;
-        let data = dir.join(DATA_DIR);
-        if !data.is_dir() {
-            // A fresh filesystem: make the data directory (empty, so Docker
-            // copies image content into it), briefly read-write if needed.
-            let t = dir.to_owned();
-            if read_only {
-                self.sys(&full, "remount read-write", move |s| s.remount(&t, false))
-                    .await?;
-            }
-            let made = std::fs::create_dir(&data).map_err(|source| PluginError::Sys {
-                name: full.clone(),
-                op: "create data directory",
-                source: SysError::Io {
-                    op: "mkdir",
-                    path: data.clone(),
-                    source,
-                },
-            });
-            if read_only {
+        let t = dir.to_owned();
+        let found = self
+            .sys(&full, "check data directory", move |s| s.data_dir(&t, DATA_DIR))
+            .await?;
+        match found {
+            DataDir::Valid => {}
+            DataDir::Invalid(reason) => return Err(self.data_dir_error(&full, dir, reason)),
+            DataDir::Missing => {
+                // A fresh filesystem: make the data directory (empty, so
+                // Docker copies image content into it), briefly read-write
+                // if needed.
                 let t = dir.to_owned();
-                self.sys(&full, "remount read-only", move |s| s.remount(&t, true))
-                    .await?;
+                if read_only {
+                    self.sys(&full, "remount read-write", move |s| s.remount(&t, false))
+                        .await?;
+                }
+                let t = dir.to_owned();
+                let made = self
+                    .sys(&full, "create data directory", move |s| {
+                        s.make_data_dir(&t, DATA_DIR)?;
+                        s.data_dir(&t, DATA_DIR)
+                    })
+                    .await;
+                if read_only {
+                    let t = dir.to_owned();
+                    self.sys(&full, "remount read-only", move |s| s.remount(&t, true))
+                        .await?;
+                }
+                match made? {
+                    DataDir::Valid => {}
+                    DataDir::Invalid(reason) => return Err(self.data_dir_error(&full, dir, reason)),
+                    DataDir::Missing => {
+                        return Err(self.data_dir_error(&full, dir, "it vanished right after it was made".into()))
+                    }
+                }
             }
-            made?;
         }
         Ok(MountRecord {
             ids: BTreeMap::new(),
@@ -613,11 +867,78 @@ impl VolumeManager {
         })
     }
 
+    fn data_dir_error(&self, full: &str, dir: &Path, reason: String) -> PluginError {
+        PluginError::DataDir {
+            name: full.to_owned(),
+            path: dir.join(DATA_DIR),
+            reason,
+        }
+    }
+
+    /// Makes `<mount-root>/<vol@ds>` (0700) if missing; it must be a real
+    /// directory, never a symlink, since mount(2) would follow one.
+    fn make_mount_dir(&self, full: &str, dir: &Path) -> Result<(), PluginError> {
+        use std::os::unix::fs::DirBuilderExt;
+        let io = |op: &'static str, source: std::io::Error| PluginError::Sys {
+            name: full.to_owned(),
+            op: "create mount directory",
+            source: SysError::Io {
+                op,
+                path: dir.to_owned(),
+                source,
+            },
+        };
+        match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io("mkdir", e)),
+        }
+        let meta = std::fs::symlink_metadata(dir).map_err(|e| io("lstat", e))?;
+        if !meta.file_type().is_dir() {
+            return Err(io(
+                "lstat",
+                std::io::Error::other("exists and is not a directory (a symlink?); it is left alone"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether the record's mount is really there: `/proc/self/mountinfo`
+    /// shows the recorded device mounted at the mount dir. If it is, its
+    /// `data` must pass the same check as at mount; an error otherwise
+    /// (the mount is left alone: other containers hold it).
+    async fn check_live(&self, full: &str, rec: &MountRecord) -> Result<Live, PluginError> {
+        let dir = self.mount_dir(full)?;
+        let all = self.sys(full, "read mounts", |s| s.mounts()).await?;
+        // The last entry for a path is the mount on top.
+        let top = all.into_iter().rev().find(|m| m.target == dir);
+        match top {
+            None => Ok(Live::Gone(format!("nothing is mounted at {}", dir.display()))),
+            Some(m) if m.source != rec.device => Ok(Live::Gone(format!(
+                "{} is mounted at {}, not the recorded {}",
+                m.source,
+                dir.display(),
+                rec.device
+            ))),
+            Some(_) => {
+                let t = dir.clone();
+                match self
+                    .sys(full, "check data directory", move |s| s.data_dir(&t, DATA_DIR))
+                    .await?
+                {
+                    DataDir::Valid => Ok(Live::Yes),
+                    DataDir::Missing => Err(self.data_dir_error(full, &dir, "it does not exist".into())),
+                    DataDir::Invalid(reason) => Err(self.data_dir_error(full, &dir, reason)),
+                }
+            }
+        }
+    }
+
     /// Unmounts and detaches a volume whose last ID is gone. If the
     /// unmount fails (something still holds the filesystem), the record is
     /// kept with no IDs so the periodic reconcile retries.
     async fn deactivate(&self, full: &str) -> Result<(), PluginError> {
-        let dir = self.mount_dir(full);
+        let dir = self.mount_dir(full)?;
         let d = dir.clone();
         self.sys(full, "unmount", move |s| s.unmount(&d)).await?;
         let _ = std::fs::remove_dir(&dir);
@@ -669,9 +990,21 @@ impl VolumeManager {
     }
 
     async fn recover_holding(self: &Arc<Self>, _gate: tokio::sync::OwnedRwLockWriteGuard<()>) {
-        let mut state = self.store.load();
+        let loaded = self.store.load();
+        let mut state = loaded.clone();
+        state.mounts.retain(|name, _| match canonical(name) {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::error!(name = ?name, error = %e, "dropping a state record with an invalid volume name");
+                false
+            }
+        });
         let mounted = self.mounted_here().await;
         for (name, m) in &mounted {
+            if canonical(name).is_err() {
+                tracing::warn!(dir = %m.target.display(), "a filesystem is mounted under the mount root at a name that is no volume; leaving it alone");
+                continue;
+            }
             state.mounts.entry(name.clone()).or_insert_with(|| {
                 tracing::warn!(volume = %name, "found mounted without state; adopting");
                 MountRecord {
@@ -683,16 +1016,23 @@ impl VolumeManager {
                 }
             });
         }
-        *self.state.lock().unwrap() = state;
-        if let Err(e) = self.update("*", |_| ()) {
-            tracing::error!(error = %crate::error_chain(&e), "cannot save state");
+        // What recovery adopted or dropped is saved now, so the state file
+        // (and `vmdk-plugin status`) agrees with the live mounts.
+        if state != loaded {
+            if let Err(e) = self.save("*", &state) {
+                tracing::error!(error = %crate::error_chain(&e), "cannot save state");
+            }
         }
+        *self.state.lock().unwrap() = state;
         match docker_api::volume_users(&self.cfg.docker_socket, &self.cfg.mount_root).await {
             Ok(users) => {
                 self.reconcile_users(&users, None).await;
                 self.docker_reconciled.store(true, std::sync::atomic::Ordering::SeqCst);
             }
-            Err(e) => tracing::warn!(error = %e, "Docker did not answer; keeping recorded mounts until it does"),
+            Err(e) => {
+                tracing::warn!(error = %e, "Docker did not answer; keeping the recorded mounts that are really mounted until it does");
+                self.drop_unmounted_records(&mounted);
+            }
         }
         self.release_stray_attachments().await;
         self.clean_mount_root().await;
@@ -719,6 +1059,27 @@ impl VolumeManager {
         let grace = if first { None } else { Some(ID_GRACE) };
         self.reconcile_users(&users, grace).await;
         self.release_stray_attachments().await;
+    }
+
+    /// Without Docker's word, a record whose mount is gone (an unclean
+    /// reboot, a plugin killed during an Unmount) is dropped: a later Mount
+    /// then activates afresh, and the stray-attachment pass detaches its
+    /// disk.
+    fn drop_unmounted_records(&self, mounted: &BTreeMap<String, crate::sys::MountEntry>) {
+        let gone: Vec<String> = self
+            .snapshot()
+            .mounts
+            .into_keys()
+            .filter(|name| !mounted.contains_key(name))
+            .collect();
+        for name in gone {
+            tracing::warn!(volume = %name, "recorded as mounted, but nothing is mounted at its mount directory (VM rebooted, or the plugin was killed during an Unmount); dropping the record");
+            if let Err(e) = self.update(&name, |s| {
+                s.mounts.remove(&name);
+            }) {
+                tracing::error!(volume = %name, error = %crate::error_chain(&e), "cannot save state");
+            }
+        }
     }
 
     async fn mounted_here(&self) -> BTreeMap<String, crate::sys::MountEntry> {
@@ -822,6 +1183,10 @@ impl VolumeManager {
             if self.record(&v.name).is_some() {
                 continue;
             }
+            if canonical(&v.name).is_err() {
+                tracing::warn!(name = ?v.name, "the agent listed an invalid volume name; skipping it");
+                continue;
+            }
             tracing::warn!(volume = %v.name, "attached to this VM but not mounted; detaching");
             if let Err(e) = self.agent.detach(&self.cfg.vm_id, &v.name).await {
                 tracing::error!(volume = %v.name, error = %e, "detach of stray attachment failed");
@@ -893,7 +1258,40 @@ pub fn inspect_status(info: &VolumeInfo, rec: Option<&MountRecord>) -> serde_jso
         json!(info.clone_from.clone().unwrap_or_else(|| "None".into())),
     );
     m.insert("disk-uuid".into(), json!(info.disk_uuid));
+    m.insert(
+        "formatted".into(),
+        json!(match &info.formatted {
+            Some(f) => format!("{} on {} by VM {}", f.fstype, f.at, f.by),
+            None => "not yet (formatted at the first mount)".to_owned(),
+        }),
+    );
     m.insert("vmgroup".into(), json!(info.vmgroup));
     m.insert("mounts".into(), json!(rec.map(|r| r.ids.len()).unwrap_or(0)));
     m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_paths_from_the_agent_must_stay_under_dev() {
+        for ok in ["/dev/loop0", "/dev/disk/by-id/wwn-0x6000c29", "/dev/sdb"] {
+            assert!(device_path_ok(ok), "{ok}");
+        }
+        for bad in ["/etc/shadow", "/dev", "/dev/", "/dev/../etc/x", "dev/loop0", ""] {
+            assert!(!device_path_ok(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn answers_must_name_the_volume_asked_about() {
+        assert!(answer_names("v", "v@local"));
+        assert!(answer_names("v@LOCAL", "v@local"));
+        assert!(!answer_names("v", "w@local"));
+        assert!(!answer_names("v@ds1", "v@ds2"));
+        assert!(!answer_names("v", "v"));
+        assert!(!answer_names("x", "../../etc@local"));
+        assert!(!answer_names("x", "x@a/b"));
+    }
 }

@@ -385,7 +385,11 @@ async fn a_remote_agent_over_http_behaves_like_the_embedded_one() {
     use vmdk_plugin::volume::{ManagerConfig, VolumeManager};
 
     let dir = tempfile::tempdir().unwrap();
-    let (svc, _) = support::fake_agent(dir.path(), "shared");
+    let (svc, loops) = support::fake_agent(dir.path(), "shared");
+    // One kernel fake for both VMs, resolving devices to the shared
+    // datastore's extents: what VM A formats, VM B finds.
+    let sys = Arc::new(FakeSys::default());
+    *sys.loops.lock().unwrap() = Some(loops);
     let sock = dir.path().join("agent.sock");
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(vmdk_agent::server::serve(
@@ -414,10 +418,9 @@ async fn a_remote_agent_over_http_behaves_like_the_embedded_one() {
     let managers: Vec<_> = ["vm-a", "vm-b"]
         .iter()
         .map(|vm| {
-            let sys = Arc::new(FakeSys::default());
             let m = VolumeManager::new(
                 AgentClient::Http(Endpoint::Unix(sock.clone())),
-                sys,
+                sys.clone(),
                 ManagerConfig {
                     vm_id: vm.to_string(),
                     mount_root: dir.path().join(format!("mnt-{vm}")),
@@ -447,6 +450,11 @@ async fn a_remote_agent_over_http_behaves_like_the_embedded_one() {
     assert_eq!(e, "Failed to remove volume db@shared, in use by VM = vm-a.");
     ok(a, "VolumeDriver.Unmount", r#"{"Name":"db","ID":"1"}"#).await;
     ok(b, "VolumeDriver.Mount", r#"{"Name":"db","ID":"2"}"#).await;
+    assert_eq!(
+        sys.count(|c| matches!(c, SysCall::Mkfs { .. })),
+        1,
+        "VM B formatted what VM A had formatted"
+    );
     ok(b, "VolumeDriver.Unmount", r#"{"Name":"db","ID":"2"}"#).await;
     ok(b, "VolumeDriver.Remove", r#"{"Name":"db"}"#).await;
     let _ = tx.send(());

@@ -343,3 +343,267 @@ fn fs_uuid(device: &str) -> String {
     assert!(!uuid.is_empty(), "no filesystem UUID on {device}");
     uuid
 }
+
+/// What a format would change of an extent file: its first 4 MiB (every
+/// mkfs writes its superblock and metadata there), its size and its
+/// allocated blocks. Equal before and after shows a refused Mount changed
+/// nothing.
+fn disk_fingerprint(path: &std::path::Path) -> (Vec<u8>, u64, u64) {
+    let head = vmdk_plugin::sys::read_head(path, 4 << 20).unwrap();
+    let meta = std::fs::metadata(path).unwrap();
+    (head, meta.len(), meta.blocks())
+}
+
+fn run_tool(program: &str, args: &[&std::ffi::OsStr]) -> std::process::Output {
+    std::process::Command::new(program)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e}"))
+}
+
+/// Issue 7, finding 2: zeroing only the primary superblock of a volume
+/// with data made the next Mount format it. Now the Mount is refused with
+/// the recovery steps, nothing on the disk changes, and following those
+/// steps (ext4: `mke2fs -n` for the backups, `e2fsck -b`; xfs:
+/// `xfs_repair`) brings the data back.
+#[tokio::test]
+async fn a_damaged_superblock_is_refused_and_the_data_survives_fsck() {
+    let p = real_plugin().await;
+    let _c = KernelCleanup(canonical_tmp(&p));
+    // (volume, create options, where the primary superblock is)
+    for (name, opts, superblock) in [
+        ("sb", "{}", 1024..2048u64),
+        ("sbxfs", r#"{"size":"300mb","fstype":"xfs"}"#, 0..512),
+    ] {
+        let call = |id: &str| format!(r#"{{"Name":"{name}","ID":"{id}"}}"#);
+        ok(
+            &p.app,
+            "VolumeDriver.Create",
+            &format!(r#"{{"Name":"{name}","Opts":{opts}}}"#),
+        )
+        .await;
+        let v = ok(&p.app, "VolumeDriver.Mount", &call("a")).await;
+        let data = std::path::PathBuf::from(v["Mountpoint"].as_str().unwrap());
+        std::fs::write(data.join("file"), "survives").unwrap();
+        ok(&p.app, "VolumeDriver.Unmount", &call("a")).await;
+        let flat = p.datastore().join(format!("dockvols/_DEFAULT/{name}-flat.vmdk"));
+        let f = std::fs::OpenOptions::new().write(true).open(&flat).unwrap();
+        let zeros = vec![0u8; (superblock.end - superblock.start) as usize];
+        std::os::unix::fs::FileExt::write_all_at(&f, &zeros, superblock.start).unwrap();
+        f.sync_all().unwrap();
+        drop(f);
+        let before = disk_fingerprint(&flat);
+
+        let e = err(&p.app, "VolumeDriver.Mount", &call("b")).await;
+        let fstype = if name == "sb" { "ext4" } else { "xfs" };
+        let repair = if name == "sb" {
+            "e2fsck -b 32768 DISK"
+        } else {
+            "xfs_repair DISK"
+        };
+        for want in [
+            &format!("volume {name}@local is recorded as formatted with {fstype} on ")[..],
+            "(by VM vm-test), but its disk /dev/loop",
+            "shows no filesystem signature",
+            "nothing was changed",
+            repair,
+        ] {
+            assert!(e.contains(want), "{e:?} lacks {want:?}");
+        }
+        assert!(mounts_at(&p.mount_root().join(format!("{name}@local"))).is_empty());
+        assert!(
+            loops_under(&canonical_tmp(&p)).is_empty(),
+            "the refused Mount left the disk attached"
+        );
+        assert!(disk_fingerprint(&flat) == before, "the refused Mount changed the disk");
+
+        // The recovery the error describes, on the extent file.
+        if name == "sb" {
+            let out = run_tool("mke2fs", &["-n".as_ref(), flat.as_os_str()]);
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            let backup: u64 = text
+                .split("Superblock backups stored on blocks:")
+                .nth(1)
+                .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).find(|s| !s.is_empty()))
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("no backup superblocks in mke2fs -n output: {text}"));
+            let b = backup.to_string();
+            let out = run_tool("e2fsck", &["-fy".as_ref(), "-b".as_ref(), b.as_ref(), flat.as_os_str()]);
+            assert!(matches!(out.status.code(), Some(0 | 1)), "e2fsck: {out:?}");
+        } else {
+            let out = run_tool("xfs_repair", &["-f".as_ref(), flat.as_os_str()]);
+            assert!(out.status.success(), "xfs_repair: {out:?}");
+        }
+        let v = ok(&p.app, "VolumeDriver.Mount", &call("c")).await;
+        let data = std::path::PathBuf::from(v["Mountpoint"].as_str().unwrap());
+        assert_eq!(std::fs::read_to_string(data.join("file")).unwrap(), "survives");
+        ok(&p.app, "VolumeDriver.Unmount", &call("c")).await;
+    }
+    assert!(loops_under(&canonical_tmp(&p)).is_empty());
+}
+
+/// A thin volume never mounted before is formatted at its first Mount,
+/// and that is recorded with the agent before the Mount answers; it is
+/// never formatted again.
+#[tokio::test]
+async fn a_thin_never_mounted_volume_is_formatted_once_and_recorded() {
+    let p = real_plugin().await;
+    let _c = KernelCleanup(canonical_tmp(&p));
+    ok(
+        &p.app,
+        "VolumeDriver.Create",
+        r#"{"Name":"thin1","Opts":{"size":"200mb"}}"#,
+    )
+    .await;
+    assert_eq!(p.svc.get("thin1").unwrap().formatted, None);
+    ok(&p.app, "VolumeDriver.Mount", r#"{"Name":"thin1","ID":"a"}"#).await;
+    let rec = p
+        .svc
+        .get("thin1")
+        .unwrap()
+        .formatted
+        .expect("first format not recorded");
+    assert_eq!((rec.fstype.as_str(), rec.by.as_str()), ("ext4", "vm-test"));
+    let dir = p.mount_root().join("thin1@local");
+    let uuid = fs_uuid(&mounts_at(&dir)[0].source);
+    ok(&p.app, "VolumeDriver.Unmount", r#"{"Name":"thin1","ID":"a"}"#).await;
+    ok(&p.app, "VolumeDriver.Mount", r#"{"Name":"thin1","ID":"b"}"#).await;
+    assert_eq!(fs_uuid(&mounts_at(&dir)[0].source), uuid, "formatted again");
+    assert_eq!(p.svc.get("thin1").unwrap().formatted, Some(rec));
+    ok(&p.app, "VolumeDriver.Unmount", r#"{"Name":"thin1","ID":"b"}"#).await;
+}
+
+/// Issue 7, finding 4: a volume whose filesystem holds `data -> /etc`
+/// made the Mountpoint handed to Docker resolve to the host's /etc. Now
+/// the Mount is refused and rolled back.
+#[tokio::test]
+async fn a_data_symlink_on_the_volume_is_refused_and_rolled_back() {
+    let p = real_plugin().await;
+    let _c = KernelCleanup(canonical_tmp(&p));
+    ok(&p.app, "VolumeDriver.Create", r#"{"Name":"crafted"}"#).await;
+    let v = ok(&p.app, "VolumeDriver.Mount", r#"{"Name":"crafted","ID":"a"}"#).await;
+    let data = std::path::PathBuf::from(v["Mountpoint"].as_str().unwrap());
+    // Craft the filesystem: data is a symlink to a host directory.
+    std::fs::remove_dir(&data).unwrap();
+    std::os::unix::fs::symlink("/etc", &data).unwrap();
+    ok(&p.app, "VolumeDriver.Unmount", r#"{"Name":"crafted","ID":"a"}"#).await;
+
+    let e = err(&p.app, "VolumeDriver.Mount", r#"{"Name":"crafted","ID":"b"}"#).await;
+    assert!(
+        e.contains(&format!(
+            "volume crafted@local: {} cannot be handed to Docker: it is a symbolic link (to \"/etc\")",
+            data.display()
+        )),
+        "{e}"
+    );
+    assert!(
+        mounts_at(&p.mount_root().join("crafted@local")).is_empty(),
+        "not unmounted"
+    );
+    assert!(loops_under(&canonical_tmp(&p)).is_empty(), "not detached");
+    assert!(p.manager.snapshot().mounts.is_empty());
+    assert_eq!(p.svc.get("crafted").unwrap().attached_to, None);
+}
+
+/// Setuid binaries and device nodes on a datastore's disk must not work on
+/// this host: volumes are mounted nosuid,nodev, also after the read-write
+/// remount that makes a read-only volume's data directory.
+#[tokio::test]
+async fn volumes_are_mounted_nosuid_and_nodev() {
+    use nix::sys::statvfs::{statvfs, FsFlags};
+    let p = real_plugin().await;
+    let _c = KernelCleanup(canonical_tmp(&p));
+    for (name, opts) in [("rwflags", "{}"), ("roflags", r#"{"access":"read-only"}"#)] {
+        ok(
+            &p.app,
+            "VolumeDriver.Create",
+            &format!(r#"{{"Name":"{name}","Opts":{opts}}}"#),
+        )
+        .await;
+        let v = ok(
+            &p.app,
+            "VolumeDriver.Mount",
+            &format!(r#"{{"Name":"{name}","ID":"a"}}"#),
+        )
+        .await;
+        let flags = statvfs(v["Mountpoint"].as_str().unwrap()).unwrap().flags();
+        assert!(
+            flags.contains(FsFlags::ST_NOSUID | FsFlags::ST_NODEV),
+            "{name}: {flags:?}"
+        );
+        assert_eq!(
+            flags.contains(FsFlags::ST_RDONLY),
+            name == "roflags",
+            "{name}: {flags:?}"
+        );
+        ok(
+            &p.app,
+            "VolumeDriver.Unmount",
+            &format!(r#"{{"Name":"{name}","ID":"a"}}"#),
+        )
+        .await;
+    }
+}
+
+/// Issue 7, finding 8, on the real kernel: after an unclean reboot
+/// (nothing mounted, no loop device, state listing the volume) with Docker
+/// not answering, a Mount returns a path that is mounted, with the data.
+#[tokio::test]
+async fn after_an_unclean_reboot_a_mount_returns_a_mounted_path_with_the_data() {
+    use vmdk_agent::backend::loopdev::{LinuxLoops, LoopDevices};
+    let mut p = real_plugin().await;
+    let _c = KernelCleanup(canonical_tmp(&p));
+    ok(&p.app, "VolumeDriver.Create", r#"{"Name":"boot"}"#).await;
+    let v = ok(&p.app, "VolumeDriver.Mount", r#"{"Name":"boot","ID":"before"}"#).await;
+    let data = std::path::PathBuf::from(v["Mountpoint"].as_str().unwrap());
+    std::fs::write(data.join("f"), "kept").unwrap();
+    let dir = p.mount_root().join("boot@local");
+    nix::mount::umount(&dir).unwrap();
+    for (dev, _) in loops_under(&canonical_tmp(&p)) {
+        LinuxLoops::default().detach(&dev).unwrap();
+    }
+    assert!(!p.docker_socket().exists());
+    p.restart().await;
+    let v = ok(&p.app, "VolumeDriver.Mount", r#"{"Name":"boot","ID":"after"}"#).await;
+    assert_eq!(v["Mountpoint"], data.display().to_string());
+    assert_eq!(mounts_at(&dir).len(), 1, "Mount returned a path that is not mounted");
+    assert_eq!(std::fs::read_to_string(data.join("f")).unwrap(), "kept");
+    ok(&p.app, "VolumeDriver.Unmount", r#"{"Name":"boot","ID":"after"}"#).await;
+    assert!(mounts_at(&dir).is_empty());
+    assert!(loops_under(&canonical_tmp(&p)).is_empty());
+}
+
+/// Issue 7, finding 16: a mount adopted at recovery is written to the
+/// state file, so `vmdk-plugin status` shows no "mounted but not recorded".
+#[tokio::test]
+async fn status_shows_no_problem_after_recovery_adopted_a_mount() {
+    let mut p = real_plugin().await;
+    let _c = KernelCleanup(canonical_tmp(&p));
+    ok(&p.app, "VolumeDriver.Create", r#"{"Name":"adopted"}"#).await;
+    ok(&p.app, "VolumeDriver.Mount", r#"{"Name":"adopted","ID":"a"}"#).await;
+    std::fs::remove_file(p.state_dir().join("mounts.json")).unwrap();
+    p.restart().await;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vmdk-plugin"))
+        .args(["status", "--format", "json", "--socket"])
+        .arg(p.dir.path().join("nobody.sock"))
+        .arg("--mount-root")
+        .arg(p.mount_root())
+        .arg("--state-dir")
+        .arg(p.state_dir())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["volumes"][0]["volume"], "adopted@local");
+    assert_eq!(v["volumes"][0]["mounted"], true);
+    let problems: Vec<&str> = v["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect();
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(problems[0].contains("the plugin is not running"), "{problems:?}");
+    ok(&p.app, "VolumeDriver.Unmount", r#"{"Name":"adopted","ID":"a"}"#).await;
+}

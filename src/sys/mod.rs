@@ -55,6 +55,19 @@ pub enum SysError {
     },
 }
 
+/// What [`System::data_dir`] found at `<mount dir>/data`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DataDir {
+    /// Nothing of that name (a fresh filesystem).
+    Missing,
+    /// A real directory (not a symlink) on the filesystem mounted at the
+    /// mount dir: safe to hand to Docker.
+    Valid,
+    /// Something else; the text says what (a symlink and its target, a
+    /// file, a directory on another filesystem).
+    Invalid(String),
+}
+
 /// Mounts, filesystems and devices.
 pub trait System: Send + Sync + fmt::Debug {
     /// Mounts `device` at `target`.
@@ -73,7 +86,93 @@ pub trait System: Send + Sync + fmt::Debug {
     fn mkfs_available(&self, fstype: FsType) -> bool;
     /// Waits until `device` exists as a block device.
     fn wait_for_device(&self, device: &Path, timeout: Duration) -> Result<(), SysError>;
+    /// The first `len` bytes of `device` (fewer if it is smaller). Never
+    /// reads more than `len`.
+    fn read_head(&self, device: &Path, len: usize) -> Result<Vec<u8>, SysError>;
+
+    /// Looks at `<mount_dir>/<name>` without following it (lstat
+    /// semantics, relative to `mount_dir` opened `O_NOFOLLOW`): it must be
+    /// a directory on the same filesystem as `mount_dir` itself.
+    fn data_dir(&self, mount_dir: &Path, name: &str) -> Result<DataDir, SysError> {
+        check_data_dir(mount_dir, name)
+    }
+
+    /// Makes `<mount_dir>/<name>` with `mkdirat` on `mount_dir` opened
+    /// `O_DIRECTORY | O_NOFOLLOW`, so nothing on the way is followed.
+    fn make_data_dir(&self, mount_dir: &Path, name: &str) -> Result<(), SysError> {
+        make_data_dir(mount_dir, name)
+    }
 }
+
+fn open_dir_nofollow(dir: &Path) -> Result<std::os::fd::OwnedFd, SysError> {
+    use nix::fcntl::OFlag;
+    nix::fcntl::open(
+        dir,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map_err(|e| SysError::Io {
+        op: "open directory (not following symlinks)",
+        path: dir.to_owned(),
+        source: e.into(),
+    })
+}
+
+/// The real [`System::data_dir`], shared by every implementation.
+pub fn check_data_dir(mount_dir: &Path, name: &str) -> Result<DataDir, SysError> {
+    use nix::sys::stat::{fstat, fstatat, SFlag};
+    let dir = open_dir_nofollow(mount_dir)?;
+    let io = |op: &'static str, e: nix::Error| SysError::Io {
+        op,
+        path: mount_dir.join(name),
+        source: e.into(),
+    };
+    let root = fstat(&dir).map_err(|e| io("stat", e))?;
+    let st = match fstatat(&dir, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW) {
+        Ok(st) => st,
+        Err(nix::errno::Errno::ENOENT) => return Ok(DataDir::Missing),
+        Err(e) => return Err(io("stat", e)),
+    };
+    let kind = SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits());
+    Ok(if kind == SFlag::S_IFLNK {
+        let target = nix::fcntl::readlinkat(&dir, name)
+            .map(|t| t.to_string_lossy().into_owned())
+            .unwrap_or_else(|_| "?".into());
+        DataDir::Invalid(format!("it is a symbolic link (to {target:?})"))
+    } else if kind != SFlag::S_IFDIR {
+        let what = match kind {
+            SFlag::S_IFREG => "a regular file",
+            SFlag::S_IFBLK => "a block device",
+            SFlag::S_IFCHR => "a character device",
+            SFlag::S_IFIFO => "a FIFO",
+            SFlag::S_IFSOCK => "a socket",
+            _ => "not a directory",
+        };
+        DataDir::Invalid(format!("it is {what}, not a directory"))
+    } else if st.st_dev != root.st_dev {
+        DataDir::Invalid(format!(
+            "it is on another filesystem (device {:#x}) than the volume's (device {:#x})",
+            st.st_dev, root.st_dev
+        ))
+    } else {
+        DataDir::Valid
+    })
+}
+
+/// The real [`System::make_data_dir`], shared by every implementation.
+pub fn make_data_dir(mount_dir: &Path, name: &str) -> Result<(), SysError> {
+    let dir = open_dir_nofollow(mount_dir)?;
+    nix::sys::stat::mkdirat(&dir, name, nix::sys::stat::Mode::from_bits_truncate(0o755)).map_err(|e| SysError::Io {
+        op: "mkdir",
+        path: mount_dir.join(name),
+        source: e.into(),
+    })
+}
+
+/// Flags of every volume mount. A disk comes from a datastore other hosts
+/// and their admins write to: setuid binaries and device nodes on it must
+/// not work on this host (Docker's bind mounts of `data` inherit both).
+pub const VOLUME_MOUNT_FLAGS: MsFlags = MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV);
 
 /// The real thing.
 #[derive(Debug, Clone, Default)]
@@ -160,7 +259,7 @@ pub fn fs_label(name: &str, max: usize) -> String {
 
 impl System for LinuxSystem {
     fn mount(&self, device: &Path, target: &Path, fstype: &str, read_only: bool) -> Result<(), SysError> {
-        let mut flags = MsFlags::empty();
+        let mut flags = VOLUME_MOUNT_FLAGS;
         if read_only {
             flags |= MsFlags::MS_RDONLY;
         }
@@ -176,7 +275,8 @@ impl System for LinuxSystem {
     }
 
     fn remount(&self, target: &Path, read_only: bool) -> Result<(), SysError> {
-        let mut flags = MsFlags::MS_REMOUNT;
+        // A remount sets all flags anew: keep nosuid and nodev.
+        let mut flags = MsFlags::MS_REMOUNT | VOLUME_MOUNT_FLAGS;
         if read_only {
             flags |= MsFlags::MS_RDONLY;
         }
@@ -232,14 +332,17 @@ impl System for LinuxSystem {
         match fstype {
             FsType::Ext4 => {
                 // nodiscard: a discard on a loop device punches holes and
-                // would turn a thick disk thin.
+                // would turn a thick disk thin. No -F: never force. (mke2fs
+                // asks before overwriting a filesystem only on a terminal,
+                // so the volume logic checks the device is blank first.)
                 let label = fs_label(label, 16);
-                let args = ["-F", "-q", "-E", "nodiscard", "-L", &label, dev.as_ref()];
+                let args = ["-q", "-E", "nodiscard", "-L", &label, dev.as_ref()];
                 check("mkfs.ext4", &args, run("mkfs.ext4", &args)?)?;
             }
             FsType::Xfs => {
                 let label = fs_label(label, 12);
-                let args = ["-f", "-q", "-K", "-L", &label, dev.as_ref()];
+                // No -f: mkfs.xfs refuses a device with any signature.
+                let args = ["-q", "-K", "-L", &label, dev.as_ref()];
                 check("mkfs.xfs", &args, run("mkfs.xfs", &args)?)?;
             }
         }
@@ -272,6 +375,29 @@ impl System for LinuxSystem {
             }
         }
     }
+
+    fn read_head(&self, device: &Path, len: usize) -> Result<Vec<u8>, SysError> {
+        read_head(device, len)
+    }
+}
+
+/// Reads at most `len` bytes from the start of `path`.
+pub fn read_head(path: &Path, len: usize) -> Result<Vec<u8>, SysError> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let io = |source| SysError::Io {
+        op: "read",
+        path: path.to_owned(),
+        source,
+    };
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)
+        .map_err(io)?;
+    let mut buf = Vec::with_capacity(len);
+    f.take(len as u64).read_to_end(&mut buf).map_err(io)?;
+    Ok(buf)
 }
 
 #[cfg(test)]
@@ -290,6 +416,45 @@ mod tests {
         let mut x = [0u8; 2048];
         x[..4].copy_from_slice(b"XFSB");
         assert_eq!(classify_superblock(&x), Some("xfs"));
+    }
+
+    #[test]
+    fn data_dir_is_checked_without_following_anything() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = dir.path();
+        assert_eq!(check_data_dir(m, "data").unwrap(), DataDir::Missing);
+        make_data_dir(m, "data").unwrap();
+        assert_eq!(check_data_dir(m, "data").unwrap(), DataDir::Valid);
+        std::os::unix::fs::symlink("/etc", m.join("link")).unwrap();
+        let DataDir::Invalid(why) = check_data_dir(m, "link").unwrap() else {
+            panic!("a symlink passed")
+        };
+        assert_eq!(why, "it is a symbolic link (to \"/etc\")");
+        // mkdirat does not follow a planted symlink either (EEXIST).
+        let e = make_data_dir(m, "link").unwrap_err().to_string();
+        assert!(e.contains("mkdir"), "{e}");
+        std::fs::write(m.join("file"), "x").unwrap();
+        assert_eq!(
+            check_data_dir(m, "file").unwrap(),
+            DataDir::Invalid("it is a regular file, not a directory".into())
+        );
+        // A directory that is another mount (here: /proc below /).
+        let DataDir::Invalid(why) = check_data_dir(Path::new("/"), "proc").unwrap() else {
+            panic!("another filesystem passed")
+        };
+        assert!(why.starts_with("it is on another filesystem"), "{why}");
+        // The mount dir itself must not be a symlink.
+        std::os::unix::fs::symlink(m.join("data"), m.join("dirlink")).unwrap();
+        assert!(check_data_dir(&m.join("dirlink"), "x").is_err());
+    }
+
+    #[test]
+    fn read_head_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("f");
+        std::fs::write(&f, vec![7u8; 5000]).unwrap();
+        assert_eq!(read_head(&f, 100).unwrap(), vec![7u8; 100]);
+        assert_eq!(read_head(&f, 1 << 20).unwrap().len(), 5000);
     }
 
     #[test]

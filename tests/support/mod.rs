@@ -81,6 +81,10 @@ pub enum SysCall {
     Unmount {
         target: PathBuf,
     },
+    ReadHead {
+        device: PathBuf,
+        len: usize,
+    },
 }
 
 /// A recording fake of [`System`]: devices hold the filesystem made on
@@ -198,6 +202,19 @@ impl System for FakeSys {
     }
     fn wait_for_device(&self, _device: &Path, _timeout: Duration) -> Result<(), SysError> {
         Ok(())
+    }
+    /// The start of the disk's backing file (the extent, through the fake
+    /// loops); a device with no file behind it is a blank disk.
+    fn read_head(&self, device: &Path, len: usize) -> Result<Vec<u8>, SysError> {
+        self.calls.lock().unwrap().push(SysCall::ReadHead {
+            device: device.into(),
+            len,
+        });
+        let disk = self.disk_of(device);
+        if disk.is_file() {
+            return vmdk_plugin::sys::read_head(&disk, len);
+        }
+        Ok(vec![0; len])
     }
 }
 
@@ -406,4 +423,97 @@ pub fn fake_agent(dir: &Path, name: &str) -> (Arc<VolumeService>, Arc<dyn LoopDe
     let loops: Arc<dyn LoopDevices> = Arc::new(FakeLoops::default());
     let svc = Arc::new(VolumeService::new(&cfg, Arc::new(LocalBackend::new(loops.clone()))).unwrap());
     (svc, loops)
+}
+
+/// What the [`agent_proxy`] does with one request to the agent.
+#[derive(Debug, Clone)]
+pub enum ProxyAction {
+    /// Forward it unchanged.
+    Pass,
+    /// Answer with this status and an agent error body of this code and
+    /// message, without forwarding.
+    Fail(StatusCode, &'static str, &'static str),
+    /// Signal `arrived`, wait for `release`, then forward.
+    Hold {
+        arrived: Arc<tokio::sync::Notify>,
+        release: Arc<tokio::sync::Notify>,
+    },
+    /// Forward, then replace `from` by `to` in the response body (a
+    /// hostile or broken agent).
+    Rewrite { from: String, to: String },
+}
+
+/// Decides the [`ProxyAction`] from the method and path.
+pub type ProxyHook = Arc<dyn Fn(&axum::http::Method, &str) -> ProxyAction + Send + Sync>;
+
+/// The agent's real HTTP API for `svc`, served on `socket` behind a hook
+/// that can hold, fail or rewrite requests: the plugin talks to it as to a
+/// remote agent.
+pub async fn agent_proxy(svc: Arc<VolumeService>, socket: &Path, hook: ProxyHook) -> tokio::task::JoinHandle<()> {
+    let inner = vmdk_agent::api::router(svc);
+    let app = axum::Router::new().fallback(move |req: Request<Body>| {
+        let (inner, hook) = (inner.clone(), hook.clone());
+        async move {
+            let action = hook(req.method(), req.uri().path());
+            match action {
+                ProxyAction::Pass => inner.oneshot(req).await.unwrap(),
+                ProxyAction::Fail(status, code, message) => axum::response::IntoResponse::into_response((
+                    status,
+                    [("content-type", "application/json")],
+                    serde_json::json!({"code": code, "message": message}).to_string(),
+                )),
+                ProxyAction::Hold { arrived, release } => {
+                    arrived.notify_one();
+                    release.notified().await;
+                    inner.oneshot(req).await.unwrap()
+                }
+                ProxyAction::Rewrite { from, to } => {
+                    let resp = inner.oneshot(req).await.unwrap();
+                    let (mut parts, body) = resp.into_parts();
+                    let bytes = body.collect().await.unwrap().to_bytes();
+                    let text = String::from_utf8_lossy(&bytes).replace(&from, &to);
+                    parts.headers.remove("content-length");
+                    axum::response::Response::from_parts(parts, Body::from(text))
+                }
+            }
+        }
+    });
+    let _ = std::fs::remove_file(socket);
+    let listener = tokio::net::UnixListener::bind(socket).unwrap();
+    tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    })
+}
+
+/// A plugin on fakes whose agent is reached over HTTP through an
+/// [`agent_proxy`] with `hook`.
+pub async fn proxied_plugin(hook: ProxyHook) -> (Plugin, Arc<FakeSys>, tokio::task::JoinHandle<()>) {
+    let dir = tempfile::tempdir().unwrap();
+    let (svc, loops) = fake_agent(dir.path(), "local");
+    let sys = Arc::new(FakeSys::default());
+    *sys.loops.lock().unwrap() = Some(loops.clone());
+    let sock = dir.path().join("agent.sock");
+    let server = agent_proxy(svc.clone(), &sock, hook).await;
+    let manager = VolumeManager::new(
+        AgentClient::Http(vmdk_plugin::http1::Endpoint::Unix(sock)),
+        sys.clone(),
+        ManagerConfig {
+            vm_id: "vm-test".into(),
+            mount_root: dir.path().join("mnt"),
+            state_dir: dir.path().join("state"),
+            docker_socket: dir.path().join("docker.sock"),
+            detach_grace: Duration::ZERO,
+        },
+    )
+    .unwrap();
+    manager.recover().await;
+    let plugin = Plugin {
+        app: vmdk_plugin::plugin::router(manager.clone()),
+        dir,
+        svc,
+        manager,
+        sys: sys.clone(),
+        loops,
+    };
+    (plugin, sys, server)
 }

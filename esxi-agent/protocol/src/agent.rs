@@ -58,8 +58,9 @@ pub struct VersionInfo {
 pub struct CreateRequest {
     /// `vol` or `vol@datastore`.
     pub name: String,
-    /// The `-o` options as Docker passed them.
-    #[serde(default)]
+    /// The `-o` options as Docker passed them; a key given twice is
+    /// refused (see [`crate::options::unique_map`]).
+    #[serde(default, deserialize_with = "crate::options::unique_map")]
     pub opts: BTreeMap<String, String>,
 }
 
@@ -155,4 +156,21 @@ pub struct AttachInfo {
     pub device: Option<String>,
     /// Disk UUID, to find the disk in the guest (`wwn-0x6000c29...`).
     pub disk_uuid: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn create_request_refuses_an_option_given_twice() {
+        let e = serde_json::from_str::<CreateRequest>(r#"{"name":"v","opts":{"size":"1gb","size":"2gb"}}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(r#"option "size" is given more than once"#), "{e}");
+        let r: CreateRequest = serde_json::from_str(r#"{"name":"v"}"#).unwrap();
+        assert!(r.opts.is_empty());
+        let r: CreateRequest = serde_json::from_str(r#"{"name":"v","opts":{"size":"1gb"}}"#).unwrap();
+        assert_eq!(r.opts["size"], "1gb");
+    }
 }

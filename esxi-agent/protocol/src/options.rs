@@ -8,7 +8,8 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 
-use serde::{Deserialize, Serialize};
+use serde::de::{MapAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::size::{parse_size_mb, MAX_SIZE_MB};
 
@@ -191,6 +192,65 @@ string_enum!(
     }
 );
 
+/// Deserializes a JSON object of string options into a map, refusing a
+/// key given twice. Plain maps keep the last value silently, so
+/// `{"size":"1gb","size":"1tb"}` would create a 1 TB volume from a request
+/// that also said 1 GB. Use with `#[serde(deserialize_with = ...)]`.
+pub fn unique_map<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+    d.deserialize_map(UniqueMap)
+}
+
+/// [`unique_map`] for a field where `null` means no options (Docker sends
+/// `"Opts": null`).
+pub fn unique_map_or_null<'de, D: Deserializer<'de>>(d: D) -> Result<Option<BTreeMap<String, String>>, D::Error> {
+    d.deserialize_option(OrNull)
+}
+
+struct UniqueMap;
+
+impl<'de> Visitor<'de> for UniqueMap {
+    type Value = BTreeMap<String, String>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an object of option names to string values, each name once")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<Self::Value, A::Error> {
+        let mut out = BTreeMap::new();
+        while let Some((k, v)) = access.next_entry::<String, String>()? {
+            if out.contains_key(&k) {
+                return Err(serde::de::Error::custom(format!(
+                    "option {k:?} is given more than once; give each option once"
+                )));
+            }
+            out.insert(k, v);
+        }
+        Ok(out)
+    }
+}
+
+struct OrNull;
+
+impl<'de> Visitor<'de> for OrNull {
+    type Value = Option<BTreeMap<String, String>>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("null or an object of option names to string values, each name once")
+    }
+
+    fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        unique_map(d).map(Some)
+    }
+}
+
 /// Validated create options.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VolumeOptions {
@@ -304,6 +364,34 @@ mod tests {
         ] {
             VolumeOptions::parse(&opts(&pairs)).unwrap();
         }
+    }
+
+    #[test]
+    fn a_key_given_twice_is_refused_by_name() {
+        #[derive(Debug, Deserialize)]
+        struct Req {
+            #[serde(default, deserialize_with = "unique_map")]
+            opts: BTreeMap<String, String>,
+            #[serde(default, deserialize_with = "unique_map_or_null")]
+            maybe: Option<BTreeMap<String, String>>,
+        }
+        let e = serde_json::from_str::<Req>(r#"{"opts":{"size":"1gb","fstype":"xfs","size":"1tb"}}"#).unwrap_err();
+        assert!(
+            e.to_string().contains(r#"option "size" is given more than once"#),
+            "{e}"
+        );
+        let e = serde_json::from_str::<Req>(r#"{"maybe":{"access":"read-only","access":"read-write"}}"#).unwrap_err();
+        assert!(
+            e.to_string().contains(r#"option "access" is given more than once"#),
+            "{e}"
+        );
+        let r = serde_json::from_str::<Req>(r#"{"opts":{"size":"1gb"},"maybe":null}"#).unwrap();
+        assert_eq!(r.opts, opts(&[("size", "1gb")]));
+        assert_eq!(r.maybe, None);
+        let r = serde_json::from_str::<Req>(r#"{"maybe":{"a":"b"}}"#).unwrap();
+        assert_eq!(r.maybe, Some(opts(&[("a", "b")])));
+        assert!(r.opts.is_empty());
+        assert!(serde_json::from_str::<Req>(r#"{"opts":{"size":5}}"#).is_err());
     }
 
     #[test]
