@@ -231,7 +231,8 @@ async fn after_an_unclean_reboot_without_docker_a_mount_really_mounts() {
     // The reboot.
     sys.mounted.lock().unwrap().clear();
     for (dev, _) in p.loops.list().unwrap() {
-        p.loops.detach(&dev).unwrap();
+        let id = p.loops.backing(&dev).unwrap().expect("bound");
+        p.loops.detach(&dev, id).unwrap();
     }
     assert!(!p.docker_socket().exists());
     p.restart().await;

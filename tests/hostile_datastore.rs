@@ -140,10 +140,26 @@ fn plant(dir: &Path, name: &str, kind: Kind, outside: &Outside, inside_twin: &st
     }
 }
 
+/// Runs a blocking agent call on a worker thread; a hang fails the case
+/// instead of the whole test run.
+async fn blocking<T: Send + 'static>(
+    what: &str,
+    step: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, String> {
+    match tokio::time::timeout(Duration::from_secs(60), tokio::task::spawn_blocking(f)).await {
+        Ok(r) => Ok(r.expect("worker panicked")),
+        Err(_) => Err(format!("{what}: {step} hung")),
+    }
+}
+
 async fn call(p: &Plugin, endpoint: &str, body: &str, what: &str) -> (StatusCode, Value) {
     match tokio::time::timeout(Duration::from_secs(60), docker_call(&p.app, endpoint, Some(body))).await {
         Ok(r) => r,
-        Err(_) => panic!("{what}: {endpoint} {body} hung"),
+        Err(_) => (
+            StatusCode::GATEWAY_TIMEOUT,
+            serde_json::json!({ "Err": format!("{what}: {endpoint} {body} hung for 60 s") }),
+        ),
     }
 }
 
@@ -183,10 +199,14 @@ async fn case(file: &str, kind: Kind) -> Vec<String> {
         b
     };
     // Every operation, on the victim.
-    let ls = p.svc.inventory();
-    match &ls {
-        Ok(list) if list.iter().any(|v| v.volume == "bystander") => {}
-        other => problems.push(format!("admin ls lost the bystander: {other:?}")),
+    let svc = p.svc.clone();
+    match blocking(&what, "admin ls", move || svc.inventory()).await {
+        Ok(Ok(list)) if list.iter().any(|v| v.volume == "bystander") => {}
+        Ok(other) => problems.push(format!("admin ls lost the bystander: {other:?}")),
+        Err(hung) => {
+            problems.push(hung);
+            return problems;
+        }
     }
     let list = note("list", call(&p, "VolumeDriver.List", "{}", &what).await);
     if !list["Volumes"]
@@ -236,7 +256,11 @@ async fn case(file: &str, kind: Kind) -> Vec<String> {
         )
         .await,
     );
-    let _ = p.svc.recover_on_start();
+    let svc = p.svc.clone();
+    if let Err(hung) = blocking(&what, "agent start-up recovery", move || svc.recover_on_start()).await {
+        problems.push(hung);
+        return problems;
+    }
 
     // The bystander keeps working.
     let (s, b) = call(&p, "VolumeDriver.Get", r#"{"Name":"bystander"}"#, &what).await;
@@ -304,4 +328,157 @@ async fn every_hostile_entry_in_place_of_every_volume_file() {
         problems.len(),
         problems.join("\n")
     );
+}
+
+/// Finding 1: a Mount of a volume whose extent was swapped for a link to a
+/// file outside the datastore (after Create, before Mount) binds nothing
+/// to that file and formats nothing.
+#[tokio::test]
+async fn mount_never_binds_or_formats_a_file_outside_the_datastore() {
+    let outside = Outside::new();
+    let p = real_plugin().await;
+    let _c = KernelCleanup(std::fs::canonicalize(p.dir.path()).unwrap());
+    support::ok(&p.app, "VolumeDriver.Create", r#"{"Name":"v","Opts":{"size":"16mb"}}"#).await;
+    let dir = p.datastore().join("dockvols/_DEFAULT");
+    plant(&dir, "v-flat.vmdk", Kind::LinkOutside, &outside, "");
+    let _ = outside.events();
+    let e = support::err(&p.app, "VolumeDriver.Mount", r#"{"Name":"v","ID":"a"}"#).await;
+    assert!(e.contains("v-flat.vmdk is a symbolic link"), "{e}");
+    assert!(outside.events().is_empty(), "{:?}", outside.events());
+    assert!(outside.untouched());
+    let real = std::fs::canonicalize(outside.dir.path()).unwrap();
+    assert!(loops_under(&real).is_empty(), "a loop device is bound outside");
+}
+
+/// Finding 6, on the real kernel: a detach while the volume's loop device
+/// is mounted fails `in_use`, the device stays bound and the volume
+/// recorded as attached, and another VM gets no device at all. Once the
+/// filesystem is unmounted, the detach releases the device.
+#[tokio::test]
+async fn a_mounted_loop_device_is_never_detached_or_handed_to_another_vm() {
+    let p = real_plugin().await;
+    let root = std::fs::canonicalize(p.dir.path()).unwrap();
+    let _c = KernelCleanup(root.clone());
+    support::ok(&p.app, "VolumeDriver.Create", r#"{"Name":"v","Opts":{"size":"16mb"}}"#).await;
+    let att = p.svc.attach("vm1", "v").unwrap();
+    let dev = att.device.unwrap();
+    let out = std::process::Command::new("mkfs.ext4")
+        .args(["-q", &dev])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let mnt = root.join("vm1-mount");
+    std::fs::create_dir(&mnt).unwrap();
+    nix::mount::mount(
+        Some(dev.as_str()),
+        &mnt,
+        Some("ext4"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .unwrap();
+    let e = p.svc.detach("vm1", "v").unwrap_err();
+    assert_eq!(e.code(), vmdk_protocol::ErrorCode::InUse, "{}", e.to_body().message);
+    assert_eq!(loops_under(&root).len(), 1, "the device was released under a mount");
+    let autoclear = std::fs::read_to_string(format!(
+        "/sys/block/{}/loop/autoclear",
+        Path::new(&dev).file_name().unwrap().to_str().unwrap()
+    ))
+    .unwrap();
+    assert_eq!(
+        autoclear.trim(),
+        "0",
+        "the refused detach left a deferred release behind"
+    );
+    assert_eq!(p.svc.get("v").unwrap().attached_to.as_deref(), Some("vm1"));
+    let e = p.svc.attach("vm2", "v").unwrap_err();
+    assert_eq!(e.code(), vmdk_protocol::ErrorCode::AttachedElsewhere);
+    nix::mount::umount(&mnt).unwrap();
+    p.svc.detach("vm1", "v").unwrap();
+    assert!(loops_under(&root).is_empty());
+    assert!(p.svc.attach("vm2", "v").unwrap().device.is_some());
+    p.svc.detach("vm2", "v").unwrap();
+}
+
+/// Finding 12: on a full datastore an Unmount reports what really happened
+/// (unmounted and detached, recorded as detached), another volume still
+/// mounts, a volume can be removed to free space, a create fails cleanly,
+/// and no temp file is left behind.
+#[tokio::test]
+async fn a_full_datastore_still_lets_volumes_go_and_leaves_nothing_behind() {
+    let p = real_plugin().await;
+    let root = std::fs::canonicalize(p.dir.path()).unwrap();
+    let _c = KernelCleanup(root.clone());
+    let ds = p.datastore();
+    // A small file system as the datastore.
+    nix::mount::mount(
+        Some("tmpfs"),
+        &ds,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=96m,mode=0700"),
+    )
+    .unwrap();
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+    let _u = Unmount(ds.clone());
+    p.svc.recover_on_start();
+    for v in ["a", "b", "c"] {
+        support::ok(
+            &p.app,
+            "VolumeDriver.Create",
+            &format!(r#"{{"Name":"{v}","Opts":{{"size":"16mb"}}}}"#),
+        )
+        .await;
+    }
+    // b is formatted while there is room; a is mounted and in use.
+    support::ok(&p.app, "VolumeDriver.Mount", r#"{"Name":"b","ID":"1"}"#).await;
+    support::ok(&p.app, "VolumeDriver.Unmount", r#"{"Name":"b","ID":"1"}"#).await;
+    let v = support::ok(&p.app, "VolumeDriver.Mount", r#"{"Name":"a","ID":"2"}"#).await;
+    let data = PathBuf::from(v["Mountpoint"].as_str().unwrap());
+    std::fs::write(data.join("f"), "data").unwrap();
+    // Something else fills the datastore to the last byte.
+    let filler = ds.join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![0x5au8; 1 << 16];
+        while f.write_all(&chunk).is_ok() {}
+        let mut small = [0u8; 512];
+        small.fill(1);
+        while f.write_all(&small).is_ok() {}
+    }
+    let (free, _) = vmdk_agent::store::Dir::open_trusted(&ds, vmdk_agent::store::DsPath::new("local", ""))
+        .unwrap()
+        .space()
+        .unwrap();
+    assert!(free < 4096, "the datastore is not full: {free} bytes free");
+
+    support::ok(&p.app, "VolumeDriver.Unmount", r#"{"Name":"a","ID":"2"}"#).await;
+    assert_eq!(p.svc.get("a").unwrap().status, vmdk_protocol::AttachStatus::Detached);
+    assert!(loops_under(&root).is_empty());
+    let v = support::ok(&p.app, "VolumeDriver.Mount", r#"{"Name":"b","ID":"3"}"#).await;
+    assert!(PathBuf::from(v["Mountpoint"].as_str().unwrap()).is_dir());
+    support::ok(&p.app, "VolumeDriver.Unmount", r#"{"Name":"b","ID":"3"}"#).await;
+    assert_eq!(p.svc.get("b").unwrap().status, vmdk_protocol::AttachStatus::Detached);
+    support::ok(&p.app, "VolumeDriver.Remove", r#"{"Name":"c"}"#).await;
+    support::ok(&p.app, "VolumeDriver.Remove", r#"{"Name":"a"}"#).await;
+    // Creating needs room: a clean error, nothing left.
+    let e = support::err(
+        &p.app,
+        "VolumeDriver.Create",
+        r#"{"Name":"d","Opts":{"diskformat":"zeroedthick","size":"64mb"}}"#,
+    )
+    .await;
+    assert!(e.contains("No space left on device"), "{e}");
+    let left: Vec<String> = std::fs::read_dir(ds.join("dockvols/_DEFAULT"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| !n.starts_with("b.") && !n.starts_with("b-"))
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
 }

@@ -561,7 +561,9 @@ async fn after_an_unclean_reboot_a_mount_returns_a_mounted_path_with_the_data() 
     let dir = p.mount_root().join("boot@local");
     nix::mount::umount(&dir).unwrap();
     for (dev, _) in loops_under(&canonical_tmp(&p)) {
-        LinuxLoops::default().detach(&dev).unwrap();
+        let loops = LinuxLoops::default();
+        let id = loops.backing(&dev).unwrap().expect("bound");
+        loops.detach(&dev, id).unwrap();
     }
     assert!(!p.docker_socket().exists());
     p.restart().await;
