@@ -58,8 +58,9 @@ pub struct VersionInfo {
 pub struct CreateRequest {
     /// `vol` or `vol@datastore`.
     pub name: String,
-    /// The `-o` options as Docker passed them.
-    #[serde(default)]
+    /// The `-o` options as Docker passed them; a key given twice is
+    /// refused.
+    #[serde(default, deserialize_with = "crate::unique::map")]
     pub opts: BTreeMap<String, String>,
 }
 

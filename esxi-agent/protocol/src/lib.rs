@@ -9,6 +9,7 @@
 //! * [`options`]: the `docker volume create -o` options and their validation.
 //! * [`agent`]: request and response bodies of the agent HTTP API v1.
 //! * [`error`]: the JSON error body and its stable machine-readable codes.
+//! * [`unique`]: option objects decoded with each key at most once.
 #![deny(missing_docs)]
 
 pub mod agent;
@@ -16,6 +17,7 @@ pub mod error;
 pub mod name;
 pub mod options;
 pub mod size;
+pub mod unique;
 
 pub use agent::*;
 pub use error::{ErrorBody, ErrorCode};
