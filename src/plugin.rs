@@ -72,8 +72,9 @@ fn err(method: &str, msg: String) -> Response {
 
 /// Decodes the body of any `VolumeDriver.*` request as Docker sends it: no
 /// body, whitespace, or a JSON object with `Name`, `Opts` (`null` allowed)
-/// and `ID`; unknown fields are ignored. A pure function that never
-/// panics; the error text says what was wrong and what is expected.
+/// and `ID`; unknown fields are ignored, a key given twice is refused. A
+/// pure function that never panics; the error text says what was wrong and
+/// what is expected.
 pub fn decode_request(body: &[u8]) -> Result<DockerRequest, String> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(DockerRequest::default());
@@ -294,5 +295,9 @@ mod tests {
         )
         .unwrap();
         assert_eq!(r.id, "abc");
+        // A key given twice has no single meaning (it once meant the last).
+        let e = decode_request(br#"{"Name":"v","Opts":{"size":"1gb","size":"100gb"}}"#).unwrap_err();
+        assert!(e.contains("option \"size\" is given more than once"), "{e}");
+        assert!(decode_request(br#"{"Name":"v","Name":"w"}"#).is_err());
     }
 }

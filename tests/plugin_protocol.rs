@@ -174,6 +174,13 @@ async fn every_kind_of_bad_input_is_refused_and_nothing_is_created() {
             r#"{"Name":"v","Opts":{"clone-from":"a","size":"1gb"}}"#,
             "Cannot define the size for a clone",
         ),
+        // Once a panic in the request handler (the unit split a character).
+        (r#"{"Name":"v","Opts":{"size":"1€"}}"#, "Invalid format for size"),
+        // Once silently the last value.
+        (
+            r#"{"Name":"v","Opts":{"size":"1gb","size":"100gb"}}"#,
+            "option \"size\" is given more than once",
+        ),
         (r#"{"Name":"v","Opts":{"size":5}}"#, "malformed request body"),
         (r#"{"Name":"v","Opts":"#, "malformed request body"),
         (r#"{"Opts":{}}"#, "no volume name"),

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The one command that runs every test: formatting, lints, unit tests,
-# root-only tests (loop devices, mkfs, mount) and the Docker Engine tests.
+# The one command that runs every test: formatting, lints, unit and property
+# tests, root-only tests (loop devices, mkfs, mount), the Docker Engine tests
+# and a bounded run of the fuzz targets (tests/fuzz.sh).
 # It installs what it needs from Debian's packages first. Run as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,7 +43,10 @@ fi
 
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
+cargo fmt --manifest-path fuzz/Cargo.toml -- --check
 echo "==> cargo clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 echo "==> cargo test (unit, root-only and Docker Engine tests)"
 cargo test --workspace --all-targets -- --test-threads=2 "$@"
+echo "==> fuzz targets, bounded (tests/fuzz.sh; VMDK_FUZZ_SECONDS=${VMDK_FUZZ_SECONDS:-96})"
+bash tests/fuzz.sh

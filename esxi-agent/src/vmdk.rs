@@ -182,7 +182,8 @@ impl Descriptor {
                     d.ddb.insert(key.to_owned(), value.to_owned());
                 } else {
                     match key {
-                        "CID" => d.cid = value.to_owned(),
+                        // A content ID is hex; anything else is ignored.
+                        "CID" if value.bytes().all(|b| b.is_ascii_hexdigit()) => d.cid = value.to_owned(),
                         "createType" => d.create_type = value.to_owned(),
                         "version" => saw_header = true,
                         _ => {}
@@ -217,11 +218,17 @@ fn parse_extent(line: &str) -> Result<Extent, DescriptorError> {
     let sectors: u64 = rest.parse().map_err(|_| bad())?;
     let tail = it.next().ok_or_else(bad)?.trim_start();
     let (kind, after) = tail.split_once(char::is_whitespace).unwrap_or((tail, ""));
+    if kind.is_empty() || !kind.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return Err(bad());
+    }
     let after = after.trim_start();
     let file = match after.strip_prefix('"') {
         Some(q) => q.split_once('"').map(|(f, _)| f).ok_or_else(bad)?,
         None => after.split_whitespace().next().unwrap_or(""),
     };
+    if file.contains('"') {
+        return Err(bad());
+    }
     Ok(Extent {
         access,
         sectors,

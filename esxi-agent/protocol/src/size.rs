@@ -9,10 +9,12 @@ pub const MAX_SIZE_MB: u64 = 62 * 1024 * 1024;
 ///
 /// Returns `None` when the text is not of that form or overflows.
 pub fn parse_size_mb(text: &str) -> Option<u64> {
-    let lower = text.to_ascii_lowercase();
-    if lower.len() < 3 {
+    // The form is all ASCII; anything else is refused before the unit is
+    // split off by byte offset (which would cut a multi-byte character).
+    if !text.is_ascii() || text.len() < 3 {
         return None;
     }
+    let lower = text.to_ascii_lowercase();
     let (digits, unit) = lower.split_at(lower.len() - 2);
     if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
@@ -63,6 +65,13 @@ mod tests {
             "",
             "99999999999999999999tb",
             "1kb",
+            "18014398509481984tb",
+            // Multi-byte characters where the unit would be (found by the
+            // property tests; these once panicked on a char boundary).
+            "éA",
+            "€",
+            "1€",
+            "10g\u{e9}",
         ] {
             assert_eq!(parse_size_mb(bad), None, "{bad}");
         }

@@ -63,7 +63,7 @@ impl fmt::Display for Value {
         match self {
             Self::Int(v) => write!(f, "i{v}"),
             Self::Long(v) => write!(f, "l{v}"),
-            Self::Str(s) => write!(f, "\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\"")),
+            Self::Str(s) => write!(f, "\"{}\"", escape(s)),
         }
     }
 }
@@ -241,6 +241,11 @@ impl PolicyExpr {
     }
 }
 
+/// A string as the grammar quotes it: `\` and `"` escaped.
+fn escape(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"")
+}
+
 impl fmt::Display for PolicyExpr {
     /// The canonical form: `(("a" i1) ("b" i2))`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -249,7 +254,7 @@ impl fmt::Display for PolicyExpr {
             if i > 0 {
                 f.write_str(" ")?;
             }
-            write!(f, "(\"{}\" {})", r.capability, r.value)?;
+            write!(f, "(\"{}\" {})", escape(&r.capability), r.value)?;
         }
         f.write_str(")")
     }
