@@ -51,11 +51,15 @@ pub fn agent_client(cfg: &ServeConfig) -> Result<AgentClient, ServeError> {
     }
     acfg.validate().map_err(|e| ServeError::Config(e.to_string()))?;
     for ds in &acfg.datastores {
-        std::fs::create_dir_all(&ds.path).map_err(|source| ServeError::Io {
-            op: "create datastore directory",
-            path: ds.path.display().to_string(),
-            source,
-        })?;
+        // A datastore directory the plugin makes is private (an existing
+        // one is the administrator's; its dockvols/ is made 0700 anyway).
+        std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+            .create(&ds.path)
+            .map_err(|source| ServeError::Io {
+                op: "create datastore directory",
+                path: ds.path.display().to_string(),
+                source,
+            })?;
     }
     let backend = Arc::new(LocalBackend::new(Arc::new(LinuxLoops::default())));
     let svc = VolumeService::new(&acfg, backend).map_err(|e| ServeError::Config(crate::error_chain(&e)))?;

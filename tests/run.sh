@@ -46,7 +46,19 @@ cargo fmt --all -- --check
 cargo fmt --manifest-path fuzz/Cargo.toml -- --check
 echo "==> cargo clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
-echo "==> cargo test (unit, root-only and Docker Engine tests)"
-cargo test --workspace --all-targets -- --test-threads=2 "$@"
+# Every test binary runs even when one fails; the failures are reported at
+# the end and the command fails.
+failed=()
+start=$SECONDS
+echo "==> cargo test (unit, property, root-only, hostile-datastore and Docker Engine tests)"
+cargo test --workspace --all-targets --no-fail-fast -- --test-threads=2 "$@" || failed+=("cargo test")
+echo "==> cargo test took $((SECONDS - start)) s"
+start=$SECONDS
 echo "==> fuzz targets, bounded (tests/fuzz.sh; VMDK_FUZZ_SECONDS=${VMDK_FUZZ_SECONDS:-96})"
-bash tests/fuzz.sh
+bash tests/fuzz.sh || failed+=("fuzzing")
+echo "==> fuzzing took $((SECONDS - start)) s"
+if ((${#failed[@]})); then
+    echo "FAILED: ${failed[*]} (see the output above)" >&2
+    exit 1
+fi
+echo "==> all tests passed"
