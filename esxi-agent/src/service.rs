@@ -607,6 +607,7 @@ impl VolumeService {
             Ok(AttachInfo {
                 disk_uuid: info.disk_uuid.clone(),
                 volume: info,
+                location: device.clone().map(|path| vmdk_protocol::DiskLocation::Device { path }),
                 device,
             })
         })

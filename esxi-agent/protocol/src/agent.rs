@@ -156,6 +156,39 @@ pub struct AttachInfo {
     pub device: Option<String>,
     /// Disk UUID, to find the disk in the guest (`wwn-0x6000c29...`).
     pub disk_uuid: String,
+    /// Where the guest finds the disk. Absent from agents that predate it
+    /// (then `device` is the block device).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub location: Option<DiskLocation>,
+}
+
+/// Where the guest finds an attached disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum DiskLocation {
+    /// A block device node the agent bound on this very host (`local`
+    /// backend: a loop device).
+    Device {
+        /// The node, e.g. `/dev/loop3`.
+        path: String,
+    },
+    /// A disk on a SCSI controller of the calling VM (`vsphere` backend).
+    /// The guest finds it by the controller's PCI address and the unit,
+    /// confirmed by the disk's WWN when it reports one.
+    Scsi {
+        /// The controller's SCSI bus number in the VM (0-3).
+        controller_bus: u32,
+        /// The controller's PCI address in the guest
+        /// (`0000:03:00.0`), when the hypervisor says where it sits.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pci_address: Option<String>,
+        /// The unit (SCSI target) on the controller: 0-15, never 7.
+        unit: u32,
+        /// The disk's UUID (`6000C29...`), which the disk reports as its
+        /// WWN (`naa.6000c29...`) when `disk.EnableUUID` is on.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        disk_uuid: Option<String>,
+    },
 }
 
 #[cfg(test)]
