@@ -59,7 +59,7 @@ pub struct ServeConfig {
     /// Seconds a volume stays mounted after its last Unmount (0: none).
     pub detach_grace: u64,
     /// Limits of the plugin socket (timeouts, connections, body size).
-    pub limits: vmdk_agent::server::ServeLimits,
+    pub limits: vmdk_common::server::ServeLimits,
 }
 
 #[cfg(test)]

@@ -20,5 +20,5 @@ pub mod volume;
 
 /// `outer: cause: root cause`, the text Docker users see.
 pub fn error_chain(err: &dyn std::error::Error) -> String {
-    vmdk_agent::error::error_chain(err)
+    vmdk_common::error_chain(err)
 }

@@ -54,7 +54,7 @@ enum Command {
         /// max-requests, max-body-bytes. Default:
         /// header-timeout=10s,body-timeout=10s,send-timeout=30s,max-connections=256,max-requests=64,max-body-bytes=65536.
         #[arg(long, env = "VMDK_SERVE_LIMITS", value_name = "KEY=VALUE,...")]
-        limits: Option<vmdk_agent::server::ServeLimits>,
+        limits: Option<vmdk_common::server::ServeLimits>,
     },
     /// Show what the plugin on this VM holds (volumes, devices, Docker
     /// mount IDs), checked against the live mounts. Changes nothing.
@@ -143,7 +143,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 detach_grace,
                 limits: limits.unwrap_or_default(),
             };
-            match vmdk_agent::server::raise_fd_limit() {
+            match vmdk_common::server::raise_fd_limit() {
                 Ok((before, after)) if after > before => {
                     tracing::info!(before, after, "raised the open-file limit")
                 }
@@ -219,7 +219,7 @@ fn status(
         })
         .collect();
     writeln!(out)?;
-    out.push_str(&vmdk_agent::admin::render_table(
+    out.push_str(&vmdk_common::table::render_table(
         &["Volume", "Device", "Filesystem", "Access", "Mounted", "Mount IDs"],
         &rows,
     ));

@@ -90,7 +90,7 @@ pub async fn run(
 }
 
 /// [`run`] with an explicit agent and kernel seam. The socket is served by
-/// [`vmdk_agent::server::serve_bounded`] within `cfg.limits`.
+/// [`vmdk_common::server::serve_bounded`] within `cfg.limits`.
 pub async fn run_with(
     cfg: ServeConfig,
     agent: AgentClient,
@@ -113,7 +113,7 @@ pub async fn run_with(
         path: format!("{} and {}", cfg.mount_root.display(), cfg.state_dir.display()),
         source,
     })?;
-    let listener = vmdk_agent::server::bind_unix(&cfg.socket, 0o660)
+    let listener = vmdk_common::server::bind_unix(&cfg.socket, 0o660)
         .await
         .map_err(|source| ServeError::Io {
             op: "bind plugin socket",
@@ -136,9 +136,9 @@ pub async fn run_with(
     });
     let limits = cfg
         .limits
-        .fit_fd_limit(vmdk_agent::server::fd_limit().unwrap_or(1024), 1);
+        .fit_fd_limit(vmdk_common::server::fd_limit().unwrap_or(1024), 1);
     tracing::info!(%limits, "plugin socket limits");
-    let res = vmdk_agent::server::serve_bounded(
+    let res = vmdk_common::server::serve_bounded(
         listener.into(),
         crate::plugin::router(manager),
         limits,

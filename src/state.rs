@@ -178,7 +178,7 @@ impl StateStore {
     /// Saves atomically; the file is readable by its owner only (0600).
     pub fn save(&self, state: &PluginState) -> io::Result<()> {
         use std::os::unix::fs::PermissionsExt;
-        vmdk_agent::fsutil::atomic_write(&self.path, &state.encode())?;
+        vmdk_common::store::atomic_write(&self.path, &state.encode())?;
         if std::fs::metadata(&self.path)?.permissions().mode() & 0o777 != 0o600 {
             std::fs::set_permissions(&self.path, std::fs::Permissions::from_mode(0o600))?;
         }

@@ -452,7 +452,7 @@ async fn a_full_datastore_still_lets_volumes_go_and_leaves_nothing_behind() {
         small.fill(1);
         while f.write_all(&small).is_ok() {}
     }
-    let (free, _) = vmdk_agent::store::Dir::open_trusted(&ds, vmdk_agent::store::DsPath::new("local", ""))
+    let (free, _) = vmdk_common::store::Dir::open_trusted(&ds, vmdk_common::store::DsPath::new("local", ""))
         .unwrap()
         .space()
         .unwrap();

@@ -204,7 +204,7 @@ async fn start_plugin() -> Plugin {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_on_the_plugin_socket_does_not_block_docker() {
-    let (_, nofile) = vmdk_agent::server::raise_fd_limit().unwrap();
+    let (_, nofile) = vmdk_common::server::raise_fd_limit().unwrap();
     assert!(
         nofile >= 4 * ATTACKERS as u64,
         "this test opens {ATTACKERS} connections at once; raise the hard open-file limit (ulimit -Hn)"

@@ -228,7 +228,7 @@ fn listing_loop_devices_tolerates_devices_coming_and_going() {
         std::thread::spawn(move || {
             let loops = LinuxLoops::default();
             let f = std::fs::OpenOptions::new().read(true).write(true).open(&file).unwrap();
-            let id = vmdk_agent::store::FileId::of(&f).unwrap();
+            let id = vmdk_common::store::FileId::of(&f).unwrap();
             let mut n = 0;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) || n < 50 {
                 let dev = loops.attach(&f, &file).unwrap();

@@ -1,7 +1,5 @@
 //! The agent's error type and its one mapping to wire codes.
 
-use std::error::Error as StdError;
-
 use vmdk_protocol::{ErrorBody, ErrorCode, NameError, OptionError};
 
 use crate::backend::BackendError;
@@ -176,18 +174,4 @@ impl AgentError {
     }
 }
 
-/// `outer: cause: root cause`, skipping causes whose text the outer message
-/// already contains.
-pub fn error_chain(err: &dyn StdError) -> String {
-    let mut msg = err.to_string();
-    let mut cur = err.source();
-    while let Some(e) = cur {
-        let s = e.to_string();
-        if !msg.contains(&s) {
-            msg.push_str(": ");
-            msg.push_str(&s);
-        }
-        cur = e.source();
-    }
-    msg
-}
+pub use vmdk_common::error_chain;

@@ -4,35 +4,8 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::path::Path;
 
-use crate::store::{Dir, DsPath, StoreError};
-
-/// Writes `data` to `path` atomically, mode 0600, through the datastore
-/// door ([`Dir::write_atomic`]): a temp file with an unpredictable name is
-/// created `O_EXCL`, written and fsynced, renamed over `path`, and the
-/// directory fsynced. After a crash the file holds either the old or the
-/// new content, never a mix; on failure nothing is left behind. The
-/// directory of `path` is trusted (it is the caller's own, e.g. the
-/// plugin's state directory); `path` itself is never followed if it is a
-/// link.
-pub fn atomic_write(path: &Path, data: &[u8]) -> io::Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no UTF-8 file name"))?;
-    let shown = DsPath::new("local", &dir.display().to_string());
-    Dir::open_trusted(dir, shown)
-        .and_then(|d| d.write_atomic(name, data))
-        .map_err(|e| match e {
-            StoreError::Io { source, .. } => source,
-            other => io::Error::other(other.to_string()),
-        })
-}
+pub use vmdk_common::store::atomic_write;
 
 /// Copies `src` to `dst` (which must exist, empty or preallocated), copying
 /// only the data regions of `src`, so holes stay holes in a thin copy.

@@ -27,7 +27,7 @@ pub mod meta;
 pub mod policy;
 pub mod server;
 pub mod service;
-pub mod store;
+pub use vmdk_common::store;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 pub mod vmdk;
