@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use hyper::{Method, StatusCode};
 use serde::de::DeserializeOwned;
+use vmdk_agent::service::Caller;
 use vmdk_agent::VolumeService;
 use vmdk_protocol::{
     agent as paths, AttachInfo, CreateRequest, ErrorBody, ErrorCode, FormattedRequest, VersionInfo, VolumeInfo,
@@ -50,16 +51,13 @@ pub enum AgentClient {
 }
 
 impl AgentClient {
-    async fn embedded<T: Send + 'static>(
-        svc: &Arc<VolumeService>,
-        f: impl FnOnce(&VolumeService) -> Result<T, vmdk_agent::AgentError> + Send + 'static,
-    ) -> Result<T, AgentCallError> {
-        let svc = svc.clone();
-        tokio::task::spawn_blocking(move || f(&svc).map_err(|e| AgentCallError::Api(e.to_body())))
-            .await
-            .map_err(|e| {
-                AgentCallError::Api(ErrorBody::new(ErrorCode::Internal, format!("agent worker failed: {e}")))
-            })?
+    /// The caller an embedded agent serves: this VM.
+    fn caller(vm: &str) -> Result<Caller, AgentCallError> {
+        Caller::vm(vm).map_err(Self::api)
+    }
+
+    fn api(e: vmdk_agent::AgentError) -> AgentCallError {
+        AgentCallError::Api(e.to_body())
     }
 
     async fn call<T: DeserializeOwned>(
@@ -108,7 +106,7 @@ impl AgentClient {
     /// `GET /v1/volumes`.
     pub async fn list(&self, vm: &str) -> Result<Vec<VolumeInfo>, AgentCallError> {
         match self {
-            Self::Embedded(s) => Self::embedded(s, |s| s.list()).await,
+            Self::Embedded(s) => s.list(&Self::caller(vm)?).await.map_err(Self::api),
             Self::Http(ep) => Self::must(
                 Self::call::<VolumeList>(ep, Method::GET, paths::PATH_VOLUMES, vm, None, QUERY_TIMEOUT).await?,
                 "list",
@@ -120,10 +118,7 @@ impl AgentClient {
     /// `GET /v1/volumes/{name}`.
     pub async fn get(&self, vm: &str, name: &str) -> Result<VolumeInfo, AgentCallError> {
         match self {
-            Self::Embedded(s) => {
-                let name = name.to_owned();
-                Self::embedded(s, move |s| s.get(&name)).await
-            }
+            Self::Embedded(s) => s.get(&Self::caller(vm)?, name).await.map_err(Self::api),
             Self::Http(ep) => Self::must(
                 Self::call(ep, Method::GET, &paths::volume_path(name), vm, None, QUERY_TIMEOUT).await?,
                 "get",
@@ -134,10 +129,7 @@ impl AgentClient {
     /// `POST /v1/volumes`.
     pub async fn create(&self, vm: &str, req: CreateRequest) -> Result<VolumeInfo, AgentCallError> {
         match self {
-            Self::Embedded(s) => {
-                let vm = vm.to_owned();
-                Self::embedded(s, move |s| s.create(&vm, &req)).await
-            }
+            Self::Embedded(s) => s.create(&Self::caller(vm)?, &req).await.map_err(Self::api),
             Self::Http(ep) => {
                 let body = serde_json::to_vec(&req).expect("request serializes");
                 Self::must(
@@ -151,10 +143,7 @@ impl AgentClient {
     /// `DELETE /v1/volumes/{name}`.
     pub async fn remove(&self, vm: &str, name: &str) -> Result<(), AgentCallError> {
         match self {
-            Self::Embedded(s) => {
-                let (vm, name) = (vm.to_owned(), name.to_owned());
-                Self::embedded(s, move |s| s.remove(&vm, &name)).await
-            }
+            Self::Embedded(s) => s.remove(&Self::caller(vm)?, name).await.map_err(Self::api),
             Self::Http(ep) => {
                 Self::call::<serde_json::Value>(ep, Method::DELETE, &paths::volume_path(name), vm, None, MUTATE_TIMEOUT)
                     .await
@@ -166,10 +155,7 @@ impl AgentClient {
     /// `POST /v1/volumes/{name}/attach`.
     pub async fn attach(&self, vm: &str, name: &str) -> Result<AttachInfo, AgentCallError> {
         match self {
-            Self::Embedded(s) => {
-                let (vm, name) = (vm.to_owned(), name.to_owned());
-                Self::embedded(s, move |s| s.attach(&vm, &name)).await
-            }
+            Self::Embedded(s) => s.attach(&Self::caller(vm)?, name).await.map_err(Self::api),
             Self::Http(ep) => Self::must(
                 Self::call(
                     ep,
@@ -188,10 +174,7 @@ impl AgentClient {
     /// `POST /v1/volumes/{name}/detach`.
     pub async fn detach(&self, vm: &str, name: &str) -> Result<(), AgentCallError> {
         match self {
-            Self::Embedded(s) => {
-                let (vm, name) = (vm.to_owned(), name.to_owned());
-                Self::embedded(s, move |s| s.detach(&vm, &name)).await
-            }
+            Self::Embedded(s) => s.detach(&Self::caller(vm)?, name).await.map_err(Self::api),
             Self::Http(ep) => Self::call::<serde_json::Value>(
                 ep,
                 Method::POST,
@@ -209,10 +192,10 @@ impl AgentClient {
     /// found) a filesystem of `fstype` on the attached disk.
     pub async fn mark_formatted(&self, vm: &str, name: &str, fstype: &str) -> Result<VolumeInfo, AgentCallError> {
         match self {
-            Self::Embedded(s) => {
-                let (vm, name, fstype) = (vm.to_owned(), name.to_owned(), fstype.to_owned());
-                Self::embedded(s, move |s| s.mark_formatted(&vm, &name, &fstype)).await
-            }
+            Self::Embedded(s) => s
+                .mark_formatted(&Self::caller(vm)?, name, fstype)
+                .await
+                .map_err(Self::api),
             Self::Http(ep) => {
                 let body = serde_json::to_vec(&FormattedRequest {
                     fstype: fstype.to_owned(),

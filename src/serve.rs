@@ -35,7 +35,7 @@ pub enum ServeError {
 
 /// Builds the agent client: remote when a URL is given, else an embedded
 /// agent on the given datastores (directories created if missing).
-pub fn agent_client(cfg: &ServeConfig) -> Result<AgentClient, ServeError> {
+pub async fn agent_client(cfg: &ServeConfig) -> Result<AgentClient, ServeError> {
     if let Some(url) = &cfg.agent {
         return Endpoint::parse(url).map(AgentClient::Http).map_err(ServeError::Config);
     }
@@ -63,7 +63,7 @@ pub fn agent_client(cfg: &ServeConfig) -> Result<AgentClient, ServeError> {
     }
     let backend = Arc::new(LocalBackend::new(Arc::new(LinuxLoops::default())));
     let svc = VolumeService::new(&acfg, backend).map_err(|e| ServeError::Config(crate::error_chain(&e)))?;
-    svc.recover_on_start();
+    svc.recover_on_start().await;
     Ok(AgentClient::Embedded(Arc::new(svc)))
 }
 
@@ -85,7 +85,7 @@ pub async fn run(
     cfg: ServeConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    let agent = agent_client(&cfg)?;
+    let agent = agent_client(&cfg).await?;
     run_with(cfg, agent, Arc::new(LinuxSystem), shutdown).await
 }
 

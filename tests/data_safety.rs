@@ -15,6 +15,7 @@ use std::time::Duration;
 use axum::http::{Method, StatusCode};
 use serde_json::Value;
 use support::{err, fake_plugin, ok, proxied_plugin, FakeSys, ProxyAction, ProxyHook, SysCall};
+use vmdk_agent::service::Caller;
 use vmdk_plugin::sys::System;
 
 /// Liveness bound for answers that must not wait for anything slow.
@@ -43,7 +44,13 @@ async fn the_first_mount_formats_once_and_records_it_before_answering() {
     let st = ok(&p.app, "VolumeDriver.Get", r#"{"Name":"fresh"}"#).await["Volume"]["Status"].clone();
     assert_eq!(st["formatted"], "not yet (formatted at the first mount)");
     ok(&p.app, "VolumeDriver.Mount", r#"{"Name":"fresh","ID":"a"}"#).await;
-    let rec = p.svc.get("fresh").unwrap().formatted.expect("format not recorded");
+    let rec = p
+        .svc
+        .get(&Caller::Admin, "fresh")
+        .await
+        .unwrap()
+        .formatted
+        .expect("format not recorded");
     assert_eq!((rec.fstype.as_str(), rec.by.as_str()), ("ext4", "vm-test"));
     // The blank check read a bounded start of the disk, once.
     let reads: Vec<usize> = sys
@@ -116,7 +123,7 @@ async fn a_never_formatted_disk_that_holds_data_is_not_formatted() {
     assert_eq!(mkfs_count(&sys), 0);
     assert_eq!(std::fs::read(extent(&p, "odd")).unwrap(), before);
     assert!(p.loops.list().unwrap().is_empty());
-    assert_eq!(p.svc.get("odd").unwrap().formatted, None);
+    assert_eq!(p.svc.get(&Caller::Admin, "odd").await.unwrap().formatted, None);
 }
 
 #[tokio::test]
@@ -133,7 +140,13 @@ async fn a_filesystem_found_on_an_unrecorded_disk_is_adopted_and_recorded() {
     sys.filesystems.lock().unwrap().insert(extent(&p, "old"), "xfs".into());
     ok(&p.app, "VolumeDriver.Mount", r#"{"Name":"old","ID":"a"}"#).await;
     assert_eq!(mkfs_count(&sys), 0);
-    let rec = p.svc.get("old").unwrap().formatted.expect("not adopted");
+    let rec = p
+        .svc
+        .get(&Caller::Admin, "old")
+        .await
+        .unwrap()
+        .formatted
+        .expect("not adopted");
     assert_eq!(rec.fstype, "xfs");
     ok(&p.app, "VolumeDriver.Unmount", r#"{"Name":"old","ID":"a"}"#).await;
 }
@@ -258,12 +271,12 @@ async fn a_record_whose_mount_is_gone_is_mounted_again_not_joined() {
     ok(&p.app, "VolumeDriver.Create", r#"{"Name":"half"}"#).await;
     ok(&p.app, "VolumeDriver.Mount", r#"{"Name":"half","ID":"c1"}"#).await;
     let dir = p.mount_root().join("half@local");
-    let unmount_half = |p: &support::Plugin| {
+    let unmount_half = async |p: &support::Plugin| {
         sys.unmount(&dir).unwrap();
-        p.svc.detach("vm-test", "half").unwrap();
+        p.svc.detach(&Caller::vm("vm-test").unwrap(), "half").await.unwrap();
     };
     // Without a restart: a Mount that would join proves the record first.
-    unmount_half(&p);
+    unmount_half(&p).await;
     ok(&p.app, "VolumeDriver.Mount", r#"{"Name":"half","ID":"c2"}"#).await;
     assert!(mounted(&sys, &dir), "joined a record whose mount is gone");
     let rec = &p.manager.snapshot().mounts["half@local"];
@@ -272,9 +285,12 @@ async fn a_record_whose_mount_is_gone_is_mounted_again_not_joined() {
         ["c1", "c2"],
         "the record's IDs were not kept"
     );
-    assert_eq!(p.svc.get("half").unwrap().attached_to.as_deref(), Some("vm-test"));
+    assert_eq!(
+        p.svc.get(&Caller::Admin, "half").await.unwrap().attached_to.as_deref(),
+        Some("vm-test")
+    );
     // With a restart, Docker not answering.
-    unmount_half(&p);
+    unmount_half(&p).await;
     p.restart().await;
     let v = ok(&p.app, "VolumeDriver.Mount", r#"{"Name":"half","ID":"c3"}"#).await;
     assert_eq!(v["Mountpoint"], dir.join("data").display().to_string());
@@ -444,7 +460,7 @@ async fn an_option_given_twice_is_refused_by_plugin_and_agent() {
     let resp = String::from_utf8_lossy(&resp);
     assert_eq!(status, StatusCode::BAD_REQUEST, "{resp}");
     assert!(resp.contains(r#"option \"access\" is given more than once"#), "{resp}");
-    assert!(p.svc.get("dup").is_err());
+    assert!(p.svc.get(&Caller::Admin, "dup").await.is_err());
 }
 
 // ----- finding 18: reads do not wait behind writes; status and pipes ------

@@ -23,6 +23,7 @@ use axum::http::StatusCode;
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 use serde_json::Value;
 use support::{docker_call, loops_under, real_plugin, KernelCleanup, Plugin};
+use vmdk_agent::service::Caller;
 
 /// What is planted in place of one of the victim's files.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,17 +141,12 @@ fn plant(dir: &Path, name: &str, kind: Kind, outside: &Outside, inside_twin: &st
     }
 }
 
-/// Runs a blocking agent call on a worker thread; a hang fails the case
-/// instead of the whole test run.
-async fn blocking<T: Send + 'static>(
-    what: &str,
-    step: &str,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, String> {
-    match tokio::time::timeout(Duration::from_secs(60), tokio::task::spawn_blocking(f)).await {
-        Ok(r) => Ok(r.expect("worker panicked")),
-        Err(_) => Err(format!("{what}: {step} hung")),
-    }
+/// Runs an agent call with a deadline; a hang fails the case instead of
+/// the whole test run.
+async fn within<T>(what: &str, step: &str, f: impl std::future::Future<Output = T>) -> Result<T, String> {
+    tokio::time::timeout(Duration::from_secs(60), f)
+        .await
+        .map_err(|_| format!("{what}: {step} hung"))
 }
 
 async fn call(p: &Plugin, endpoint: &str, body: &str, what: &str) -> (StatusCode, Value) {
@@ -199,8 +195,7 @@ async fn case(file: &str, kind: Kind) -> Vec<String> {
         b
     };
     // Every operation, on the victim.
-    let svc = p.svc.clone();
-    match blocking(&what, "admin ls", move || svc.inventory()).await {
+    match within(&what, "admin ls", p.svc.inventory()).await {
         Ok(Ok(list)) if list.iter().any(|v| v.volume == "bystander") => {}
         Ok(other) => problems.push(format!("admin ls lost the bystander: {other:?}")),
         Err(hung) => {
@@ -256,8 +251,7 @@ async fn case(file: &str, kind: Kind) -> Vec<String> {
         )
         .await,
     );
-    let svc = p.svc.clone();
-    if let Err(hung) = blocking(&what, "agent start-up recovery", move || svc.recover_on_start()).await {
+    if let Err(hung) = within(&what, "agent start-up recovery", p.svc.recover_on_start()).await {
         problems.push(hung);
         return problems;
     }
@@ -360,7 +354,7 @@ async fn a_mounted_loop_device_is_never_detached_or_handed_to_another_vm() {
     let root = std::fs::canonicalize(p.dir.path()).unwrap();
     let _c = KernelCleanup(root.clone());
     support::ok(&p.app, "VolumeDriver.Create", r#"{"Name":"v","Opts":{"size":"16mb"}}"#).await;
-    let att = p.svc.attach("vm1", "v").unwrap();
+    let att = p.svc.attach(&Caller::vm("vm1").unwrap(), "v").await.unwrap();
     let dev = att.device.unwrap();
     let out = std::process::Command::new("mkfs.ext4")
         .args(["-q", &dev])
@@ -377,7 +371,7 @@ async fn a_mounted_loop_device_is_never_detached_or_handed_to_another_vm() {
         None::<&str>,
     )
     .unwrap();
-    let e = p.svc.detach("vm1", "v").unwrap_err();
+    let e = p.svc.detach(&Caller::vm("vm1").unwrap(), "v").await.unwrap_err();
     assert_eq!(e.code(), vmdk_protocol::ErrorCode::InUse, "{}", e.to_body().message);
     assert_eq!(loops_under(&root).len(), 1, "the device was released under a mount");
     let autoclear = std::fs::read_to_string(format!(
@@ -390,14 +384,23 @@ async fn a_mounted_loop_device_is_never_detached_or_handed_to_another_vm() {
         "0",
         "the refused detach left a deferred release behind"
     );
-    assert_eq!(p.svc.get("v").unwrap().attached_to.as_deref(), Some("vm1"));
-    let e = p.svc.attach("vm2", "v").unwrap_err();
+    assert_eq!(
+        p.svc.get(&Caller::Admin, "v").await.unwrap().attached_to.as_deref(),
+        Some("vm1")
+    );
+    let e = p.svc.attach(&Caller::vm("vm2").unwrap(), "v").await.unwrap_err();
     assert_eq!(e.code(), vmdk_protocol::ErrorCode::AttachedElsewhere);
     nix::mount::umount(&mnt).unwrap();
-    p.svc.detach("vm1", "v").unwrap();
+    p.svc.detach(&Caller::vm("vm1").unwrap(), "v").await.unwrap();
     assert!(loops_under(&root).is_empty());
-    assert!(p.svc.attach("vm2", "v").unwrap().device.is_some());
-    p.svc.detach("vm2", "v").unwrap();
+    assert!(p
+        .svc
+        .attach(&Caller::vm("vm2").unwrap(), "v")
+        .await
+        .unwrap()
+        .device
+        .is_some());
+    p.svc.detach(&Caller::vm("vm2").unwrap(), "v").await.unwrap();
 }
 
 /// Finding 12: on a full datastore an Unmount reports what really happened
@@ -426,7 +429,7 @@ async fn a_full_datastore_still_lets_volumes_go_and_leaves_nothing_behind() {
         }
     }
     let _u = Unmount(ds.clone());
-    p.svc.recover_on_start();
+    p.svc.recover_on_start().await;
     for v in ["a", "b", "c"] {
         support::ok(
             &p.app,
@@ -459,12 +462,18 @@ async fn a_full_datastore_still_lets_volumes_go_and_leaves_nothing_behind() {
     assert!(free < 4096, "the datastore is not full: {free} bytes free");
 
     support::ok(&p.app, "VolumeDriver.Unmount", r#"{"Name":"a","ID":"2"}"#).await;
-    assert_eq!(p.svc.get("a").unwrap().status, vmdk_protocol::AttachStatus::Detached);
+    assert_eq!(
+        p.svc.get(&Caller::Admin, "a").await.unwrap().status,
+        vmdk_protocol::AttachStatus::Detached
+    );
     assert!(loops_under(&root).is_empty());
     let v = support::ok(&p.app, "VolumeDriver.Mount", r#"{"Name":"b","ID":"3"}"#).await;
     assert!(PathBuf::from(v["Mountpoint"].as_str().unwrap()).is_dir());
     support::ok(&p.app, "VolumeDriver.Unmount", r#"{"Name":"b","ID":"3"}"#).await;
-    assert_eq!(p.svc.get("b").unwrap().status, vmdk_protocol::AttachStatus::Detached);
+    assert_eq!(
+        p.svc.get(&Caller::Admin, "b").await.unwrap().status,
+        vmdk_protocol::AttachStatus::Detached
+    );
     support::ok(&p.app, "VolumeDriver.Remove", r#"{"Name":"c"}"#).await;
     support::ok(&p.app, "VolumeDriver.Remove", r#"{"Name":"a"}"#).await;
     // Creating needs room: a clean error, nothing left.

@@ -8,6 +8,7 @@ use std::os::unix::fs::MetadataExt;
 
 use serde_json::Value;
 use support::{err, fake_docker, loops_under, mounts_at, ok, real_plugin, KernelCleanup};
+use vmdk_agent::service::Caller;
 
 fn canonical_tmp(p: &support::Plugin) -> std::path::PathBuf {
     std::fs::canonicalize(p.dir.path()).unwrap()
@@ -173,14 +174,18 @@ async fn recovery_adopts_a_mount_whose_state_was_lost_and_detaches_strays() {
     let v = ok(&p.app, "VolumeDriver.Mount", r#"{"Name":"adopt","ID":"lost-id"}"#).await;
     let source = v["Mountpoint"].as_str().unwrap().to_owned();
     // An attach that crashed before the plugin recorded anything.
-    p.svc.attach("vm-test", "stray").unwrap();
+    p.svc.attach(&Caller::vm("vm-test").unwrap(), "stray").await.unwrap();
     std::fs::remove_file(p.state_dir().join("mounts.json")).unwrap();
     let docker = fake_docker(&p.docker_socket(), vec![("c9", vec![source])]).await;
     p.restart().await;
     let st = p.manager.snapshot();
     assert_eq!(st.mounts.len(), 1, "{st:?}");
     assert!(st.mounts["adopt@local"].ids.contains_key("recovered:c9"), "{st:?}");
-    assert_eq!(p.svc.get("stray").unwrap().attached_to, None, "stray attachment kept");
+    assert_eq!(
+        p.svc.get(&Caller::Admin, "stray").await.unwrap().attached_to,
+        None,
+        "stray attachment kept"
+    );
     // Once the container is gone, the reconcile pass releases the volume.
     docker.abort();
     let _ = std::fs::remove_file(p.docker_socket());
@@ -202,7 +207,7 @@ async fn recovery_remounts_a_volume_in_use_whose_mount_vanished() {
     std::fs::write(data.join("f"), "x").unwrap();
     // The mount and the attachment disappear behind the plugin's back.
     nix::mount::umount(&p.mount_root().join("reboot@local")).unwrap();
-    p.svc.detach("vm-test", "reboot").unwrap();
+    p.svc.detach(&Caller::vm("vm-test").unwrap(), "reboot").await.unwrap();
     let docker = fake_docker(&p.docker_socket(), vec![("c1", vec![data.display().to_string()])]).await;
     p.restart().await;
     assert_eq!(mounts_at(&p.mount_root().join("reboot@local")).len(), 1);
@@ -456,11 +461,12 @@ async fn a_thin_never_mounted_volume_is_formatted_once_and_recorded() {
         r#"{"Name":"thin1","Opts":{"size":"200mb"}}"#,
     )
     .await;
-    assert_eq!(p.svc.get("thin1").unwrap().formatted, None);
+    assert_eq!(p.svc.get(&Caller::Admin, "thin1").await.unwrap().formatted, None);
     ok(&p.app, "VolumeDriver.Mount", r#"{"Name":"thin1","ID":"a"}"#).await;
     let rec = p
         .svc
-        .get("thin1")
+        .get(&Caller::Admin, "thin1")
+        .await
         .unwrap()
         .formatted
         .expect("first format not recorded");
@@ -470,7 +476,7 @@ async fn a_thin_never_mounted_volume_is_formatted_once_and_recorded() {
     ok(&p.app, "VolumeDriver.Unmount", r#"{"Name":"thin1","ID":"a"}"#).await;
     ok(&p.app, "VolumeDriver.Mount", r#"{"Name":"thin1","ID":"b"}"#).await;
     assert_eq!(fs_uuid(&mounts_at(&dir)[0].source), uuid, "formatted again");
-    assert_eq!(p.svc.get("thin1").unwrap().formatted, Some(rec));
+    assert_eq!(p.svc.get(&Caller::Admin, "thin1").await.unwrap().formatted, Some(rec));
     ok(&p.app, "VolumeDriver.Unmount", r#"{"Name":"thin1","ID":"b"}"#).await;
 }
 
@@ -503,7 +509,7 @@ async fn a_data_symlink_on_the_volume_is_refused_and_rolled_back() {
     );
     assert!(loops_under(&canonical_tmp(&p)).is_empty(), "not detached");
     assert!(p.manager.snapshot().mounts.is_empty());
-    assert_eq!(p.svc.get("crafted").unwrap().attached_to, None);
+    assert_eq!(p.svc.get(&Caller::Admin, "crafted").await.unwrap().attached_to, None);
 }
 
 /// Setuid binaries and device nodes on a datastore's disk must not work on

@@ -55,11 +55,13 @@ fn main() {
         .unwrap();
     let svc = VolumeService::new(&cfg, Arc::new(LocalBackend::new(Arc::new(FakeLoops::default())))).unwrap();
 
-    let (seq, listed) = best_of(3, || svc.list().unwrap().len());
-    println!("VolumeService::list (sequential): {listed} volumes in {seq:?}");
-    let (par, vols) = best_of(5, || svc.inventory().unwrap());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let caller = vmdk_agent::service::Caller::Admin;
+    let (seq, listed) = best_of(3, || rt.block_on(svc.list(&caller)).unwrap().len());
+    println!("VolumeService::list: {listed} volumes in {seq:?}");
+    let (par, vols) = best_of(5, || rt.block_on(svc.inventory()).unwrap());
     println!(
-        "VolumeService::inventory (parallel, {} cpus): {} volumes in {par:?}",
+        "VolumeService::inventory ({} cpus): {} volumes in {par:?}",
         std::thread::available_parallelism().map_or(1, |n| n.get()),
         vols.len()
     );

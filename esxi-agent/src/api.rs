@@ -1,11 +1,13 @@
-//! The agent HTTP/JSON API v1 (axum). Handlers only extract, call the
-//! [`VolumeService`] on a blocking thread, and map the result; status codes
-//! come from one exhaustive match in [`status_of`].
+//! The agent HTTP/JSON API v1 (axum). Handlers only extract (the caller
+//! comes from [`Caller`]'s extractor), call the [`VolumeService`], and map
+//! the result; status codes come from one exhaustive match in
+//! [`status_of`].
 
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -14,7 +16,7 @@ use serde::de::DeserializeOwned;
 use vmdk_protocol::{CreateRequest, ErrorBody, ErrorCode, FormattedRequest, VolumeList, VM_ID_HEADER};
 
 use crate::error::AgentError;
-use crate::service::VolumeService;
+use crate::service::{Caller, VolumeService};
 
 /// The HTTP status for each wire code.
 pub fn status_of(code: ErrorCode) -> StatusCode {
@@ -26,7 +28,10 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         | ErrorCode::InvalidPolicy
         | ErrorCode::MissingVmId => StatusCode::BAD_REQUEST,
         ErrorCode::NotFound | ErrorCode::UnknownRoute => StatusCode::NOT_FOUND,
-        ErrorCode::AlreadyExists | ErrorCode::InUse | ErrorCode::AttachedElsewhere => StatusCode::CONFLICT,
+        ErrorCode::AlreadyExists | ErrorCode::InUse | ErrorCode::AttachedElsewhere | ErrorCode::NoFreeSlot => {
+            StatusCode::CONFLICT
+        }
+        ErrorCode::Timeout => StatusCode::GATEWAY_TIMEOUT,
         ErrorCode::Backend | ErrorCode::Io | ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
@@ -55,15 +60,22 @@ impl IntoResponse for ApiError {
 
 type ApiResult<T> = Result<T, ApiError>;
 
-fn vm_id(headers: &HeaderMap) -> Result<String, AgentError> {
-    let v = headers
-        .get(VM_ID_HEADER)
-        .ok_or_else(|| AgentError::MissingVmId(format!("the {VM_ID_HEADER} header names the calling VM")))?;
-    let v = v
-        .to_str()
-        .map_err(|_| AgentError::MissingVmId("the header is not valid ASCII".into()))?;
-    crate::service::validate_vm_id(v)?;
-    Ok(v.to_owned())
+/// The caller of an API request: the VM the `VM-Id` header names. The one
+/// place the API decides who calls (the tenancy issue derives it from the
+/// guest's credentials instead).
+impl<S: Send + Sync> FromRequestParts<S> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        let v = parts
+            .headers
+            .get(VM_ID_HEADER)
+            .ok_or_else(|| AgentError::MissingVmId(format!("the {VM_ID_HEADER} header names the calling VM")))?;
+        let v = v
+            .to_str()
+            .map_err(|_| AgentError::MissingVmId("the header is not valid ASCII".into()))?;
+        Ok(Caller::vm(v)?)
+    }
 }
 
 /// Decodes a JSON request body (empty means the default): a pure function
@@ -75,81 +87,64 @@ pub fn json_body<T: DeserializeOwned + Default>(body: &[u8]) -> Result<T, AgentE
     serde_json::from_slice(body).map_err(|e| AgentError::InvalidRequest(format!("malformed JSON body: {e}")))
 }
 
-async fn blocking<T: Send + 'static>(
-    svc: &Arc<VolumeService>,
-    f: impl FnOnce(&VolumeService) -> Result<T, AgentError> + Send + 'static,
-) -> ApiResult<T> {
-    let svc = svc.clone();
-    tokio::task::spawn_blocking(move || f(&svc))
-        .await
-        .map_err(|e| ApiError::from(AgentError::Internal(format!("worker failed: {e}"))))?
-        .map_err(ApiError::from)
-}
+type Svc = State<Arc<VolumeService>>;
 
-async fn version(State(svc): State<Arc<VolumeService>>) -> impl IntoResponse {
+async fn version(State(svc): Svc) -> impl IntoResponse {
     Json(svc.version())
 }
 
-async fn list(State(svc): State<Arc<VolumeService>>) -> ApiResult<impl IntoResponse> {
-    let volumes = blocking(&svc, |s| s.list()).await?;
+/// Reads name no VM: they are answered for any caller (a `VM-Id` is
+/// optional), as Docker's Get and List are.
+fn reader(headers: &HeaderMap) -> Result<Caller, ApiError> {
+    match headers.get(VM_ID_HEADER) {
+        None => Ok(Caller::Admin),
+        Some(v) => {
+            Ok(Caller::vm(v.to_str().map_err(|_| {
+                AgentError::MissingVmId("the header is not valid ASCII".into())
+            })?)?)
+        }
+    }
+}
+
+async fn list(State(svc): Svc, headers: HeaderMap) -> ApiResult<impl IntoResponse> {
+    let caller = reader(&headers)?;
+    let volumes = svc.list(&caller).await?;
     Ok(Json(VolumeList { volumes }))
 }
 
-async fn create(
-    State(svc): State<Arc<VolumeService>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> ApiResult<impl IntoResponse> {
-    let vm = vm_id(&headers)?;
+async fn create(State(svc): Svc, caller: Caller, body: Bytes) -> ApiResult<impl IntoResponse> {
     let req: CreateRequest = json_body(&body)?;
-    let info = blocking(&svc, move |s| s.create(&vm, &req)).await?;
+    let info = svc.create(&caller, &req).await?;
     Ok((StatusCode::CREATED, Json(info)))
 }
 
-async fn get_one(State(svc): State<Arc<VolumeService>>, Path(name): Path<String>) -> ApiResult<impl IntoResponse> {
-    Ok(Json(blocking(&svc, move |s| s.get(&name)).await?))
+async fn get_one(State(svc): Svc, headers: HeaderMap, Path(name): Path<String>) -> ApiResult<impl IntoResponse> {
+    let caller = reader(&headers)?;
+    Ok(Json(svc.get(&caller, &name).await?))
 }
 
-async fn remove(
-    State(svc): State<Arc<VolumeService>>,
-    headers: HeaderMap,
-    Path(name): Path<String>,
-) -> ApiResult<impl IntoResponse> {
-    let vm = vm_id(&headers)?;
-    blocking(&svc, move |s| s.remove(&vm, &name)).await?;
+async fn remove(State(svc): Svc, caller: Caller, Path(name): Path<String>) -> ApiResult<impl IntoResponse> {
+    svc.remove(&caller, &name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn attach(
-    State(svc): State<Arc<VolumeService>>,
-    headers: HeaderMap,
-    Path(name): Path<String>,
-) -> ApiResult<impl IntoResponse> {
-    let vm = vm_id(&headers)?;
-    Ok(Json(blocking(&svc, move |s| s.attach(&vm, &name)).await?))
+async fn attach(State(svc): Svc, caller: Caller, Path(name): Path<String>) -> ApiResult<impl IntoResponse> {
+    Ok(Json(svc.attach(&caller, &name).await?))
 }
 
-async fn detach(
-    State(svc): State<Arc<VolumeService>>,
-    headers: HeaderMap,
-    Path(name): Path<String>,
-) -> ApiResult<impl IntoResponse> {
-    let vm = vm_id(&headers)?;
-    blocking(&svc, move |s| s.detach(&vm, &name)).await?;
+async fn detach(State(svc): Svc, caller: Caller, Path(name): Path<String>) -> ApiResult<impl IntoResponse> {
+    svc.detach(&caller, &name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 async fn formatted(
-    State(svc): State<Arc<VolumeService>>,
-    headers: HeaderMap,
+    State(svc): Svc,
+    caller: Caller,
     Path(name): Path<String>,
     body: Bytes,
 ) -> ApiResult<impl IntoResponse> {
-    let vm = vm_id(&headers)?;
     let req: FormattedRequest = json_body(&body)?;
-    Ok(Json(
-        blocking(&svc, move |s| s.mark_formatted(&vm, &name, &req.fstype)).await?,
-    ))
+    Ok(Json(svc.mark_formatted(&caller, &name, &req.fstype).await?))
 }
 
 async fn no_route() -> ApiError {

@@ -25,6 +25,7 @@ use std::fmt;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::lock::VolumeLock;
 use crate::meta::{MetaError, VolumeMeta, MAX_META_BYTES};
@@ -84,12 +85,7 @@ impl Datastore {
             }) => follow_group_link(&dockvols, vmgroup)?,
             Err(e) => return Err(e),
         };
-        Ok(Some(LocalFolder {
-            dir,
-            dockvols,
-            vmgroup: vmgroup.to_owned(),
-            datastore: self.name.clone(),
-        }))
+        Ok(Some(LocalFolder::new(dir, dockvols, vmgroup, &self.name)))
     }
 
     /// The policy folder `dockvols/policies` (created when `create`).
@@ -110,8 +106,8 @@ impl Datastore {
             tracing::warn!(folder = %dockvols.shown(), "made the folder private (0700)");
         }
         if let Some(f) = self.folder(DEFAULT_VMGROUP, true)? {
-            if f.dir.tighten_mode(DIR_MODE)? {
-                tracing::warn!(folder = %f.dir.shown(), "made the folder private (0700)");
+            if f.dir().tighten_mode(DIR_MODE)? {
+                tracing::warn!(folder = %f.dir().shown(), "made the folder private (0700)");
             }
         }
         refill_reserve(&dockvols);
@@ -312,48 +308,59 @@ pub enum VolumeFile {
 
 /// What the volume service needs of one vmgroup folder. Every method
 /// touches only the named volume's files, refuses entries that are not
-/// regular files, and names files as [`DsPath`]s in its errors.
+/// regular files, and names files as [`DsPath`]s in its errors. Async,
+/// because the `vsphere` backend reaches its datastores over HTTP and
+/// shared-datastore leases over the network; [`LocalFolder`] runs its file
+/// calls on tokio's blocking pool.
+#[async_trait::async_trait]
 pub trait VolumeFolder: Send + Sync + fmt::Debug {
     /// `[datastore] dockvols/<vmgroup>/<file>`, for messages.
     fn shown(&self, file: &str) -> DsPath;
-    /// Blocks until the volume's lock is held (across processes and hosts
-    /// that share the datastore).
-    fn lock(&self, volume: &str) -> Result<VolumeLock, StoreError>;
+    /// Waits until the volume's lock is held (across processes and hosts
+    /// that share the datastore). Dropping it releases the lock, and
+    /// removes the lock file if the volume has no sidecar then.
+    async fn lock(&self, volume: &str) -> Result<VolumeLock, StoreError>;
     /// Takes the volume's lock, or `None` at once when it is held.
-    fn try_lock(&self, volume: &str) -> Result<Option<VolumeLock>, StoreError>;
+    async fn try_lock(&self, volume: &str) -> Result<Option<VolumeLock>, StoreError>;
     /// The volume's sidecar; `None` when there is none.
-    fn read_meta(&self, volume: &str) -> Result<Option<VolumeMeta>, MetaError>;
+    async fn read_meta(&self, volume: &str) -> Result<Option<VolumeMeta>, MetaError>;
     /// Writes the volume's sidecar atomically and durably.
-    fn write_meta(&self, volume: &str, meta: &VolumeMeta) -> Result<(), MetaError>;
+    async fn write_meta(&self, volume: &str, meta: &VolumeMeta) -> Result<(), MetaError>;
     /// The entry `file` of this folder, not followed.
-    fn entry(&self, file: &str) -> Result<Option<Stat>, StoreError>;
+    async fn entry(&self, file: &str) -> Result<Option<Stat>, StoreError>;
     /// Creates a marker durably (a marker left by a crash is reused).
-    fn mark(&self, volume: &str, marker: Marker) -> Result<(), StoreError>;
+    async fn mark(&self, volume: &str, marker: Marker) -> Result<(), StoreError>;
     /// Whether a create or remove marker of the volume's exists.
-    fn marked(&self, volume: &str) -> Result<bool, StoreError>;
+    async fn marked(&self, volume: &str) -> Result<bool, StoreError>;
     /// Starts a remove: the sidecar becomes the remove marker, in one
     /// rename that needs no free space, so from here on the name is no
     /// volume and its leftovers are known to be ours.
-    fn begin_remove(&self, volume: &str) -> Result<(), StoreError>;
+    async fn begin_remove(&self, volume: &str) -> Result<(), StoreError>;
     /// Deletes both markers (not synced: a marker that comes back after a
     /// crash only makes the next start look at that name again).
-    fn clear_markers(&self, volume: &str) -> Result<(), StoreError>;
+    async fn clear_markers(&self, volume: &str) -> Result<(), StoreError>;
     /// Every entry of the folder.
-    fn list(&self) -> Result<Vec<Entry>, StoreError>;
+    async fn list(&self) -> Result<Vec<Entry>, StoreError>;
     /// Deletes temp files of atomic writes whose writer is gone.
-    fn remove_stale_temp_files(&self) -> Result<usize, StoreError>;
+    async fn remove_stale_temp_files(&self) -> Result<usize, StoreError>;
     /// Deletes the volume's temp files of older versions (under its lock).
-    fn remove_legacy_temps(&self, volume: &str) -> Result<(), StoreError>;
+    async fn remove_legacy_temps(&self, volume: &str) -> Result<(), StoreError>;
 }
 
-/// A vmgroup folder on a directory datastore.
+/// A vmgroup folder on a directory datastore. Cheap to clone (the open
+/// directories are shared).
 ///
 /// When the datastore is full, writes that record a state change (sidecar
 /// updates, markers) free a chunk of the datastore's space reserve
 /// ([`RESERVE_FILE`]) and try once more, so that detach, unmount and remove
 /// still work and say what really happened; creates never use the reserve.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct LocalFolder {
+    inner: Arc<FolderInner>,
+}
+
+#[derive(Debug)]
+struct FolderInner {
     dir: Dir,
     dockvols: Dir,
     vmgroup: String,
@@ -361,81 +368,88 @@ pub struct LocalFolder {
 }
 
 impl LocalFolder {
+    fn new(dir: Dir, dockvols: Dir, vmgroup: &str, datastore: &str) -> Self {
+        Self {
+            inner: Arc::new(FolderInner {
+                dir,
+                dockvols,
+                vmgroup: vmgroup.to_owned(),
+                datastore: datastore.to_owned(),
+            }),
+        }
+    }
+
     /// The folder's directory.
     pub fn dir(&self) -> &Dir {
-        &self.dir
+        &self.inner.dir
     }
 
     /// The vmgroup.
     pub fn vmgroup(&self) -> &str {
-        &self.vmgroup
+        &self.inner.vmgroup
     }
 
     /// The datastore.
     pub fn datastore(&self) -> &str {
-        &self.datastore
+        &self.inner.datastore
     }
 
     /// Runs a state-recording write; on a full datastore frees part of the
     /// reserve and runs it once more.
     fn with_reserve<T>(&self, f: impl Fn() -> Result<T, StoreError>) -> Result<T, StoreError> {
         match f() {
-            Err(e) if e.is_no_space() && release_reserve(&self.dockvols) => f(),
+            Err(e) if e.is_no_space() && release_reserve(&self.inner.dockvols) => f(),
             other => other,
         }
     }
 
     /// Opens the regular file `file` of this folder.
     pub fn open(&self, file: &str, access: Access) -> Result<Option<File>, StoreError> {
-        self.dir.open(file, access)
-    }
-}
-
-impl VolumeFolder for LocalFolder {
-    fn shown(&self, file: &str) -> DsPath {
-        self.dir.file(file)
+        self.dir().open(file, access)
     }
 
-    fn lock(&self, volume: &str) -> Result<VolumeLock, StoreError> {
-        let name = VolumeFiles::new(volume).lock;
-        let l = self.with_reserve(|| self.dir.lock_file(&name, true, true))?;
-        Ok(VolumeLock::from(l.expect("a blocking lock is always taken")))
+    /// Runs a blocking file call on tokio's blocking pool.
+    async fn run<T, E>(&self, f: impl FnOnce(&LocalFolder) -> Result<T, E> + Send + 'static) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+    {
+        let me = self.clone();
+        let shown = self.dir().shown().clone();
+        tokio::task::spawn_blocking(move || f(&me)).await.unwrap_or_else(|e| {
+            Err(E::from(StoreError::Io {
+                op: "run a file call in",
+                file: shown,
+                source: std::io::Error::other(e.to_string()),
+            }))
+        })
     }
 
-    fn try_lock(&self, volume: &str) -> Result<Option<VolumeLock>, StoreError> {
-        let name = VolumeFiles::new(volume).lock;
-        Ok(self
-            .with_reserve(|| self.dir.lock_file(&name, true, false))?
-            .map(VolumeLock::from))
+    /// [`VolumeFolder::lock`], on the calling thread.
+    pub fn lock_blocking(&self, volume: &str, wait: bool) -> Result<Option<VolumeLock>, StoreError> {
+        let files = VolumeFiles::new(volume);
+        let l = self.with_reserve(|| self.dir().lock_file(&files.lock, true, wait))?;
+        Ok(l.map(|l| VolumeLock::for_volume(l, files.meta.clone())))
     }
 
-    fn read_meta(&self, volume: &str) -> Result<Option<VolumeMeta>, MetaError> {
+    /// [`VolumeFolder::read_meta`], on the calling thread.
+    pub fn read_meta_blocking(&self, volume: &str) -> Result<Option<VolumeMeta>, MetaError> {
         let name = VolumeFiles::new(volume).meta;
-        let Some(bytes) = self.dir.read_bounded(&name, MAX_META_BYTES)? else {
+        let Some(bytes) = self.dir().read_bounded(&name, MAX_META_BYTES)? else {
             return Ok(None);
         };
         VolumeMeta::decode(&bytes)
             .map(Some)
             .map_err(|source| MetaError::Corrupt {
-                file: self.dir.file(&name),
+                file: self.dir().file(&name),
                 source,
             })
     }
 
-    fn write_meta(&self, volume: &str, meta: &VolumeMeta) -> Result<(), MetaError> {
-        let name = VolumeFiles::new(volume).meta;
-        let bytes = meta.encode();
-        Ok(self.with_reserve(|| self.dir.write_atomic(&name, &bytes))?)
-    }
-
-    fn entry(&self, file: &str) -> Result<Option<Stat>, StoreError> {
-        self.dir.stat(file)
-    }
-
-    fn mark(&self, volume: &str, marker: Marker) -> Result<(), StoreError> {
+    fn mark_blocking(&self, volume: &str, marker: Marker) -> Result<(), StoreError> {
         let files = VolumeFiles::new(volume);
         let name = files.marker(marker);
-        let made = self.with_reserve(|| match self.dir.create_new(name, FILE_MODE) {
+        let made = self.with_reserve(|| match self.dir().create_new(name, FILE_MODE) {
             Ok(_) => Ok(true),
             Err(StoreError::Exists { .. }) => Ok(false),
             Err(e) => Err(e),
@@ -443,74 +457,136 @@ impl VolumeFolder for LocalFolder {
         if !made {
             // A marker of a crashed operation, reused; anything else under
             // the name is not ours.
-            match self.dir.stat(name)? {
+            match self.dir().stat(name)? {
                 Some(st) if st.kind == FileKind::Regular => {}
                 Some(st) => {
                     return Err(StoreError::WrongKind {
-                        file: self.dir.file(name),
+                        file: self.dir().file(name),
                         found: st.kind,
                         expected: FileKind::Regular,
                     })
                 }
-                None => return self.mark(volume, marker),
+                None => return self.mark_blocking(volume, marker),
             }
         }
         // The marker's existence (not its content) must survive a crash.
-        self.dir.sync()
+        self.dir().sync()
     }
 
-    fn marked(&self, volume: &str) -> Result<bool, StoreError> {
+    fn marked_blocking(&self, volume: &str) -> Result<bool, StoreError> {
         let files = VolumeFiles::new(volume);
         for name in [&files.creating, &files.removing] {
-            if self.dir.stat(name)?.is_some_and(|s| s.kind == FileKind::Regular) {
+            if self.dir().stat(name)?.is_some_and(|s| s.kind == FileKind::Regular) {
                 return Ok(true);
             }
         }
         Ok(false)
     }
 
-    fn begin_remove(&self, volume: &str) -> Result<(), StoreError> {
+    fn begin_remove_blocking(&self, volume: &str) -> Result<(), StoreError> {
         let files = VolumeFiles::new(volume);
-        match self.dir.rename_noreplace(&files.meta, &files.removing) {
+        match self.dir().rename_noreplace(&files.meta, &files.removing) {
             Ok(()) => {}
             Err(StoreError::Exists { .. }) => {
                 // A marker of an earlier remove that stopped before it
                 // deleted anything (the sidecar is still here): replace it.
-                self.dir.remove(&files.removing)?;
-                self.dir.rename_noreplace(&files.meta, &files.removing)?;
+                self.dir().remove(&files.removing)?;
+                self.dir().rename_noreplace(&files.meta, &files.removing)?;
             }
             Err(e) => return Err(e),
         }
-        self.dir.sync()
+        self.dir().sync()
     }
 
-    fn clear_markers(&self, volume: &str) -> Result<(), StoreError> {
+    fn clear_markers_blocking(&self, volume: &str) -> Result<(), StoreError> {
         let files = VolumeFiles::new(volume);
         for name in [&files.creating, &files.removing] {
-            self.dir.remove(name)?;
+            self.dir().remove(name)?;
         }
         Ok(())
     }
+}
 
-    fn list(&self) -> Result<Vec<Entry>, StoreError> {
-        self.dir.entries()
+#[async_trait::async_trait]
+impl VolumeFolder for LocalFolder {
+    fn shown(&self, file: &str) -> DsPath {
+        self.dir().file(file)
     }
 
-    fn remove_legacy_temps(&self, volume: &str) -> Result<(), StoreError> {
-        for name in &VolumeFiles::new(volume).legacy_temps {
-            self.dir.remove(name)?;
-        }
-        Ok(())
+    async fn lock(&self, volume: &str) -> Result<VolumeLock, StoreError> {
+        let volume = volume.to_owned();
+        let l = self.run(move |f| f.lock_blocking(&volume, true)).await?;
+        Ok(l.expect("a blocking lock is always taken"))
     }
 
-    fn remove_stale_temp_files(&self) -> Result<usize, StoreError> {
-        let mut n = 0;
-        for e in self.dir.entries()? {
-            if e.name.starts_with(TEMP_PREFIX) && self.dir.remove_stale_temp(&e.name)? {
-                n += 1;
+    async fn try_lock(&self, volume: &str) -> Result<Option<VolumeLock>, StoreError> {
+        let volume = volume.to_owned();
+        self.run(move |f| f.lock_blocking(&volume, false)).await
+    }
+
+    async fn read_meta(&self, volume: &str) -> Result<Option<VolumeMeta>, MetaError> {
+        let volume = volume.to_owned();
+        self.run(move |f| f.read_meta_blocking(&volume)).await
+    }
+
+    async fn write_meta(&self, volume: &str, meta: &VolumeMeta) -> Result<(), MetaError> {
+        let name = VolumeFiles::new(volume).meta;
+        let bytes = meta.encode();
+        self.run(move |f| Ok(f.with_reserve(|| f.dir().write_atomic(&name, &bytes))?))
+            .await
+    }
+
+    async fn entry(&self, file: &str) -> Result<Option<Stat>, StoreError> {
+        let file = file.to_owned();
+        self.run(move |f| f.dir().stat(&file)).await
+    }
+
+    async fn mark(&self, volume: &str, marker: Marker) -> Result<(), StoreError> {
+        let volume = volume.to_owned();
+        self.run(move |f| f.mark_blocking(&volume, marker)).await
+    }
+
+    async fn marked(&self, volume: &str) -> Result<bool, StoreError> {
+        let volume = volume.to_owned();
+        self.run(move |f| f.marked_blocking(&volume)).await
+    }
+
+    async fn begin_remove(&self, volume: &str) -> Result<(), StoreError> {
+        let volume = volume.to_owned();
+        self.run(move |f| f.begin_remove_blocking(&volume)).await
+    }
+
+    async fn clear_markers(&self, volume: &str) -> Result<(), StoreError> {
+        let volume = volume.to_owned();
+        self.run(move |f| f.clear_markers_blocking(&volume)).await
+    }
+
+    async fn list(&self) -> Result<Vec<Entry>, StoreError> {
+        self.run(|f| f.dir().entries()).await
+    }
+
+    async fn remove_legacy_temps(&self, volume: &str) -> Result<(), StoreError> {
+        let volume = volume.to_owned();
+        self.run(move |f| {
+            for name in &VolumeFiles::new(&volume).legacy_temps {
+                f.dir().remove(name)?;
             }
-        }
-        Ok(n)
+            Ok(())
+        })
+        .await
+    }
+
+    async fn remove_stale_temp_files(&self) -> Result<usize, StoreError> {
+        self.run(|f| {
+            let mut n = 0;
+            for e in f.dir().entries()? {
+                if e.name.starts_with(TEMP_PREFIX) && f.dir().remove_stale_temp(&e.name)? {
+                    n += 1;
+                }
+            }
+            Ok(n)
+        })
+        .await
     }
 }
 
@@ -578,8 +654,8 @@ mod tests {
         assert_eq!(std::fs::read_dir(elsewhere.path()).unwrap().count(), 0);
     }
 
-    #[test]
-    fn folders_are_private_and_markers_refuse_links() {
+    #[tokio::test]
+    async fn folders_are_private_and_markers_refuse_links() {
         use std::os::unix::fs::PermissionsExt;
         let (t, ds) = ds();
         let f = ds.folder(DEFAULT_VMGROUP, true).unwrap().unwrap();
@@ -591,15 +667,15 @@ mod tests {
         std::fs::write(&target, "keep").unwrap();
         symlink(&target, t.path().join("dockvols/_DEFAULT/v.creating")).unwrap();
         assert!(matches!(
-            f.mark("v", Marker::Creating),
+            f.mark("v", Marker::Creating).await,
             Err(StoreError::WrongKind { .. })
         ));
-        assert!(!f.marked("v").unwrap());
+        assert!(!f.marked("v").await.unwrap());
         assert_eq!(std::fs::read_to_string(&target).unwrap(), "keep");
-        f.mark("w", Marker::Creating).unwrap();
-        f.mark("w", Marker::Creating).unwrap();
-        assert!(f.marked("w").unwrap());
-        f.clear_markers("w").unwrap();
-        assert!(!f.marked("w").unwrap());
+        f.mark("w", Marker::Creating).await.unwrap();
+        f.mark("w", Marker::Creating).await.unwrap();
+        assert!(f.marked("w").await.unwrap());
+        f.clear_markers("w").await.unwrap();
+        assert!(!f.marked("w").await.unwrap());
     }
 }

@@ -20,19 +20,39 @@ use std::path::Path;
 
 use crate::store::{Dir, DsPath, FileLock, StoreError};
 
-/// An exclusive lock on one volume, released on drop.
+/// An exclusive lock on one volume, released on drop. A lock taken through
+/// a vmgroup folder ([`crate::datastore::VolumeFolder::lock`]) also unlinks
+/// its lock file when it is released while the volume has no sidecar (a
+/// lookup or create of a name that is no volume leaves nothing behind).
 #[derive(Debug)]
 pub struct VolumeLock {
     lock: FileLock,
+    /// The sidecar whose absence at release means "no volume".
+    meta: Option<String>,
 }
 
 impl From<FileLock> for VolumeLock {
     fn from(lock: FileLock) -> Self {
-        Self { lock }
+        Self { lock, meta: None }
+    }
+}
+
+impl Drop for VolumeLock {
+    fn drop(&mut self) {
+        if let Some(meta) = &self.meta {
+            if matches!(self.lock.dir().stat(meta), Ok(None)) {
+                let _ = self.lock.unlink();
+            }
+        }
     }
 }
 
 impl VolumeLock {
+    /// A volume's lock that cleans up after a name that is no volume.
+    pub fn for_volume(lock: FileLock, meta: String) -> Self {
+        Self { lock, meta: Some(meta) }
+    }
+
     /// Blocks until the lock file at `path` is locked: for tools and tests
     /// that hold a volume's lock from outside the agent (the file's folder
     /// is trusted; the file itself is not followed if it is a link).

@@ -225,6 +225,14 @@ fn main() -> ExitCode {
     }
 }
 
+/// The runtime an admin command runs the (async) service on.
+fn admin_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("start runtime")
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     let cfg = || load_config(cli.config.as_ref(), &cli.datastores, None);
     match cli.command {
@@ -249,19 +257,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             rt.block_on(serve(svc, listeners, shutdown_signal()))
                 .context("serve agent API")
         }
-        Command::Ls(args) => ls(&*service(&cfg()?)?, &args),
-        Command::Set(args) => set(&*service(&cfg()?)?, &args),
-        Command::Policy(cmd) => policy(&*service(&cfg()?)?, cmd),
-        Command::Status(args) => status(cfg(), &args),
+        Command::Ls(args) => admin_runtime()?.block_on(ls(&*service(&cfg()?)?, &args)),
+        Command::Set(args) => admin_runtime()?.block_on(set(&*service(&cfg()?)?, &args)),
+        Command::Policy(cmd) => admin_runtime()?.block_on(policy(&*service(&cfg()?)?, cmd)),
+        Command::Status(args) => admin_runtime()?.block_on(status(cfg(), &args)),
     }
 }
 
-fn ls(svc: &VolumeService, args: &LsArgs) -> anyhow::Result<()> {
+async fn ls(svc: &VolumeService, args: &LsArgs) -> anyhow::Result<()> {
     let cols = match &args.columns {
         Some(list) => admin::parse_columns(list)?,
         None => admin::all_columns(),
     };
-    let volumes = svc.inventory().map_err(chain)?;
+    let volumes = svc.inventory().await.map_err(chain)?;
     let out = match args.format {
         Format::Table => admin::volume_table(&volumes, &cols, |name| {
             svc.datastores().iter().any(|d| d.name == name && d.vsan)
@@ -281,11 +289,12 @@ fn print_out(text: &str) -> anyhow::Result<()> {
     }
 }
 
-fn set(svc: &VolumeService, args: &SetArgs) -> anyhow::Result<()> {
+async fn set(svc: &VolumeService, args: &SetArgs) -> anyhow::Result<()> {
     let failed = || format!("Failed to update {} for {}", args.options, args.volume);
     let opts = admin::parse_options_arg(&args.options).with_context(failed)?;
     let info = svc
         .set_options(&args.volume, &opts)
+        .await
         .map_err(chain)
         .with_context(failed)?;
     println!("Successfully updated settings for {}", info.name);
@@ -303,19 +312,19 @@ fn warn_unknown(expr: &PolicyExpr) {
     }
 }
 
-fn policy(svc: &VolumeService, cmd: PolicyCommand) -> anyhow::Result<()> {
+async fn policy(svc: &VolumeService, cmd: PolicyCommand) -> anyhow::Result<()> {
     match cmd {
         PolicyCommand::Create { name, content } => {
-            let expr = svc.policy_create(&name, &content).map_err(chain)?;
+            let expr = svc.policy_create(&name, &content).await.map_err(chain)?;
             warn_unknown(&expr);
             println!("Successfully created policy: {name}");
         }
         PolicyCommand::Rm { name } => {
-            svc.policy_remove(&name).map_err(chain)?;
+            svc.policy_remove(&name).await.map_err(chain)?;
             println!("Successfully removed policy: {name}");
         }
         PolicyCommand::Update { name, content } => {
-            let (expr, report) = svc.policy_update(&name, &content).map_err(chain)?;
+            let (expr, report) = svc.policy_update(&name, &content).await.map_err(chain)?;
             warn_unknown(&expr);
             let total = report.updated.len() + report.failed.len();
             let volumes = |n: usize| if n == 1 { "volume" } else { "volumes" };
@@ -352,7 +361,7 @@ fn policy(svc: &VolumeService, cmd: PolicyCommand) -> anyhow::Result<()> {
             }
         }
         PolicyCommand::Ls { format } => {
-            let policies = svc.policies().map_err(chain)?;
+            let policies = svc.policies().await.map_err(chain)?;
             match format {
                 Format::Json => print_out(&format!("{:#}\n", json!(policies)))?,
                 Format::Table => {
@@ -391,7 +400,7 @@ fn volume_summary(volumes: &[String]) -> String {
     s
 }
 
-fn status(cfg: anyhow::Result<AgentConfig>, args: &StatusArgs) -> anyhow::Result<()> {
+async fn status(cfg: anyhow::Result<AgentConfig>, args: &StatusArgs) -> anyhow::Result<()> {
     let socket = args
         .socket
         .clone()
@@ -404,7 +413,7 @@ fn status(cfg: anyhow::Result<AgentConfig>, args: &StatusArgs) -> anyhow::Result
         Ok(svc) => (
             Ok(svc.datastore_usage()),
             match svc.policy_store() {
-                Ok(_) => svc.policies().map(Some).map_err(|e| error_chain(&e)),
+                Ok(_) => svc.policies().await.map(Some).map_err(|e| error_chain(&e)),
                 Err(_) => Ok(None),
             },
         ),

@@ -62,7 +62,7 @@ pub async fn serve(
     {
         // Each release is logged by the service.
         let svc = svc.clone();
-        let _ = tokio::task::spawn_blocking(move || svc.recover_on_start()).await;
+        svc.recover_on_start().await;
     }
     let count = 1 + usize::from(listeners.tcp.is_some());
     let limits = listeners.limits.fit_fd_limit(fd_limit().unwrap_or(1024), count);

@@ -2,14 +2,16 @@
 //!
 //! [`VolumeService`] knows names, options, datastores, metadata and locking;
 //! it knows no HTTP. The API layer, the admin CLI and the guest's embedded
-//! mode all call it. Its methods block (file locks, disk I/O, device
-//! ioctls), so async callers run them on a blocking thread.
+//! mode all call it, each saying who calls ([`Caller`]). It is async: the
+//! backend may be a remote hypervisor, and blocking file and device calls
+//! run on tokio's blocking pool below it.
 //!
 //! Rules every operation follows:
 //! * input is validated before anything touches the disk;
 //! * each volume operation runs under the volume's cross-process lock
 //!   ([`crate::lock::VolumeLock`]), and operations on different volumes
-//!   never wait on each other;
+//!   never wait on each other; reads (get, list) take no lock, so they
+//!   never wait behind a slow create or attach;
 //! * every step is idempotent: create of an existing volume says
 //!   `already_exists`, attach returns the existing attachment, detach of a
 //!   detached volume succeeds;
@@ -17,6 +19,7 @@
 //!   decision that depends on it (remove, attach from another VM).
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -57,6 +60,47 @@ pub fn validate_vm_id(vm: &str) -> Result<(), AgentError> {
         return Err(AgentError::MissingVmId("it contains control characters".into()));
     }
     Ok(())
+}
+
+/// Who an operation acts for, decided in one place per way in: the `VM-Id`
+/// header for the API ([`crate::api`]), the plugin's own VM for an embedded
+/// agent, the administrator for the admin CLI. (The tenancy issue derives
+/// the VM from the guest's credentials instead of a header.)
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Caller {
+    /// A VM, by its id (the BIOS UUID for the `vsphere` backend).
+    Vm(String),
+    /// The host's administrator (admin CLI): may read and manage every
+    /// volume, but is no VM to attach to.
+    Admin,
+}
+
+impl Caller {
+    /// A VM caller; the id is validated.
+    pub fn vm(id: &str) -> Result<Self, AgentError> {
+        validate_vm_id(id)?;
+        Ok(Self::Vm(id.to_owned()))
+    }
+
+    /// The VM this caller is; an operation that acts for a VM refuses the
+    /// administrator.
+    pub fn vm_id(&self) -> Result<&str, AgentError> {
+        match self {
+            Self::Vm(id) => Ok(id),
+            Self::Admin => Err(AgentError::MissingVmId(
+                "this operation acts for a VM; the administrator is not one".into(),
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Caller {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Vm(id) => write!(f, "VM {id}"),
+            Self::Admin => f.write_str("administrator"),
+        }
+    }
 }
 
 /// A resolved volume: its canonical name, datastore and volume part.
@@ -204,25 +248,39 @@ impl VolumeService {
 
     /// The volume's vmgroup folder, through the datastore door; `None`
     /// when it does not exist (and `create` is false).
-    fn folder(t: &Target<'_>, create: bool) -> Result<Option<Folder>, AgentError> {
-        Ok(t.ds
-            .folder(DEFAULT_VMGROUP, create)
-            .map_err(Self::store_err(t))?
-            .map(|f| Box::new(f) as Folder))
+    async fn folder(t: &Target<'_>, create: bool) -> Result<Option<Folder>, AgentError> {
+        let ds = t.ds.clone();
+        let opened = tokio::task::spawn_blocking(move || ds.folder(DEFAULT_VMGROUP, create))
+            .await
+            .map_err(|e| AgentError::Internal(format!("worker failed: {e}")))?;
+        Ok(opened.map_err(Self::store_err(t))?.map(|f| Box::new(f) as Folder))
     }
 
-    fn load_meta(t: &Target<'_>, folder: &dyn VolumeFolder) -> Result<Option<VolumeMeta>, AgentError> {
-        folder.read_meta(&t.volume).map_err(|source| AgentError::Meta {
+    /// The folder of a volume that must exist.
+    async fn existing_folder(t: &Target<'_>) -> Result<Folder, AgentError> {
+        Self::folder(t, false).await?.ok_or_else(|| Self::not_found(t))
+    }
+
+    async fn load_meta(t: &Target<'_>, folder: &dyn VolumeFolder) -> Result<Option<VolumeMeta>, AgentError> {
+        folder.read_meta(&t.volume).await.map_err(|source| AgentError::Meta {
             name: t.full.clone(),
             source,
         })
     }
 
-    fn store_meta(t: &Target<'_>, folder: &dyn VolumeFolder, meta: &VolumeMeta) -> Result<(), AgentError> {
-        folder.write_meta(&t.volume, meta).map_err(|source| AgentError::Meta {
-            name: t.full.clone(),
-            source,
-        })
+    /// The sidecar of a volume that must exist.
+    async fn existing_meta(t: &Target<'_>, folder: &dyn VolumeFolder) -> Result<VolumeMeta, AgentError> {
+        Self::load_meta(t, folder).await?.ok_or_else(|| Self::not_found(t))
+    }
+
+    async fn store_meta(t: &Target<'_>, folder: &dyn VolumeFolder, meta: &VolumeMeta) -> Result<(), AgentError> {
+        folder
+            .write_meta(&t.volume, meta)
+            .await
+            .map_err(|source| AgentError::Meta {
+                name: t.full.clone(),
+                source,
+            })
     }
 
     fn backend_err<'a>(t: &'a Target<'_>) -> impl FnOnce(BackendError) -> AgentError + 'a {
@@ -232,35 +290,22 @@ impl VolumeService {
         }
     }
 
-    fn lock(t: &Target<'_>, folder: &dyn VolumeFolder) -> Result<VolumeLock, AgentError> {
-        folder.lock(&t.volume).map_err(Self::store_err(t))
+    /// The volume's lock; dropping it releases the lock (and removes the
+    /// lock file when the name is no volume then).
+    async fn lock(t: &Target<'_>, folder: &dyn VolumeFolder) -> Result<VolumeLock, AgentError> {
+        folder.lock(&t.volume).await.map_err(Self::store_err(t))
     }
 
-    /// Drops the lock file of a name that is no volume (any more), so
-    /// looking up a missing volume leaves nothing behind.
-    fn release(t: &Target<'_>, folder: &dyn VolumeFolder, lock: VolumeLock) {
-        if matches!(folder.entry(&t.files().meta), Ok(None)) {
-            let _ = lock.unlink();
-        }
-    }
-
-    /// Runs `f` under the volume's lock, with its folder (created first
-    /// when `create`).
-    fn locked<T>(
-        &self,
+    async fn entry(
         t: &Target<'_>,
-        create: bool,
-        f: impl FnOnce(&dyn VolumeFolder) -> Result<T, AgentError>,
-    ) -> Result<T, AgentError> {
-        let folder = Self::folder(t, create)?.ok_or_else(|| Self::not_found(t))?;
-        let lock = Self::lock(t, &*folder)?;
-        let out = f(&*folder);
-        Self::release(t, &*folder, lock);
-        out
+        folder: &dyn VolumeFolder,
+        file: &str,
+    ) -> Result<Option<crate::store::Stat>, AgentError> {
+        folder.entry(file).await.map_err(Self::store_err(t))
     }
 
-    fn info(&self, t: &Target<'_>, meta: &VolumeMeta) -> Result<VolumeInfo, AgentError> {
-        let disk = self.backend.disk_info(&t.disk()).map_err(Self::backend_err(t))?;
+    async fn info(&self, t: &Target<'_>, meta: &VolumeMeta) -> Result<VolumeInfo, AgentError> {
+        let disk = self.backend.disk_info(&t.disk()).await.map_err(Self::backend_err(t))?;
         Ok(build_info(&t.full, t.ds, DEFAULT_VMGROUP, meta, &disk))
     }
 
@@ -268,29 +313,29 @@ impl VolumeService {
     /// slow create or attach of the same name. A volume whose files are
     /// damaged (sidecar, descriptor or extent missing, unreadable, of the
     /// wrong kind) is an error naming the file, never reported healthy.
-    pub fn get(&self, name: &str) -> Result<VolumeInfo, AgentError> {
+    pub async fn get(&self, _caller: &Caller, name: &str) -> Result<VolumeInfo, AgentError> {
         let t = self.resolve(name)?;
-        let folder = Self::folder(&t, false)?.ok_or_else(|| Self::not_found(&t))?;
-        let meta = Self::load_meta(&t, &*folder)?.ok_or_else(|| Self::not_found(&t))?;
-        self.info(&t, &meta)
+        let folder = Self::existing_folder(&t).await?;
+        let meta = Self::existing_meta(&t, &*folder).await?;
+        self.info(&t, &meta).await
     }
 
     /// `GET /v1/volumes`: every volume on every datastore, sorted by name.
     /// A volume whose files cannot be read is skipped (and logged), so one
     /// bad volume never hides the others.
-    pub fn list(&self) -> Result<Vec<VolumeInfo>, AgentError> {
-        self.inventory()
+    pub async fn list(&self, _caller: &Caller) -> Result<Vec<VolumeInfo>, AgentError> {
+        self.inventory().await
     }
 
     /// `POST /v1/volumes`: creates a volume (or a clone).
-    pub fn create(&self, vm: &str, req: &CreateRequest) -> Result<VolumeInfo, AgentError> {
-        validate_vm_id(vm)?;
+    pub async fn create(&self, caller: &Caller, req: &CreateRequest) -> Result<VolumeInfo, AgentError> {
+        let vm = caller.vm_id()?;
         let t = self.resolve(&req.name)?;
         let opts = VolumeOptions::parse(&req.opts)?;
         // Held until the volume's metadata is written, so the policy cannot
         // be removed in between.
         let _policy_lock = match &opts.vsan_policy {
-            Some(policy) => self.check_policy(t.ds, policy)?,
+            Some(policy) => self.check_policy(t.ds, policy).await?,
             None => None,
         };
         let source = match &opts.clone_from {
@@ -311,9 +356,9 @@ impl VolumeService {
             None => None,
         };
         let Some(src) = source else {
-            return self.locked(&t, true, |folder| {
-                self.create_locked(vm, &t, folder, &opts, &req.opts, None)
-            });
+            let folder = Self::folder(&t, true).await?.ok_or_else(|| Self::not_found(&t))?;
+            let _lock = Self::lock(&t, &*folder).await?;
+            return self.create_locked(vm, &t, &*folder, &opts, &req.opts, None).await;
         };
         if src.full == t.full {
             return Err(AgentError::InvalidRequest(format!(
@@ -324,32 +369,26 @@ impl VolumeService {
         let not_found = || AgentError::CloneSourceNotFound {
             source_name: src.full.clone(),
         };
-        let src_folder = Self::folder(&src, false)?.ok_or_else(not_found)?;
-        if src_folder
-            .entry(&src.files().meta)
-            .map_err(Self::store_err(&src))?
-            .is_none()
-        {
+        let src_folder = Self::folder(&src, false).await?.ok_or_else(not_found)?;
+        if Self::entry(&src, &*src_folder, &src.files().meta).await?.is_none() {
             return Err(not_found());
         }
-        let folder = Self::folder(&t, true)?.expect("created");
+        let folder = Self::folder(&t, true).await?.ok_or_else(|| Self::not_found(&t))?;
         // Lock both volumes in name order so two clones in opposite
         // directions cannot deadlock.
-        let (first, second) = if (&t.ds.name, &t.volume) < (&src.ds.name, &src.volume) {
-            ((&t, &*folder), (&src, &*src_folder))
+        let (_l1, _l2) = if (&t.ds.name, &t.volume) < (&src.ds.name, &src.volume) {
+            let a = Self::lock(&t, &*folder).await?;
+            (a, Self::lock(&src, &*src_folder).await?)
         } else {
-            ((&src, &*src_folder), (&t, &*folder))
+            let a = Self::lock(&src, &*src_folder).await?;
+            (a, Self::lock(&t, &*folder).await?)
         };
-        let l1 = Self::lock(first.0, first.1)?;
-        let l2 = Self::lock(second.0, second.1)?;
-        let out = self.create_locked(vm, &t, &*folder, &opts, &req.opts, Some((&src, &*src_folder)));
-        Self::release(second.0, second.1, l2);
-        Self::release(first.0, first.1, l1);
-        out
+        self.create_locked(vm, &t, &*folder, &opts, &req.opts, Some((&src, &*src_folder)))
+            .await
     }
 
     /// Create, under the new volume's lock (and the source's, for a clone).
-    fn create_locked(
+    async fn create_locked(
         &self,
         vm: &str,
         t: &Target<'_>,
@@ -359,7 +398,7 @@ impl VolumeService {
         source: Option<(&Target<'_>, &dyn VolumeFolder)>,
     ) -> Result<VolumeInfo, AgentError> {
         let files = t.files();
-        if let Some(st) = folder.entry(&files.meta).map_err(Self::store_err(t))? {
+        if let Some(st) = Self::entry(t, folder, &files.meta).await? {
             return Err(match st.kind {
                 FileKind::Regular => AgentError::AlreadyExists {
                     name: t.full.clone(),
@@ -375,9 +414,9 @@ impl VolumeService {
         // Files under this name without metadata are ours to replace only
         // if a create of ours marked them; anything else (a disk the
         // original vDVS or an administrator put there) is kept.
-        if !folder.marked(&t.volume).map_err(Self::store_err(t))? {
+        if !folder.marked(&t.volume).await.map_err(Self::store_err(t))? {
             for f in [&files.descriptor, &files.flat] {
-                if folder.entry(f).map_err(Self::store_err(t))?.is_some() {
+                if Self::entry(t, folder, f).await?.is_some() {
                     return Err(AgentError::ForeignFiles {
                         name: t.full.clone(),
                         path: t.shown(f).to_string(),
@@ -385,25 +424,29 @@ impl VolumeService {
                 }
             }
         }
-        folder.mark(&t.volume, Marker::Creating).map_err(Self::store_err(t))?;
+        folder
+            .mark(&t.volume, Marker::Creating)
+            .await
+            .map_err(Self::store_err(t))?;
         let res = match source {
-            None => self.create_new(vm, t, folder, opts, raw),
-            Some((src, src_folder)) => self.create_clone(vm, t, folder, src, src_folder, opts),
+            None => self.create_new(vm, t, folder, opts, raw).await,
+            Some((src, src_folder)) => self.create_clone(vm, t, folder, src, src_folder, opts).await,
         };
         // A failed create removes whatever it wrote (a step after the disk,
         // such as applying the policy, may have failed).
-        if res.is_err() && matches!(folder.entry(&files.meta), Ok(None)) {
-            if let Err(e) = self.backend.delete_disk(&t.disk()) {
+        if res.is_err() && matches!(folder.entry(&files.meta).await, Ok(None)) {
+            if let Err(e) = self.backend.delete_disk(&t.disk()).await {
                 tracing::warn!(volume = %t.full, error = %crate::error::error_chain(&e), "cannot clean up a failed create; the next start does");
             }
         }
         // Done, or cleaned up: the marker goes. If cleanup left files, it
         // stays, so the next start collects them.
-        let leftovers = [&files.descriptor, &files.flat]
-            .iter()
-            .any(|f| !matches!(folder.entry(f), Ok(None)));
+        let mut leftovers = false;
+        for f in [&files.descriptor, &files.flat] {
+            leftovers |= !matches!(folder.entry(f).await, Ok(None));
+        }
         if res.is_ok() || !leftovers {
-            if let Err(e) = folder.clear_markers(&t.volume) {
+            if let Err(e) = folder.clear_markers(&t.volume).await {
                 tracing::warn!(volume = %t.full, error = %crate::error::error_chain(&e), "cannot remove the create marker; the next start does");
             }
         }
@@ -412,11 +455,16 @@ impl VolumeService {
 
     /// A VSAN policy must exist and the datastore must be VSAN; see
     /// [`crate::policy`].
-    fn check_policy(&self, ds: &Datastore, policy: &str) -> Result<Option<PolicyLock>, AgentError> {
-        self.use_policy(ds, policy)
+    async fn check_policy(&self, ds: &Datastore, policy: &str) -> Result<Option<PolicyLock>, AgentError> {
+        let ds = ds.clone();
+        let policy = policy.to_owned();
+        let stores = self.datastores.clone();
+        tokio::task::spawn_blocking(move || admin::use_policy(&stores, &ds, &policy))
+            .await
+            .map_err(|e| AgentError::Internal(format!("worker failed: {e}")))?
     }
 
-    fn create_new(
+    async fn create_new(
         &self,
         vm: &str,
         t: &Target<'_>,
@@ -427,8 +475,9 @@ impl VolumeService {
         let size_mb = opts.size_mb.unwrap_or(opt::DEFAULT_SIZE_MB);
         self.backend
             .create_disk(&t.disk(), size_mb * MIB, opts.disk_format)
+            .await
             .map_err(Self::backend_err(t))?;
-        self.apply_new_policy(t, opts)?;
+        self.apply_new_policy(t, opts).await?;
         let mut vol_opts = raw.clone();
         vol_opts.insert(opt::DISKFORMAT.into(), opts.disk_format.to_string());
         vol_opts.insert(
@@ -437,10 +486,10 @@ impl VolumeService {
         );
         vol_opts.insert(opt::ACCESS.into(), opts.access.to_string());
         vol_opts.insert(opt::ATTACH_AS.into(), opts.attach_as.to_string());
-        self.commit_new(vm, t, folder, vol_opts, None)
+        self.commit_new(vm, t, folder, vol_opts, None).await
     }
 
-    fn create_clone(
+    async fn create_clone(
         &self,
         vm: &str,
         t: &Target<'_>,
@@ -449,10 +498,12 @@ impl VolumeService {
         src_folder: &dyn VolumeFolder,
         opts: &VolumeOptions,
     ) -> Result<VolumeInfo, AgentError> {
-        let src_meta = Self::load_meta(src, src_folder)?.ok_or_else(|| AgentError::CloneSourceNotFound {
-            source_name: src.full.clone(),
-        })?;
-        if self.live_attachment(src, src_folder, &src_meta)?.is_some() {
+        let src_meta = Self::load_meta(src, src_folder)
+            .await?
+            .ok_or_else(|| AgentError::CloneSourceNotFound {
+                source_name: src.full.clone(),
+            })?;
+        if self.live_attachment(src, src_folder, &src_meta).await?.is_some() {
             return Err(AgentError::CloneSourceAttached {
                 name: src.full.clone(),
                 vm: src_meta.attached_vm.clone().unwrap_or_else(|| "unknown".into()),
@@ -460,8 +511,9 @@ impl VolumeService {
         }
         self.backend
             .clone_disk(&src.disk(), &t.disk(), opts.disk_format)
+            .await
             .map_err(Self::backend_err(t))?;
-        self.apply_new_policy(t, opts)?;
+        self.apply_new_policy(t, opts).await?;
         let mut vol_opts = src_meta.vol_opts.clone();
         vol_opts.insert(opt::CLONE_FROM.into(), src.full.clone());
         vol_opts.insert(opt::DISKFORMAT.into(), opts.disk_format.to_string());
@@ -473,10 +525,11 @@ impl VolumeService {
         };
         // A copy of a formatted disk holds the same filesystem.
         self.commit_new(vm, t, folder, vol_opts, src_meta.formatted.clone())
+            .await
     }
 
     /// Writes the sidecar of a new volume: the commit point of create.
-    fn commit_new(
+    async fn commit_new(
         &self,
         vm: &str,
         t: &Target<'_>,
@@ -495,25 +548,25 @@ impl VolumeService {
             attached_at: None,
             formatted,
         };
-        Self::store_meta(t, folder, &meta)?;
+        Self::store_meta(t, folder, &meta).await?;
         tracing::info!(volume = %t.full, vm, "created volume");
-        self.info(t, &meta)
+        self.info(t, &meta).await
     }
 
     /// The backend's live attachment, healing metadata that claims an
     /// attachment the backend no longer has (e.g. after a host reboot).
-    fn live_attachment(
+    async fn live_attachment(
         &self,
         t: &Target<'_>,
         folder: &dyn VolumeFolder,
         meta: &VolumeMeta,
     ) -> Result<Option<Attachment>, AgentError> {
-        let live = self.backend.attachment(&t.disk()).map_err(Self::backend_err(t))?;
+        let live = self.backend.attachment(&t.disk()).await.map_err(Self::backend_err(t))?;
         if live.is_none() && meta.status == AttachStatus::Attached {
-            tracing::warn!(volume = %t.full, vm = ?meta.attached_vm, "metadata says attached but no device is bound; marking detached");
+            tracing::warn!(volume = %t.full, vm = ?meta.attached_vm, "metadata says attached but the disk is not; marking detached");
             let mut healed = meta.clone();
             clear_attachment(&mut healed);
-            Self::store_meta(t, folder, &healed)?;
+            Self::store_meta(t, folder, &healed).await?;
         }
         Ok(live)
     }
@@ -521,120 +574,132 @@ impl VolumeService {
     /// `DELETE /v1/volumes/{name}`. Refused while the volume is attached,
     /// and when one of its files is not a regular file (nothing is deleted
     /// then). Works on a full datastore: it writes nothing before it frees.
-    pub fn remove(&self, vm: &str, name: &str) -> Result<(), AgentError> {
-        validate_vm_id(vm)?;
+    pub async fn remove(&self, caller: &Caller, name: &str) -> Result<(), AgentError> {
+        let vm = caller.vm_id()?;
         let t = self.resolve(name)?;
-        self.locked(&t, false, |folder| {
-            let meta = Self::load_meta(&t, folder)?.ok_or_else(|| Self::not_found(&t))?;
-            if let Some(att) = self.live_attachment(&t, folder, &meta)? {
-                let holder = match (&meta.status, &meta.attached_vm) {
-                    (AttachStatus::Attached, Some(vm)) => vm.clone(),
-                    _ => format!("unknown (device {})", att.device.unwrap_or_default()),
-                };
-                return Err(AgentError::InUse {
-                    name: t.full.clone(),
-                    vm: holder,
-                });
-            }
-            let files = t.files();
-            for f in [&files.descriptor, &files.flat] {
-                if let Some(st) = folder.entry(f).map_err(Self::store_err(&t))? {
-                    if st.kind != FileKind::Regular {
-                        return Err(Self::store_err(&t)(StoreError::WrongKind {
-                            file: t.shown(f),
-                            found: st.kind,
-                            expected: FileKind::Regular,
-                        }));
-                    }
+        let folder = Self::existing_folder(&t).await?;
+        let _lock = Self::lock(&t, &*folder).await?;
+        let meta = Self::existing_meta(&t, &*folder).await?;
+        if let Some(att) = self.live_attachment(&t, &*folder, &meta).await? {
+            let holder = match (&meta.status, &meta.attached_vm, &att.vm) {
+                (_, _, Some(vm)) => vm.clone(),
+                (AttachStatus::Attached, Some(vm), None) => vm.clone(),
+                _ => format!("unknown (device {})", att.device().unwrap_or_default()),
+            };
+            return Err(AgentError::InUse {
+                name: t.full.clone(),
+                vm: holder,
+            });
+        }
+        let files = t.files();
+        for f in [&files.descriptor, &files.flat] {
+            if let Some(st) = Self::entry(&t, &*folder, f).await? {
+                if st.kind != FileKind::Regular {
+                    return Err(Self::store_err(&t)(StoreError::WrongKind {
+                        file: t.shown(f),
+                        found: st.kind,
+                        expected: FileKind::Regular,
+                    }));
                 }
             }
-            // The sidecar becomes the remove marker in one rename, so a
-            // crash part-way leaves files the next start knows to be ours.
-            folder.begin_remove(&t.volume).map_err(Self::store_err(&t))?;
-            self.backend.delete_disk(&t.disk()).map_err(Self::backend_err(&t))?;
-            folder.clear_markers(&t.volume).map_err(Self::store_err(&t))?;
-            t.ds.refill_reserve();
-            tracing::info!(volume = %t.full, vm, "removed volume");
-            Ok(())
-        })
+        }
+        // The sidecar becomes the remove marker in one rename, so a crash
+        // part-way leaves files the next start knows to be ours.
+        folder.begin_remove(&t.volume).await.map_err(Self::store_err(&t))?;
+        self.backend
+            .delete_disk(&t.disk())
+            .await
+            .map_err(Self::backend_err(&t))?;
+        folder.clear_markers(&t.volume).await.map_err(Self::store_err(&t))?;
+        let ds = t.ds.clone();
+        let _ = tokio::task::spawn_blocking(move || ds.refill_reserve()).await;
+        tracing::info!(volume = %t.full, vm, "removed volume");
+        Ok(())
     }
 
     /// `POST /v1/volumes/{name}/attach`. Exclusive: refused while another
-    /// VM holds the volume; repeated by the holder, returns the same device.
-    pub fn attach(&self, vm: &str, name: &str) -> Result<AttachInfo, AgentError> {
-        validate_vm_id(vm)?;
+    /// VM holds the volume; repeated by the holder, returns the same
+    /// attachment.
+    pub async fn attach(&self, caller: &Caller, name: &str) -> Result<AttachInfo, AgentError> {
+        let vm = caller.vm_id()?;
         let t = self.resolve(name)?;
-        self.locked(&t, false, |folder| {
-            let mut meta = Self::load_meta(&t, folder)?.ok_or_else(|| Self::not_found(&t))?;
-            if meta.status == AttachStatus::Attached && meta.attached_vm.as_deref() != Some(vm) {
-                if self.live_attachment(&t, folder, &meta)?.is_some() {
-                    return Err(AgentError::AttachedElsewhere {
-                        name: t.full.clone(),
-                        vm: meta.attached_vm.clone().unwrap_or_default(),
-                        requester: vm.to_owned(),
-                    });
-                }
-                clear_attachment(&mut meta);
+        let folder = Self::existing_folder(&t).await?;
+        let _lock = Self::lock(&t, &*folder).await?;
+        let mut meta = Self::existing_meta(&t, &*folder).await?;
+        if meta.status == AttachStatus::Attached && meta.attached_vm.as_deref() != Some(vm) {
+            if let Some(live) = self.live_attachment(&t, &*folder, &meta).await? {
+                return Err(AgentError::AttachedElsewhere {
+                    name: t.full.clone(),
+                    vm: live.vm.or_else(|| meta.attached_vm.clone()).unwrap_or_default(),
+                    requester: vm.to_owned(),
+                });
             }
-            // Intent first: the metadata names the VM before the device is
-            // bound, so a crash in between leaves a claim the live check
-            // heals, never a bound device nobody recorded.
-            let fresh = meta.status != AttachStatus::Attached;
-            if fresh {
-                meta.status = AttachStatus::Attached;
-                meta.attached_vm = Some(vm.to_owned());
-                meta.attached_device = None;
-                meta.attached_at = Some(now_rfc3339());
-                Self::store_meta(&t, folder, &meta)?;
-            }
-            let att = match self.backend.attach(vm, &t.disk()) {
-                Ok(a) => a,
-                Err(e) => {
-                    if fresh {
-                        clear_attachment(&mut meta);
-                        if let Err(me) = Self::store_meta(&t, folder, &meta) {
-                            tracing::warn!(volume = %t.full, error = %crate::error::error_chain(&me), "cannot undo attach intent; the next operation heals it");
-                        }
+            clear_attachment(&mut meta);
+        }
+        // Intent first: the metadata names the VM before the disk is
+        // attached, so a crash in between leaves a claim the live check
+        // heals, never an attachment nobody recorded.
+        let fresh = meta.status != AttachStatus::Attached;
+        if fresh {
+            meta.status = AttachStatus::Attached;
+            meta.attached_vm = Some(vm.to_owned());
+            meta.attached_device = None;
+            meta.attached_at = Some(now_rfc3339());
+            Self::store_meta(&t, &*folder, &meta).await?;
+        }
+        let attach_as = meta
+            .opt(opt::ATTACH_AS)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(AttachAs::IndependentPersistent);
+        let att = match self.backend.attach(vm, &t.disk(), attach_as).await {
+            Ok(a) => a,
+            Err(e) => {
+                if fresh {
+                    clear_attachment(&mut meta);
+                    if let Err(me) = Self::store_meta(&t, &*folder, &meta).await {
+                        tracing::warn!(volume = %t.full, error = %crate::error::error_chain(&me), "cannot undo attach intent; the next operation heals it");
                     }
-                    return Err(Self::backend_err(&t)(e));
                 }
-            };
-            let device = att.device.clone();
-            if fresh {
-                tracing::info!(volume = %t.full, vm, device = ?device, "attached volume");
+                return Err(Self::backend_err(&t)(e));
             }
-            let info = self.info(&t, &meta)?;
-            Ok(AttachInfo {
-                disk_uuid: info.disk_uuid.clone(),
-                volume: info,
-                location: device.clone().map(|path| vmdk_protocol::DiskLocation::Device { path }),
-                device,
-            })
+        };
+        if fresh {
+            tracing::info!(volume = %t.full, vm, location = ?att.location, "attached volume");
+        }
+        let info = self.info(&t, &meta).await?;
+        Ok(AttachInfo {
+            disk_uuid: info.disk_uuid.clone(),
+            volume: info,
+            device: att.device().map(str::to_owned),
+            location: Some(att.location),
         })
     }
 
     /// `POST /v1/volumes/{name}/detach`. Succeeds when there is nothing to
     /// detach, including when another VM holds the volume (that VM's
-    /// attachment is left alone, as the original did). A device still in
-    /// use (mounted or open) is not released: the detach fails with
-    /// `in_use` and the volume stays recorded as attached.
-    pub fn detach(&self, vm: &str, name: &str) -> Result<(), AgentError> {
-        validate_vm_id(vm)?;
+    /// attachment is left alone, as the original did). A disk still in use
+    /// (a loop device mounted or open) is not released: the detach fails
+    /// with `in_use` and the volume stays recorded as attached.
+    pub async fn detach(&self, caller: &Caller, name: &str) -> Result<(), AgentError> {
+        let vm = caller.vm_id()?;
         let t = self.resolve(name)?;
-        self.locked(&t, false, |folder| {
-            let mut meta = Self::load_meta(&t, folder)?.ok_or_else(|| Self::not_found(&t))?;
-            if meta.status == AttachStatus::Attached && meta.attached_vm.as_deref() != Some(vm) {
-                tracing::info!(volume = %t.full, vm, holder = ?meta.attached_vm, "detach ignored: attached to another VM");
-                return Ok(());
-            }
-            self.backend.detach(&t.disk()).map_err(Self::backend_err(&t))?;
-            if meta.status == AttachStatus::Attached {
-                clear_attachment(&mut meta);
-                Self::store_meta(&t, folder, &meta)?;
-                tracing::info!(volume = %t.full, vm, "detached volume");
-            }
-            Ok(())
-        })
+        let folder = Self::existing_folder(&t).await?;
+        let _lock = Self::lock(&t, &*folder).await?;
+        let mut meta = Self::existing_meta(&t, &*folder).await?;
+        if meta.status == AttachStatus::Attached && meta.attached_vm.as_deref() != Some(vm) {
+            tracing::info!(volume = %t.full, vm, holder = ?meta.attached_vm, "detach ignored: attached to another VM");
+            return Ok(());
+        }
+        self.backend
+            .detach(vm, &t.disk())
+            .await
+            .map_err(Self::backend_err(&t))?;
+        if meta.status == AttachStatus::Attached {
+            clear_attachment(&mut meta);
+            Self::store_meta(&t, &*folder, &meta).await?;
+            tracing::info!(volume = %t.full, vm, "detached volume");
+        }
+        Ok(())
     }
 
     /// `POST /v1/volumes/{name}/formatted`: records, durably, that the
@@ -642,37 +707,37 @@ impl VolumeService {
     /// attached to may record it (it is the one that ran `mkfs`). Recording
     /// the same type again is a no-op; another type is refused, because a
     /// recorded filesystem is never replaced.
-    pub fn mark_formatted(&self, vm: &str, name: &str, fstype: &str) -> Result<VolumeInfo, AgentError> {
-        validate_vm_id(vm)?;
+    pub async fn mark_formatted(&self, caller: &Caller, name: &str, fstype: &str) -> Result<VolumeInfo, AgentError> {
+        let vm = caller.vm_id()?;
         let fstype: FsType = fstype.parse()?;
         let t = self.resolve(name)?;
-        self.locked(&t, false, |folder| {
-            let mut meta = Self::load_meta(&t, folder)?.ok_or_else(|| Self::not_found(&t))?;
-            if meta.status != AttachStatus::Attached || meta.attached_vm.as_deref() != Some(vm) {
+        let folder = Self::existing_folder(&t).await?;
+        let _lock = Self::lock(&t, &*folder).await?;
+        let mut meta = Self::existing_meta(&t, &*folder).await?;
+        if meta.status != AttachStatus::Attached || meta.attached_vm.as_deref() != Some(vm) {
+            return Err(AgentError::InvalidRequest(format!(
+                "volume {} is not attached to VM {vm}; only the VM holding a volume records its filesystem",
+                t.full
+            )));
+        }
+        match &meta.formatted {
+            Some(rec) if rec.fstype == fstype.as_str() => return self.info(&t, &meta).await,
+            Some(rec) => {
                 return Err(AgentError::InvalidRequest(format!(
-                    "volume {} is not attached to VM {vm}; only the VM holding a volume records its filesystem",
-                    t.full
-                )));
+                    "volume {} is recorded as formatted with {} (on {}); it is never formatted again",
+                    t.full, rec.fstype, rec.at
+                )))
             }
-            match &meta.formatted {
-                Some(rec) if rec.fstype == fstype.as_str() => return self.info(&t, &meta),
-                Some(rec) => {
-                    return Err(AgentError::InvalidRequest(format!(
-                        "volume {} is recorded as formatted with {} (on {}); it is never formatted again",
-                        t.full, rec.fstype, rec.at
-                    )))
-                }
-                None => {}
-            }
-            meta.formatted = Some(FormatRecord {
-                fstype: fstype.to_string(),
-                at: now_rfc3339(),
-                by: vm.to_owned(),
-            });
-            Self::store_meta(&t, folder, &meta)?;
-            tracing::info!(volume = %t.full, vm, %fstype, "recorded filesystem");
-            self.info(&t, &meta)
-        })
+            None => {}
+        }
+        meta.formatted = Some(FormatRecord {
+            fstype: fstype.to_string(),
+            at: now_rfc3339(),
+            by: vm.to_owned(),
+        });
+        Self::store_meta(&t, &*folder, &meta).await?;
+        tracing::info!(volume = %t.full, vm, %fstype, "recorded filesystem");
+        self.info(&t, &meta).await
     }
 }
 

@@ -15,6 +15,7 @@ use vmdk_agent::backend::local::LocalBackend;
 use vmdk_agent::backend::loopdev::FakeLoops;
 use vmdk_agent::config::AgentConfig;
 use vmdk_agent::lock::VolumeLock;
+use vmdk_agent::service::Caller;
 use vmdk_agent::{AgentError, VolumeService};
 use vmdk_protocol::{AccessMode, AttachAs, CreateRequest, ErrorCode};
 
@@ -106,14 +107,16 @@ impl Env {
         VolumeService::new(&cfg, Arc::new(LocalBackend::new(Arc::new(FakeLoops::default())))).unwrap()
     }
 
-    fn create(&self, name: &str, opts: &[(&str, &str)]) -> Result<vmdk_protocol::VolumeInfo, AgentError> {
-        self.svc().create(
-            "vm-1",
-            &CreateRequest {
-                name: name.into(),
-                opts: opts.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
-            },
-        )
+    async fn create(&self, name: &str, opts: &[(&str, &str)]) -> Result<vmdk_protocol::VolumeInfo, AgentError> {
+        self.svc()
+            .create(
+                &Caller::vm("vm-1").unwrap(),
+                &CreateRequest {
+                    name: name.into(),
+                    opts: opts.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+                },
+            )
+            .await
     }
 
     fn policy_file(&self, name: &str) -> PathBuf {
@@ -152,8 +155,8 @@ fn json(s: &str) -> Value {
 
 /// The issue's flow: policy create, volume create with it, both views show
 /// it, and the policy cannot be removed while the volume exists.
-#[test]
-fn seed_flow_policy_on_a_volume() {
+#[tokio::test]
+async fn seed_flow_policy_on_a_volume() {
     let env = Env::new();
     let r = env.ok(&["policy", "create", "--name", "SW=2", "--content", SW2]);
     assert_eq!(r.stdout, "Successfully created policy: SW=2\n");
@@ -164,6 +167,7 @@ fn seed_flow_policy_on_a_volume() {
 
     let info = env
         .create("vsanvol3", &[("size", "20gb"), ("vsan-policy-name", "SW=2")])
+        .await
         .unwrap();
     assert_eq!(info.vsan_policy.as_deref(), Some("SW=2"));
     assert_eq!(info.name, "vsanvol3@vsanDatastore");
@@ -231,7 +235,10 @@ fn seed_flow_policy_on_a_volume() {
     );
     assert_eq!(env.snapshot(), before, "a refused rm changed files");
 
-    env.svc().remove("vm-1", "vsanvol3").unwrap();
+    env.svc()
+        .remove(&Caller::vm("vm-1").unwrap(), "vsanvol3")
+        .await
+        .unwrap();
     let rm = env.ok(&["policy", "rm", "--name", "SW=2"]);
     assert_eq!(rm.stdout, "Successfully removed policy: SW=2\n");
     assert!(!env.policy_file("SW=2").exists());
@@ -367,11 +374,11 @@ fn duplicate_and_bad_names() {
     assert!(r.stderr.contains("Policy nope does not exist."), "{r:?}");
 }
 
-#[test]
-fn volume_create_checks_the_policy() {
+#[tokio::test]
+async fn volume_create_checks_the_policy() {
     let env = Env::new();
     // No policy at all yet.
-    let e = env.create("v1", &[("vsan-policy-name", "gold")]).unwrap_err();
+    let e = env.create("v1", &[("vsan-policy-name", "gold")]).await.unwrap_err();
     assert_eq!(e.code(), ErrorCode::InvalidPolicy);
     assert_eq!(e.to_string(), "Policy gold does not exist.");
     env.ok(&["policy", "create", "--name", "SW=2", "--content", SW2]);
@@ -384,37 +391,41 @@ fn volume_create_checks_the_policy() {
         r#"(("hostFailuresToTolerate" i1))"#,
     ]);
     let before = env.snapshot();
-    let e = env.create("v1", &[("vsan-policy-name", "gold")]).unwrap_err();
+    let e = env.create("v1", &[("vsan-policy-name", "gold")]).await.unwrap_err();
     assert_eq!(
         e.to_string(),
         "Policy gold does not exist. Available policies are: ['SW=2', 'silver']"
     );
-    let e = env.create("v1@nfs1", &[("vsan-policy-name", "SW=2")]).unwrap_err();
+    let e = env
+        .create("v1@nfs1", &[("vsan-policy-name", "SW=2")])
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), ErrorCode::InvalidPolicy);
     assert!(
         e.to_string()
             .starts_with("Cannot use a VSAN policy on a non-VSAN datastore"),
         "{e}"
     );
-    let e = env.create("v1", &[("vsan-policy-name", "../x")]).unwrap_err();
+    let e = env.create("v1", &[("vsan-policy-name", "../x")]).await.unwrap_err();
     assert_eq!(e.code(), ErrorCode::InvalidPolicy);
     assert_eq!(env.snapshot(), before, "a refused create left files behind");
 
     // A clone takes the policy given for it.
-    env.create("src", &[("size", "10mb")]).unwrap();
+    env.create("src", &[("size", "10mb")]).await.unwrap();
     let c = env
         .create("dst", &[("clone-from", "src"), ("vsan-policy-name", "silver")])
+        .await
         .unwrap();
     assert_eq!(c.vsan_policy.as_deref(), Some("silver"));
 }
 
-#[test]
-fn update_reapplies_reports_and_rolls_back() {
+#[tokio::test]
+async fn update_reapplies_reports_and_rolls_back() {
     let env = Env::new();
     env.ok(&["policy", "create", "--name", "gold", "--content", SW2]);
-    env.create("a", &[("vsan-policy-name", "gold")]).unwrap();
-    env.create("b", &[("vsan-policy-name", "gold")]).unwrap();
-    env.create("c", &[]).unwrap();
+    env.create("a", &[("vsan-policy-name", "gold")]).await.unwrap();
+    env.create("b", &[("vsan-policy-name", "gold")]).await.unwrap();
+    env.create("c", &[]).await.unwrap();
 
     let v2 = r#"(("stripeWidth" i3))"#;
     let r = env.ok(&["policy", "update", "--name", "gold", "--content", v2]);
@@ -527,15 +538,15 @@ fn update_reapplies_reports_and_rolls_back() {
     );
 }
 
-#[test]
-fn set_changes_settings_under_the_volume_lock() {
+#[tokio::test]
+async fn set_changes_settings_under_the_volume_lock() {
     let env = Env::new();
-    env.create("v", &[]).unwrap();
+    env.create("v", &[]).await.unwrap();
     let meta = env.vol_file(&env.vsan, "v.vmfd");
 
     let r = env.ok(&["set", "--volume=v@vsanDatastore", "--options=access=read-only"]);
     assert_eq!(r.stdout, "Successfully updated settings for v@vsanDatastore\n");
-    let info = env.svc().get("v").unwrap();
+    let info = env.svc().get(&Caller::Admin, "v").await.unwrap();
     assert_eq!(info.access, AccessMode::ReadOnly);
     assert_eq!(info.attach_as, AttachAs::IndependentPersistent);
     env.ok(&[
@@ -545,7 +556,7 @@ fn set_changes_settings_under_the_volume_lock() {
         "--options",
         "attach-as=persistent, access=read-write",
     ]);
-    let info = env.svc().get("v").unwrap();
+    let info = env.svc().get(&Caller::Admin, "v").await.unwrap();
     assert_eq!(
         (info.access, info.attach_as),
         (AccessMode::ReadWrite, AttachAs::Persistent)
@@ -604,7 +615,10 @@ fn set_changes_settings_under_the_volume_lock() {
     drop(lock);
     let out: Run = child.wait_with_output().unwrap().into();
     assert_eq!(out.code, 0, "{out:?}");
-    assert_eq!(env.svc().get("v").unwrap().access, AccessMode::ReadOnly);
+    assert_eq!(
+        env.svc().get(&Caller::Admin, "v").await.unwrap().access,
+        AccessMode::ReadOnly
+    );
 }
 
 #[test]
@@ -680,13 +694,13 @@ impl Drop for Serve {
     }
 }
 
-#[test]
-fn status_reports_service_datastores_and_policies() {
+#[tokio::test]
+async fn status_reports_service_datastores_and_policies() {
     let env = Env::new();
     let sock = env.dir.path().join("agent.sock");
     let sock_s = sock.to_str().unwrap();
     env.ok(&["policy", "create", "--name", "SW=2", "--content", SW2]);
-    env.create("v", &[("vsan-policy-name", "SW=2")]).unwrap();
+    env.create("v", &[("vsan-policy-name", "SW=2")]).await.unwrap();
 
     let r = env.ok(&["status", "--socket", sock_s]);
     assert!(r.stdout.starts_with("=== Service:\nVersion: "), "{r:?}");

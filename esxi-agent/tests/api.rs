@@ -442,7 +442,7 @@ async fn foreign_disks_in_the_folder_are_never_touched() {
             .contains("legacy.vmdk exists but is not a vmdk volume"),
         "{v}"
     );
-    let report = f.svc.recover_on_start();
+    let report = f.svc.recover_on_start().await;
     assert!(report.collected.is_empty() && report.released.is_empty(), "{report:?}");
     assert_eq!(files(&dir), before);
     assert_eq!(std::fs::read(dir.join("legacy-flat.vmdk")).unwrap(), vec![7u8; 4096]);
@@ -479,7 +479,7 @@ async fn start_up_collects_what_cut_off_creates_and_removes_left() {
     std::fs::write(dir.join("busy-flat.vmdk"), "").unwrap();
     let busy = vmdk_agent::lock::VolumeLock::acquire(&dir.join("busy.lck")).unwrap();
 
-    let report = f.svc.recover_on_start();
+    let report = f.svc.recover_on_start().await;
     assert_eq!(report.collected, vec!["gone@local".to_owned(), "half@local".to_owned()]);
     assert!(report.released.is_empty());
     let mut expected = before.clone();
@@ -488,7 +488,7 @@ async fn start_up_collects_what_cut_off_creates_and_removes_left() {
     }
     assert_eq!(files(&dir).into_iter().collect::<BTreeSet<_>>(), expected);
     drop(busy);
-    let report = f.svc.recover_on_start();
+    let report = f.svc.recover_on_start().await;
     assert_eq!(report.collected, vec!["busy@local".to_owned()]);
     expected.retain(|f| !f.starts_with("busy"));
     assert_eq!(files(&dir).into_iter().collect::<BTreeSet<_>>(), expected);
@@ -531,7 +531,7 @@ async fn start_up_releases_devices_no_metadata_records() {
     std::fs::write(dir.join("gone.removing"), b"remove\n").unwrap();
     std::fs::write(dir.join("gone-flat.vmdk"), b"").unwrap();
     bind(&*f.loops, &dir.join("gone-flat.vmdk"));
-    let mut released = f.svc.release_unrecorded_attachments();
+    let mut released = f.svc.release_unrecorded_attachments().await;
     released.sort();
     assert_eq!(released, ["crashed@local", "gone@local"]);
     let bound: Vec<String> = f

@@ -12,6 +12,7 @@ use std::time::Duration;
 use vmdk_agent::backend::local::LocalBackend;
 use vmdk_agent::backend::loopdev::{FakeLoops, LoopDevices};
 use vmdk_agent::config::AgentConfig;
+use vmdk_agent::service::Caller;
 use vmdk_agent::{AgentError, VolumeService};
 use vmdk_protocol::{CreateRequest, ErrorCode};
 
@@ -48,14 +49,16 @@ impl Env {
         self.ds.join("dockvols/_DEFAULT")
     }
 
-    fn create(&self, name: &str, opts: &[(&str, &str)]) -> Result<vmdk_protocol::VolumeInfo, AgentError> {
-        self.svc.create(
-            "vmA",
-            &CreateRequest {
-                name: name.into(),
-                opts: opts.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
-            },
-        )
+    async fn create(&self, name: &str, opts: &[(&str, &str)]) -> Result<vmdk_protocol::VolumeInfo, AgentError> {
+        self.svc
+            .create(
+                &Caller::vm("vmA").unwrap(),
+                &CreateRequest {
+                    name: name.into(),
+                    opts: opts.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+                },
+            )
+            .await
     }
 
     /// A file outside the datastore with `content`, mode 0600.
@@ -80,32 +83,35 @@ fn message(e: &AgentError) -> String {
 /// Finding 3: planted temp-file and marker links never redirect a write;
 /// a planted link is refused with a message naming it, and the file it
 /// points at is untouched.
-#[test]
-fn planted_temp_and_marker_links_never_redirect_a_write() {
+#[tokio::test]
+async fn planted_temp_and_marker_links_never_redirect_a_write() {
     let env = Env::new();
-    env.create("seed", &[]).unwrap();
+    env.create("seed", &[]).await.unwrap();
     let a = env.outside_file("a", b"keep a\n");
     let b = env.outside_file("b", b"keep b\n");
     env.plant_link("v.vmdk.tmp", &a);
     env.plant_link("v.vmfd.tmp", &b);
-    env.create("v", &[("size", "10mb")]).unwrap();
-    env.svc.recover_on_start();
+    env.create("v", &[("size", "10mb")]).await.unwrap();
+    env.svc.recover_on_start().await;
 
     let c = env.outside_file("c", b"keep c\n");
     env.plant_link("w.creating", &c);
-    let e = env.create("w", &[]).unwrap_err();
+    let e = env.create("w", &[]).await.unwrap_err();
     assert!(
         message(&e).contains("[local] dockvols/_DEFAULT/w.creating is a symbolic link"),
         "{}",
         message(&e)
     );
 
-    env.create("x", &[]).unwrap();
+    env.create("x", &[]).await.unwrap();
     let d = env.outside_file("d", b"keep d\n");
     env.plant_link("x.removing", &d);
-    let e = env.svc.remove("vmA", "x").unwrap_err();
+    let e = env.svc.remove(&Caller::vm("vmA").unwrap(), "x").await.unwrap_err();
     assert!(message(&e).contains("x.removing is a symbolic link"), "{}", message(&e));
-    env.svc.get("x").expect("a refused remove leaves the volume");
+    env.svc
+        .get(&Caller::Admin, "x")
+        .await
+        .expect("a refused remove leaves the volume");
 
     for (p, want) in [(a, "keep a\n"), (b, "keep b\n"), (c, "keep c\n"), (d, "keep d\n")] {
         assert_eq!(std::fs::read_to_string(&p).unwrap(), want, "{}", p.display());
@@ -113,16 +119,19 @@ fn planted_temp_and_marker_links_never_redirect_a_write() {
 }
 
 /// Finding 3: a dangling `.lck` link makes root create nothing anywhere.
-#[test]
-fn a_dangling_lock_link_creates_nothing_outside() {
+#[tokio::test]
+async fn a_dangling_lock_link_creates_nothing_outside() {
     let env = Env::new();
-    env.create("v", &[]).unwrap();
+    env.create("v", &[]).await.unwrap();
     let target = env.outside.path().join("nologin");
     env.plant_link("v.lck", &target);
     for (what, res) in [
-        ("attach", env.svc.attach("vmA", "v").map(|_| ())),
-        ("detach", env.svc.detach("vmA", "v")),
-        ("remove", env.svc.remove("vmA", "v")),
+        (
+            "attach",
+            env.svc.attach(&Caller::vm("vmA").unwrap(), "v").await.map(|_| ()),
+        ),
+        ("detach", env.svc.detach(&Caller::vm("vmA").unwrap(), "v").await),
+        ("remove", env.svc.remove(&Caller::vm("vmA").unwrap(), "v").await),
     ] {
         let e = res.expect_err(what);
         assert!(
@@ -131,22 +140,22 @@ fn a_dangling_lock_link_creates_nothing_outside() {
             message(&e)
         );
     }
-    let e = env.create("w", &[("clone-from", "v")]).unwrap_err();
+    let e = env.create("w", &[("clone-from", "v")]).await.unwrap_err();
     assert!(message(&e).contains("v.lck"), "{}", message(&e));
     assert!(!target.exists(), "root created a file through a dangling link");
 }
 
 /// Finding 3: clone-from a source whose extent is a link to a secret
 /// copies nothing, and every extent vmdk writes is private.
-#[test]
-fn clone_from_a_linked_extent_copies_nothing() {
+#[tokio::test]
+async fn clone_from_a_linked_extent_copies_nothing() {
     let env = Env::new();
-    env.create("src", &[("size", "1mb")]).unwrap();
+    env.create("src", &[("size", "1mb")]).await.unwrap();
     let mut secret = format!("{SECRET}\n").into_bytes();
     secret.resize(1 << 20, b'S');
     let s = env.outside_file("secret", &secret);
     env.plant_link("src-flat.vmdk", &s);
-    let e = env.create("copy", &[("clone-from", "src")]).unwrap_err();
+    let e = env.create("copy", &[("clone-from", "src")]).await.unwrap_err();
     assert!(
         message(&e).contains("src-flat.vmdk is a symbolic link"),
         "{}",
@@ -157,24 +166,24 @@ fn clone_from_a_linked_extent_copies_nothing() {
 }
 
 /// Finding 3: Get never echoes a line of a file outside the datastore.
-#[test]
-fn get_never_echoes_an_outside_file() {
+#[tokio::test]
+async fn get_never_echoes_an_outside_file() {
     let env = Env::new();
-    env.create("v", &[]).unwrap();
+    env.create("v", &[]).await.unwrap();
     let s = env.outside_file("secret.txt", format!("RW 1 VMFS \"{SECRET}\n").as_bytes());
     env.plant_link("v.vmdk", &s);
-    let e = env.svc.get("v").unwrap_err();
+    let e = env.svc.get(&Caller::Admin, "v").await.unwrap_err();
     assert!(!message(&e).contains(SECRET), "{}", message(&e));
     assert!(message(&e).contains("v.vmdk is a symbolic link"), "{}", message(&e));
 }
 
 /// Finding 5: folders 0700, files 0600; an extent an older version wrote
 /// 0644 is made private at its next attach.
-#[test]
-fn files_and_folders_are_private() {
+#[tokio::test]
+async fn files_and_folders_are_private() {
     let env = Env::new();
-    env.create("v", &[]).unwrap();
-    env.svc.recover_on_start();
+    env.create("v", &[]).await.unwrap();
+    env.svc.recover_on_start().await;
     let mode = |p: &Path| std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&env.ds.join("dockvols")), 0o700);
     assert_eq!(mode(&env.folder()), 0o700);
@@ -183,32 +192,29 @@ fn files_and_folders_are_private() {
     }
     let flat = env.folder().join("v-flat.vmdk");
     std::fs::set_permissions(&flat, std::fs::Permissions::from_mode(0o644)).unwrap();
-    env.svc.attach("vmA", "v").unwrap();
+    env.svc.attach(&Caller::vm("vmA").unwrap(), "v").await.unwrap();
     assert_eq!(mode(&flat), 0o600);
     // Looser folders left by an older version are tightened at start.
     std::fs::set_permissions(env.folder(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    env.svc.recover_on_start();
+    env.svc.recover_on_start().await;
     assert_eq!(mode(&env.folder()), 0o700);
 }
 
-/// Runs `f` on a thread; a hang fails the test instead of hanging it.
-fn within<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    rx.recv_timeout(Duration::from_secs(30))
+/// Awaits `f` with a deadline; a hang fails the test instead of hanging it.
+async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(30), f)
+        .await
         .unwrap_or_else(|_| panic!("{what} hung"))
 }
 
 /// Findings 9 and 10: FIFOs and endless files in place of a sidecar or
 /// descriptor are refused without blocking or reading without bound, and
 /// only their volume reports an error.
-#[test]
-fn fifos_and_endless_files_never_hang_or_exhaust() {
+#[tokio::test]
+async fn fifos_and_endless_files_never_hang_or_exhaust() {
     let env = Env::new();
     for v in ["fifo1", "fifo2", "zero1", "zero2", "huge", "good"] {
-        env.create(v, &[]).unwrap();
+        env.create(v, &[]).await.unwrap();
     }
     let dir = env.folder();
     let fifo = |n: &str| {
@@ -225,8 +231,8 @@ fn fifos_and_endless_files_never_hang_or_exhaust() {
         .unwrap()
         .set_len(1 << 32)
         .unwrap();
-    let svc = env.svc.clone();
-    let list = within("List", move || svc.list()).unwrap();
+    let admin = Caller::Admin;
+    let list = within("List", env.svc.list(&admin)).await.unwrap();
     let names: Vec<&str> = list.iter().map(|v| v.volume.as_str()).collect();
     assert_eq!(names, ["good"], "only the healthy volume lists");
     for (v, what) in [
@@ -236,96 +242,92 @@ fn fifos_and_endless_files_never_hang_or_exhaust() {
         ("zero2", "zero2.vmdk is a symbolic link"),
         ("huge", "huge.vmfd is larger than 65536 bytes"),
     ] {
-        let svc = env.svc.clone();
-        let name = v.to_owned();
-        let e = within(v, move || svc.get(&name)).unwrap_err();
+        let e = within(v, env.svc.get(&admin, v)).await.unwrap_err();
         assert!(message(&e).contains(what), "{v}: {}", message(&e));
-        let svc = env.svc.clone();
-        let name = v.to_owned();
-        within(v, move || svc.attach("vmA", &name)).unwrap_err();
+        within(v, env.svc.attach(&Caller::vm("vmA").unwrap(), v))
+            .await
+            .unwrap_err();
     }
-    let svc = env.svc.clone();
-    within("inventory", move || svc.inventory()).unwrap();
-    let svc = env.svc.clone();
-    within("start-up", move || svc.recover_on_start());
-    env.svc.get("good").unwrap();
+    within("inventory", env.svc.inventory()).await.unwrap();
+    within("start-up", env.svc.recover_on_start()).await;
+    env.svc.get(&Caller::Admin, "good").await.unwrap();
 }
 
 /// Finding 13: a descriptor whose size overflows, or is zero, is an error
 /// for Get, attach and clone, never a 0-byte disk.
-#[test]
-fn absurd_descriptor_sizes_are_errors() {
+#[tokio::test]
+async fn absurd_descriptor_sizes_are_errors() {
     let env = Env::new();
-    env.create("v", &[("size", "1mb")]).unwrap();
+    env.create("v", &[("size", "1mb")]).await.unwrap();
     let p = env.folder().join("v.vmdk");
     let text = std::fs::read_to_string(&p).unwrap();
     for sectors in [1u64 << 55, 0] {
         let crafted = text.replace("RW 2048 VMFS", &format!("RW {sectors} VMFS"));
         assert_ne!(crafted, text);
         std::fs::write(&p, &crafted).unwrap();
-        let e = env.svc.get("v").unwrap_err();
+        let e = env.svc.get(&Caller::Admin, "v").await.unwrap_err();
         assert!(
             message(&e).contains(&format!("declare {sectors} sectors")),
             "{}",
             message(&e)
         );
-        let e = env.create("copy", &[("clone-from", "v")]).unwrap_err();
+        let e = env.create("copy", &[("clone-from", "v")]).await.unwrap_err();
         assert_eq!(e.code(), ErrorCode::Backend, "{}", message(&e));
         assert!(!env.folder().join("copy-flat.vmdk").exists());
-        env.svc.attach("vmA", "v").unwrap_err();
+        env.svc.attach(&Caller::vm("vmA").unwrap(), "v").await.unwrap_err();
         assert!(env.loops.list().unwrap().is_empty(), "a device was bound");
     }
 }
 
 /// Finding 15: a volume whose extent is gone is not healthy.
-#[test]
-fn a_missing_extent_is_an_error_not_a_healthy_volume() {
+#[tokio::test]
+async fn a_missing_extent_is_an_error_not_a_healthy_volume() {
     let env = Env::new();
-    env.create("v", &[]).unwrap();
+    env.create("v", &[]).await.unwrap();
     std::fs::remove_file(env.folder().join("v-flat.vmdk")).unwrap();
-    let e = env.svc.get("v").unwrap_err();
+    let e = env.svc.get(&Caller::Admin, "v").await.unwrap_err();
     assert!(
         message(&e).contains("[local] dockvols/_DEFAULT/v-flat.vmdk is missing"),
         "{}",
         message(&e)
     );
-    env.svc.attach("vmA", "v").unwrap_err();
+    env.svc.attach(&Caller::vm("vmA").unwrap(), "v").await.unwrap_err();
 }
 
 /// Finding 6: a detach of a device that is still open fails `in_use`,
 /// the volume stays recorded as attached, and another VM is not handed
 /// the live device.
-#[test]
-fn a_busy_device_is_never_detached_or_handed_out() {
+#[tokio::test]
+async fn a_busy_device_is_never_detached_or_handed_out() {
     let env = Env::new();
-    env.create("v", &[]).unwrap();
-    let att = env.svc.attach("vmA", "v").unwrap();
+    env.create("v", &[]).await.unwrap();
+    let att = env.svc.attach(&Caller::vm("vmA").unwrap(), "v").await.unwrap();
     let dev = PathBuf::from(att.device.unwrap());
     env.loops.hold(&dev, true);
-    let e = env.svc.detach("vmA", "v").unwrap_err();
+    let e = env.svc.detach(&Caller::vm("vmA").unwrap(), "v").await.unwrap_err();
     assert_eq!(e.code(), ErrorCode::InUse, "{}", message(&e));
     assert!(message(&e).contains("still in use"), "{}", message(&e));
-    let info = env.svc.get("v").unwrap();
+    let info = env.svc.get(&Caller::Admin, "v").await.unwrap();
     assert_eq!(info.attached_to.as_deref(), Some("vmA"));
-    let e = env.svc.attach("vmB", "v").unwrap_err();
+    let e = env.svc.attach(&Caller::vm("vmB").unwrap(), "v").await.unwrap_err();
     assert_eq!(e.code(), ErrorCode::AttachedElsewhere, "{}", message(&e));
     env.loops.hold(&dev, false);
-    env.svc.detach("vmA", "v").unwrap();
+    env.svc.detach(&Caller::vm("vmA").unwrap(), "v").await.unwrap();
     assert!(env.loops.list().unwrap().is_empty());
-    env.svc.attach("vmB", "v").unwrap();
+    env.svc.attach(&Caller::vm("vmB").unwrap(), "v").await.unwrap();
 }
 
 /// Errors name datastore files in ESXi form, never by host path.
-#[test]
-fn errors_name_files_in_datastore_form() {
+#[tokio::test]
+async fn errors_name_files_in_datastore_form() {
     let env = Env::new();
-    env.create("v", &[]).unwrap();
+    env.create("v", &[]).await.unwrap();
     std::fs::write(env.folder().join("v.vmfd"), "{broken").unwrap();
     let root = env.ds.display().to_string();
     for e in [
-        env.svc.get("v").unwrap_err(),
-        env.svc.get("missing").unwrap_err(),
-        env.svc.attach("vmA", "v").unwrap_err(),
+        env.svc.get(&Caller::Admin, "v").await.unwrap_err(),
+        env.svc.get(&Caller::Admin, "missing").await.unwrap_err(),
+        env.svc.attach(&Caller::vm("vmA").unwrap(), "v").await.unwrap_err(),
     ] {
         assert!(!message(&e).contains(&root), "{}", message(&e));
         assert!(message(&e).contains("[local] dockvols/_DEFAULT/"), "{}", message(&e));

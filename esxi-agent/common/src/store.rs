@@ -773,6 +773,11 @@ pub struct FileLock {
 }
 
 impl FileLock {
+    /// The directory holding the lock file.
+    pub fn dir(&self) -> &Dir {
+        &self.dir
+    }
+
     /// Unlinks the lock file (what it guards is gone); the lock itself is
     /// released on drop. A file that is no longer ours under that name is
     /// left alone.

@@ -32,6 +32,10 @@ pub enum ErrorCode {
     AttachedElsewhere,
     /// The `VM-Id` header is missing or malformed.
     MissingVmId,
+    /// Every slot of the VM's disk controllers is taken.
+    NoFreeSlot,
+    /// The hypervisor did not answer, or a task did not finish, in time.
+    Timeout,
     /// The disk backend (loop devices, the hypervisor) failed.
     Backend,
     /// Reading or writing the datastore failed.
@@ -56,6 +60,8 @@ impl ErrorCode {
             Self::InUse => "in_use",
             Self::AttachedElsewhere => "attached_elsewhere",
             Self::MissingVmId => "missing_vm_id",
+            Self::NoFreeSlot => "no_free_slot",
+            Self::Timeout => "timeout",
             Self::Backend => "backend",
             Self::Io => "io",
             Self::Internal => "internal",

@@ -18,11 +18,11 @@ use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use vmdk_protocol::DiskFormat;
+use vmdk_protocol::{AttachAs, DiskFormat, DiskLocation};
 
 use super::loopdev::LoopDevices;
 use super::{Attachment, BackendError, DiskBackend, DiskInfo, DiskRef};
-use crate::datastore::{LocalFolder, VolumeFiles};
+use crate::datastore::{Datastore, LocalFolder, VolumeFiles};
 use crate::fsutil::sparse_copy;
 use crate::store::{tighten_file_mode, Access, FileId, FileKind, StoreError, FILE_MODE};
 use crate::vmdk::{new_disk_uuid, Descriptor, MAX_DESCRIPTOR_BYTES};
@@ -257,12 +257,8 @@ impl LocalBackend {
     }
 }
 
-impl DiskBackend for LocalBackend {
-    fn kind(&self) -> &'static str {
-        "local"
-    }
-
-    fn create_disk(
+impl LocalBackend {
+    fn create_disk_blocking(
         &self,
         disk: &DiskRef<'_>,
         capacity_bytes: u64,
@@ -271,7 +267,12 @@ impl DiskBackend for LocalBackend {
         Self::write_new_disk(disk, capacity_bytes, format, |_| Ok(()))
     }
 
-    fn clone_disk(&self, src: &DiskRef<'_>, dst: &DiskRef<'_>, format: DiskFormat) -> Result<DiskInfo, BackendError> {
+    fn clone_disk_blocking(
+        &self,
+        src: &DiskRef<'_>,
+        dst: &DiskRef<'_>,
+        format: DiskFormat,
+    ) -> Result<DiskInfo, BackendError> {
         let folder = Self::existing_folder(src)?;
         let files = src.files();
         let desc = Self::own_descriptor(&folder, src, &files)?;
@@ -282,7 +283,7 @@ impl DiskBackend for LocalBackend {
         Self::write_new_disk(dst, capacity, format, |out| sparse_copy(&input, out, capacity))
     }
 
-    fn delete_disk(&self, disk: &DiskRef<'_>) -> Result<(), BackendError> {
+    fn delete_disk_blocking(&self, disk: &DiskRef<'_>) -> Result<(), BackendError> {
         let Some(folder) = Self::folder(disk, false)? else {
             return Ok(());
         };
@@ -294,7 +295,7 @@ impl DiskBackend for LocalBackend {
         Ok(())
     }
 
-    fn disk_info(&self, disk: &DiskRef<'_>) -> Result<DiskInfo, BackendError> {
+    fn disk_info_blocking(&self, disk: &DiskRef<'_>) -> Result<DiskInfo, BackendError> {
         let folder = Self::existing_folder(disk)?;
         let files = disk.files();
         let desc = Self::read_descriptor(&folder, disk, &files)?;
@@ -332,7 +333,7 @@ impl DiskBackend for LocalBackend {
         })
     }
 
-    fn attach(&self, _vm: &str, disk: &DiskRef<'_>) -> Result<Attachment, BackendError> {
+    fn attach_blocking(&self, disk: &DiskRef<'_>) -> Result<Attachment, BackendError> {
         let folder = Self::existing_folder(disk)?;
         let files = disk.files();
         let desc = Self::own_descriptor(&folder, disk, &files)?;
@@ -340,9 +341,7 @@ impl DiskBackend for LocalBackend {
         // Extents written by older versions were 0644.
         let _ = tighten_file_mode(&extent, FILE_MODE);
         if let Some(dev) = self.bound_devices(&extent, disk)?.into_iter().next() {
-            return Ok(Attachment {
-                device: Some(dev.display().to_string()),
-            });
+            return Ok(device_attachment(&dev));
         }
         let name = real_path(&extent).unwrap_or_else(|| PathBuf::from(&files.flat));
         let dev = self
@@ -353,12 +352,10 @@ impl DiskBackend for LocalBackend {
                 device: disk.shown(&files.flat).to_string(),
                 source,
             })?;
-        Ok(Attachment {
-            device: Some(dev.display().to_string()),
-        })
+        Ok(device_attachment(&dev))
     }
 
-    fn detach(&self, disk: &DiskRef<'_>) -> Result<(), BackendError> {
+    fn detach_blocking(&self, disk: &DiskRef<'_>) -> Result<(), BackendError> {
         let Some(extent) = Self::current_extent(disk)? else {
             return Ok(());
         };
@@ -385,7 +382,7 @@ impl DiskBackend for LocalBackend {
         Ok(())
     }
 
-    fn apply_policy(&self, disk: &DiskRef<'_>, name: &str, _content: &str) -> Result<(), BackendError> {
+    fn apply_policy_blocking(&self, disk: &DiskRef<'_>, name: &str, _content: &str) -> Result<(), BackendError> {
         // A directory datastore has no storage policy to set: the policy is
         // recorded in the volume's metadata by the service. The disk must
         // still be there, as it must be for a real backend.
@@ -403,7 +400,7 @@ impl DiskBackend for LocalBackend {
         Ok(())
     }
 
-    fn attached_extents(&self) -> Result<Vec<(PathBuf, Attachment)>, BackendError> {
+    fn attached_extents_blocking(&self) -> Result<Vec<(PathBuf, Attachment)>, BackendError> {
         let list = self.loops.list().map_err(|source| BackendError::Device {
             op: "list loop devices",
             device: "/sys/block".into(),
@@ -411,18 +408,11 @@ impl DiskBackend for LocalBackend {
         })?;
         Ok(list
             .into_iter()
-            .map(|(dev, backing)| {
-                (
-                    backing,
-                    Attachment {
-                        device: Some(dev.display().to_string()),
-                    },
-                )
-            })
+            .map(|(dev, backing)| (backing, device_attachment(&dev)))
             .collect())
     }
 
-    fn attachment(&self, disk: &DiskRef<'_>) -> Result<Option<Attachment>, BackendError> {
+    fn attachment_blocking(&self, disk: &DiskRef<'_>) -> Result<Option<Attachment>, BackendError> {
         let Some(extent) = Self::current_extent(disk)? else {
             return Ok(None);
         };
@@ -430,8 +420,127 @@ impl DiskBackend for LocalBackend {
             .bound_devices(&extent, disk)?
             .into_iter()
             .next()
-            .map(|d| Attachment {
-                device: Some(d.display().to_string()),
-            }))
+            .map(|d| device_attachment(&d)))
+    }
+}
+
+/// A loop device as an attachment: the guest is this host, and the VM is
+/// what the service's records say.
+fn device_attachment(dev: &std::path::Path) -> Attachment {
+    Attachment {
+        vm: None,
+        location: DiskLocation::Device {
+            path: dev.display().to_string(),
+        },
+    }
+}
+
+/// A [`DiskRef`] that can move to a blocking thread.
+#[derive(Debug, Clone)]
+struct OwnedDisk {
+    datastore: Datastore,
+    vmgroup: String,
+    volume: String,
+}
+
+impl OwnedDisk {
+    fn of(d: &DiskRef<'_>) -> Self {
+        Self {
+            datastore: d.datastore.clone(),
+            vmgroup: d.vmgroup.to_owned(),
+            volume: d.volume.to_owned(),
+        }
+    }
+
+    fn r(&self) -> DiskRef<'_> {
+        DiskRef {
+            datastore: &self.datastore,
+            vmgroup: &self.vmgroup,
+            volume: &self.volume,
+        }
+    }
+}
+
+impl LocalBackend {
+    /// Runs a blocking file or device call on tokio's blocking pool.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&LocalBackend) -> Result<T, BackendError> + Send + 'static,
+    ) -> Result<T, BackendError> {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || f(&me))
+            .await
+            .map_err(|e| BackendError::Device {
+                op: "run a blocking call for",
+                device: "the local backend".into(),
+                source: io::Error::other(e.to_string()),
+            })?
+    }
+}
+
+#[async_trait::async_trait]
+impl DiskBackend for LocalBackend {
+    fn kind(&self) -> &'static str {
+        "local"
+    }
+
+    async fn create_disk(
+        &self,
+        disk: &DiskRef<'_>,
+        capacity_bytes: u64,
+        format: DiskFormat,
+    ) -> Result<DiskInfo, BackendError> {
+        let d = OwnedDisk::of(disk);
+        self.blocking(move |b| b.create_disk_blocking(&d.r(), capacity_bytes, format))
+            .await
+    }
+
+    async fn clone_disk(
+        &self,
+        src: &DiskRef<'_>,
+        dst: &DiskRef<'_>,
+        format: DiskFormat,
+    ) -> Result<DiskInfo, BackendError> {
+        let (s, d) = (OwnedDisk::of(src), OwnedDisk::of(dst));
+        self.blocking(move |b| b.clone_disk_blocking(&s.r(), &d.r(), format))
+            .await
+    }
+
+    async fn delete_disk(&self, disk: &DiskRef<'_>) -> Result<(), BackendError> {
+        let d = OwnedDisk::of(disk);
+        self.blocking(move |b| b.delete_disk_blocking(&d.r())).await
+    }
+
+    async fn disk_info(&self, disk: &DiskRef<'_>) -> Result<DiskInfo, BackendError> {
+        let d = OwnedDisk::of(disk);
+        self.blocking(move |b| b.disk_info_blocking(&d.r())).await
+    }
+
+    async fn attach(&self, _vm: &str, disk: &DiskRef<'_>, _attach_as: AttachAs) -> Result<Attachment, BackendError> {
+        // A loop device has no disk mode: independent or not, writes go to
+        // the extent.
+        let d = OwnedDisk::of(disk);
+        self.blocking(move |b| b.attach_blocking(&d.r())).await
+    }
+
+    async fn detach(&self, _vm: &str, disk: &DiskRef<'_>) -> Result<(), BackendError> {
+        let d = OwnedDisk::of(disk);
+        self.blocking(move |b| b.detach_blocking(&d.r())).await
+    }
+
+    async fn attachment(&self, disk: &DiskRef<'_>) -> Result<Option<Attachment>, BackendError> {
+        let d = OwnedDisk::of(disk);
+        self.blocking(move |b| b.attachment_blocking(&d.r())).await
+    }
+
+    async fn apply_policy(&self, disk: &DiskRef<'_>, name: &str, content: &str) -> Result<(), BackendError> {
+        let d = OwnedDisk::of(disk);
+        let (name, content) = (name.to_owned(), content.to_owned());
+        self.blocking(move |b| b.apply_policy_blocking(&d.r(), &name, &content))
+            .await
+    }
+
+    async fn attached_extents(&self) -> Result<Vec<(PathBuf, Attachment)>, BackendError> {
+        self.blocking(|b| b.attached_extents_blocking()).await
     }
 }

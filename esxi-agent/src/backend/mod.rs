@@ -14,7 +14,7 @@ use std::fmt;
 use std::io;
 use std::path::PathBuf;
 
-use vmdk_protocol::{DiskFormat, ErrorCode};
+use vmdk_protocol::{AttachAs, DiskFormat, DiskLocation, ErrorCode};
 
 use crate::datastore::{Datastore, VolumeFiles};
 use crate::store::{DsPath, StoreError};
@@ -62,8 +62,22 @@ pub struct DiskInfo {
 /// A live attachment of a disk to a VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Attachment {
-    /// Block device node in the guest, when the backend knows it.
-    pub device: Option<String>,
+    /// The VM the disk is attached to, when the backend knows it (a
+    /// hypervisor does; a loop device does not, and the service's records
+    /// say).
+    pub vm: Option<String>,
+    /// Where the guest finds the disk.
+    pub location: DiskLocation,
+}
+
+impl Attachment {
+    /// The block device node, for backends that attach on this host.
+    pub fn device(&self) -> Option<&str> {
+        match &self.location {
+            DiskLocation::Device { path } => Some(path),
+            DiskLocation::Scsi { .. } => None,
+        }
+    }
 }
 
 /// Why a backend operation failed. Files are named as [`DsPath`]s, never
@@ -126,56 +140,112 @@ pub enum BackendError {
         /// The device.
         device: String,
     },
+    /// The hypervisor does not know an object (a VM, a datastore, a disk).
+    #[error("{what} not found")]
+    NotFound {
+        /// What, e.g. `VM with BIOS UUID 4211...`.
+        what: String,
+    },
+    /// The operation conflicts with the state of the disk (attached to
+    /// another VM, locked, ...).
+    #[error("{what}")]
+    Conflict {
+        /// What is in the way.
+        what: String,
+    },
+    /// Every slot on the VM's controllers is taken (the original's text).
+    #[error(
+        "Failed to add disk to VM {vm}: maximum number of supported volumes attached ({max}); detach a volume first"
+    )]
+    NoFreeSlot {
+        /// The VM.
+        vm: String,
+        /// How many volumes a VM can hold.
+        max: u32,
+    },
+    /// The hypervisor refused or failed a call; its own text.
+    #[error("{method} failed: {fault}: {message}")]
+    Fault {
+        /// The call, e.g. `ReconfigVM_Task`.
+        method: String,
+        /// The fault type, e.g. `FileNotFound`.
+        fault: String,
+        /// The hypervisor's message.
+        message: String,
+    },
+    /// The hypervisor did not answer, or a task did not finish, in time.
+    #[error("{what} did not finish within {after:?}")]
+    Timeout {
+        /// What was waited for.
+        what: String,
+        /// How long.
+        after: std::time::Duration,
+    },
 }
 
 impl BackendError {
     /// The wire code (one exhaustive match).
     pub fn code(&self) -> ErrorCode {
         match self {
-            Self::Busy { .. } => ErrorCode::InUse,
+            Self::Busy { .. } | Self::Conflict { .. } => ErrorCode::InUse,
+            Self::NoFreeSlot { .. } => ErrorCode::NoFreeSlot,
+            Self::Timeout { .. } => ErrorCode::Timeout,
             Self::Store(_)
             | Self::Missing { .. }
             | Self::Descriptor { .. }
             | Self::Inconsistent { .. }
-            | Self::Io { .. } => ErrorCode::Backend,
-            Self::Device { .. } => ErrorCode::Backend,
+            | Self::Io { .. }
+            | Self::Device { .. }
+            | Self::Fault { .. }
+            // Not `not_found`: that code means "no such volume", and Docker
+            // forgets a volume it is told does not exist. A volume whose VM
+            // or disk the hypervisor cannot find is damaged, not gone.
+            | Self::NotFound { .. } => ErrorCode::Backend,
         }
     }
 }
 
-/// Creates, deletes, attaches and detaches disks.
+/// Creates, deletes, attaches and detaches disks. Async, because a
+/// hypervisor is a remote peer; the `local` backend runs its blocking file
+/// and device calls on tokio's blocking pool.
 ///
 /// Contract for every implementation:
 /// * `create_disk` writes a complete disk or returns an error having removed
 ///   what it wrote;
 /// * `delete_disk`, `detach` succeed when there is nothing to do; neither
 ///   ever deletes or releases what is not the named volume's;
-/// * `detach` succeeds only when the disk really was released;
+/// * `detach` succeeds only when the disk really was released from `vm`;
 /// * `attach` returns the existing attachment when the disk is already
-///   attached, so a retried attach is harmless;
+///   attached to `vm`, so a retried attach is harmless;
 /// * `attachment` reports the live state, not what metadata says.
+#[async_trait::async_trait]
 pub trait DiskBackend: Send + Sync + fmt::Debug {
     /// Backend name shown by `GET /v1/version` (`local`, `vsphere`).
     fn kind(&self) -> &'static str;
-    /// Creates descriptor and extent for a new disk.
-    fn create_disk(
+    /// Creates a new disk.
+    async fn create_disk(
         &self,
         disk: &DiskRef<'_>,
         capacity_bytes: u64,
         format: DiskFormat,
     ) -> Result<DiskInfo, BackendError>;
     /// Copies a detached disk into a new one with the given format.
-    fn clone_disk(&self, src: &DiskRef<'_>, dst: &DiskRef<'_>, format: DiskFormat) -> Result<DiskInfo, BackendError>;
-    /// Deletes descriptor and extent.
-    fn delete_disk(&self, disk: &DiskRef<'_>) -> Result<(), BackendError>;
+    async fn clone_disk(
+        &self,
+        src: &DiskRef<'_>,
+        dst: &DiskRef<'_>,
+        format: DiskFormat,
+    ) -> Result<DiskInfo, BackendError>;
+    /// Deletes the disk.
+    async fn delete_disk(&self, disk: &DiskRef<'_>) -> Result<(), BackendError>;
     /// What is known about the disk; an error when it is not whole.
-    fn disk_info(&self, disk: &DiskRef<'_>) -> Result<DiskInfo, BackendError>;
+    async fn disk_info(&self, disk: &DiskRef<'_>) -> Result<DiskInfo, BackendError>;
     /// Attaches the disk to `vm` (or returns the existing attachment).
-    fn attach(&self, vm: &str, disk: &DiskRef<'_>) -> Result<Attachment, BackendError>;
-    /// Detaches the disk from whatever it is attached to.
-    fn detach(&self, disk: &DiskRef<'_>) -> Result<(), BackendError>;
+    async fn attach(&self, vm: &str, disk: &DiskRef<'_>, attach_as: AttachAs) -> Result<Attachment, BackendError>;
+    /// Detaches the disk from `vm`.
+    async fn detach(&self, vm: &str, disk: &DiskRef<'_>) -> Result<(), BackendError>;
     /// The live attachment, if any.
-    fn attachment(&self, disk: &DiskRef<'_>) -> Result<Option<Attachment>, BackendError>;
+    async fn attachment(&self, disk: &DiskRef<'_>) -> Result<Option<Attachment>, BackendError>;
     /// Applies VSAN policy `name`, whose expression is `content`, to an
     /// existing disk (at create, and again for each volume using the policy
     /// when `vmdk-agent policy update` changes it). The service records the
@@ -183,10 +253,11 @@ pub trait DiskBackend: Send + Sync + fmt::Debug {
     /// follow it (`vsphere`: set the policy of the disk's vSAN object;
     /// `local`: there is nothing to apply to a file, so applying means only
     /// that recording). Fails when the disk does not exist.
-    fn apply_policy(&self, disk: &DiskRef<'_>, name: &str, content: &str) -> Result<(), BackendError>;
-    /// Every extent this backend currently has attached, by the host path
-    /// the kernel shows, with its attachment. The service uses it at start
-    /// to release attachments no metadata records (an agent killed between
-    /// binding a device and writing the sidecar).
-    fn attached_extents(&self) -> Result<Vec<(PathBuf, Attachment)>, BackendError>;
+    async fn apply_policy(&self, disk: &DiskRef<'_>, name: &str, content: &str) -> Result<(), BackendError>;
+    /// Every disk this backend currently has attached on this host, by the
+    /// host path the kernel shows, with its attachment. The service uses it
+    /// at start to release attachments no metadata records (an agent killed
+    /// between binding a device and writing the sidecar). Backends that do
+    /// not attach on this host return nothing.
+    async fn attached_extents(&self) -> Result<Vec<(PathBuf, Attachment)>, BackendError>;
 }

@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use futures_util::stream::{self, StreamExt};
 use serde::Serialize;
 use vmdk_protocol::options::{self as opt, VolumeOptions};
 use vmdk_protocol::{AccessMode, AttachAs, VolumeInfo};
@@ -67,27 +68,35 @@ pub struct DatastoreUsage {
     pub total_bytes: Option<u64>,
 }
 
-/// Runs `f` over `items` on a few threads, keeping the order. Listing is
-/// dominated by small reads of many files, which overlap well.
-fn par_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
-    const PER_THREAD: usize = 256;
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let threads = (cpus * 2).min(items.len().div_ceil(PER_THREAD)).max(1);
-    if threads == 1 {
-        return items.iter().map(f).collect();
+/// How many volumes are read at once when listing: file reads of many small
+/// files (or requests to a hypervisor) overlap well.
+const LIST_CONCURRENCY: usize = 16;
+
+/// Checks that policy `name` may be used for a new volume on `ds` and
+/// returns the shared policy lock to hold until the volume's metadata is
+/// written. Blocking (policy files).
+pub(super) fn use_policy(
+    datastores: &[Datastore],
+    ds: &Datastore,
+    name: &str,
+) -> Result<Option<PolicyLock>, AgentError> {
+    if !ds.vsan {
+        return Err(PolicyError::NotVsan {
+            datastore: ds.name.clone(),
+        }
+        .into());
     }
-    let chunk = items.len().div_ceil(threads);
-    let f = &f;
-    std::thread::scope(|s| {
-        let handles: Vec<_> = items
-            .chunks(chunk)
-            .map(|c| s.spawn(move || c.iter().map(f).collect::<Vec<R>>()))
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().expect("listing thread panicked"))
-            .collect()
-    })
+    policy::validate_name(name)?;
+    let store = PolicyStore::of(datastores)?;
+    let lock = store.lock_shared()?;
+    if lock.is_none() || store.read(name)?.is_none() {
+        return Err(PolicyError::NotFound {
+            name: name.to_owned(),
+            available: store.names()?,
+        }
+        .into());
+    }
+    Ok(lock)
 }
 
 impl VolumeService {
@@ -96,54 +105,37 @@ impl VolumeService {
         Ok(PolicyStore::of(&self.datastores)?)
     }
 
-    /// Checks that policy `name` may be used for a new volume on `ds` and
-    /// returns the shared policy lock to hold until the volume's metadata
-    /// is written.
-    pub(super) fn use_policy(&self, ds: &Datastore, name: &str) -> Result<Option<PolicyLock>, AgentError> {
-        if !ds.vsan {
-            return Err(PolicyError::NotVsan {
-                datastore: ds.name.clone(),
-            }
-            .into());
-        }
-        policy::validate_name(name)?;
-        let store = self.policy_store()?;
-        let lock = store.lock_shared()?;
-        if lock.is_none() || store.read(name)?.is_none() {
-            return Err(PolicyError::NotFound {
-                name: name.to_owned(),
-                available: store.names()?,
-            }
-            .into());
-        }
-        Ok(lock)
-    }
-
     /// Applies the create options' policy to a just-created disk; on
     /// failure the disk is deleted, so the create leaves nothing behind.
-    pub(super) fn apply_new_policy(&self, t: &Target<'_>, opts: &VolumeOptions) -> Result<(), AgentError> {
+    pub(super) async fn apply_new_policy(&self, t: &Target<'_>, opts: &VolumeOptions) -> Result<(), AgentError> {
         let Some(name) = &opts.vsan_policy else {
             return Ok(());
         };
         // On failure, create deletes the new disk.
-        self.policy_store().and_then(|store| {
-            let content = store.read(name)?.ok_or_else(|| PolicyError::NotFound {
-                name: name.clone(),
-                available: Vec::new(),
-            })?;
-            self.backend
-                .apply_policy(&t.disk(), name, &content)
-                .map_err(Self::backend_err(t))
-        })
+        let store = self.policy_store()?;
+        let content = store.read(name)?.ok_or_else(|| PolicyError::NotFound {
+            name: name.clone(),
+            available: Vec::new(),
+        })?;
+        self.backend
+            .apply_policy(&t.disk(), name, &content)
+            .await
+            .map_err(Self::backend_err(t))
     }
 
     /// Every volume on every datastore: a target per `<vol>.vmfd` entry,
     /// with its folder (opened once per datastore, shared by the threads).
     #[allow(clippy::type_complexity)]
-    fn volume_targets(&self) -> Result<Vec<(Target<'_>, Arc<dyn VolumeFolder>)>, AgentError> {
+    async fn volume_targets(&self) -> Result<Vec<(Target<'_>, Arc<dyn VolumeFolder>)>, AgentError> {
         let mut out = Vec::new();
         for ds in &self.datastores {
-            let folder: Arc<dyn VolumeFolder> = match ds.folder(DEFAULT_VMGROUP, false) {
+            let opened = {
+                let ds = ds.clone();
+                tokio::task::spawn_blocking(move || ds.folder(DEFAULT_VMGROUP, false))
+                    .await
+                    .map_err(|e| AgentError::Internal(format!("worker failed: {e}")))?
+            };
+            let folder: Arc<dyn VolumeFolder> = match opened {
                 Ok(Some(f)) => Arc::new(f),
                 Ok(None) => continue,
                 Err(source) => {
@@ -153,7 +145,7 @@ impl VolumeService {
                     })
                 }
             };
-            let entries = folder.list().map_err(|source| AgentError::Store {
+            let entries = folder.list().await.map_err(|source| AgentError::Store {
                 name: format!("*@{}", ds.name),
                 source,
             })?;
@@ -179,9 +171,10 @@ impl VolumeService {
 
     /// Every volume's metadata, read in parallel; unreadable ones are
     /// logged and skipped.
-    fn all_metadata(&self) -> Result<Vec<(Target<'_>, VolumeMeta)>, AgentError> {
-        let targets = self.volume_targets()?;
-        let metas = par_map(&targets, |(t, f)| Self::load_meta(t, &**f));
+    async fn all_metadata(&self) -> Result<Vec<(Target<'_>, VolumeMeta)>, AgentError> {
+        let targets = self.volume_targets().await?;
+        let reads: Vec<_> = targets.iter().map(|(t, f)| Self::load_meta(t, &**f)).collect();
+        let metas: Vec<_> = stream::iter(reads).buffered(LIST_CONCURRENCY).collect().await;
         Ok(targets
             .into_iter()
             .zip(metas)
@@ -196,10 +189,18 @@ impl VolumeService {
             .collect())
     }
 
+    /// One volume's info, `None` when it has no sidecar (any more).
+    async fn volume_info(&self, t: &Target<'_>, f: &dyn VolumeFolder) -> Result<Option<VolumeInfo>, AgentError> {
+        match Self::load_meta(t, f).await? {
+            Some(m) => self.info(t, &m).await.map(Some),
+            None => Ok(None),
+        }
+    }
+
     /// Volumes whose metadata names each policy.
-    fn policy_users(&self) -> Result<BTreeMap<String, Vec<String>>, AgentError> {
+    async fn policy_users(&self) -> Result<BTreeMap<String, Vec<String>>, AgentError> {
         let mut users: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for (t, meta) in self.all_metadata()? {
+        for (t, meta) in self.all_metadata().await? {
             if let Some(p) = meta.opt(opt::VSAN_POLICY_NAME) {
                 users.entry(p.to_owned()).or_default().push(t.full);
             }
@@ -213,14 +214,10 @@ impl VolumeService {
     /// Like [`VolumeService::list`], reading the volumes in parallel; what
     /// `vmdk-agent ls` shows. Sorted by name; unreadable volumes are logged
     /// and skipped.
-    pub fn inventory(&self) -> Result<Vec<VolumeInfo>, AgentError> {
-        let targets = self.volume_targets()?;
-        let infos = par_map(&targets, |(t, f)| {
-            Self::load_meta(t, &**f).and_then(|m| match m {
-                Some(m) => self.info(t, &m).map(Some),
-                None => Ok(None),
-            })
-        });
+    pub async fn inventory(&self) -> Result<Vec<VolumeInfo>, AgentError> {
+        let targets = self.volume_targets().await?;
+        let reads: Vec<_> = targets.iter().map(|(t, f)| self.volume_info(t, &**f)).collect();
+        let infos: Vec<_> = stream::iter(reads).buffered(LIST_CONCURRENCY).collect().await;
         let mut out: Vec<VolumeInfo> = targets
             .iter()
             .zip(infos)
@@ -238,7 +235,7 @@ impl VolumeService {
 
     /// `policy create`: validates name and content, refuses an existing
     /// name, then writes the policy file.
-    pub fn policy_create(&self, name: &str, content: &str) -> Result<PolicyExpr, AgentError> {
+    pub async fn policy_create(&self, name: &str, content: &str) -> Result<PolicyExpr, AgentError> {
         policy::validate_name(name)?;
         let content = content.trim();
         let expr = policy::parse_content(name, content)?;
@@ -288,7 +285,7 @@ impl VolumeService {
     /// some, they are recorded (see [`PolicyStore::failed_updates`]); the
     /// same update run again then retries just those volumes instead of
     /// being refused as identical.
-    pub fn policy_update(&self, name: &str, content: &str) -> Result<(PolicyExpr, PolicyUpdate), AgentError> {
+    pub async fn policy_update(&self, name: &str, content: &str) -> Result<(PolicyExpr, PolicyUpdate), AgentError> {
         policy::validate_name(name)?;
         let content = content.trim();
         let expr = policy::parse_content(name, content)?;
@@ -312,7 +309,8 @@ impl VolumeService {
             store.write(name, content)?;
         }
         let users: Vec<Target<'_>> = self
-            .all_metadata()?
+            .all_metadata()
+            .await?
             .into_iter()
             .filter(|(t, m)| {
                 m.opt(opt::VSAN_POLICY_NAME) == Some(name) && retry.as_ref().is_none_or(|r| r.contains(&t.full))
@@ -326,16 +324,20 @@ impl VolumeService {
             failed: Vec::new(),
         };
         for t in &users {
-            let applied = self.locked(t, false, |folder| {
-                let meta = Self::load_meta(t, folder)?.ok_or_else(|| Self::not_found(t))?;
+            let applied = async {
+                let folder = Self::existing_folder(t).await?;
+                let _lock = Self::lock(t, &*folder).await?;
+                let meta = Self::existing_meta(t, &*folder).await?;
                 if meta.opt(opt::VSAN_POLICY_NAME) != Some(name) {
                     return Ok(false);
                 }
                 self.backend
                     .apply_policy(&t.disk(), name, content)
+                    .await
                     .map_err(Self::backend_err(t))?;
-                Ok(true)
-            });
+                Ok::<_, AgentError>(true)
+            }
+            .await;
             match applied {
                 Ok(true) => report.updated.push(t.full.clone()),
                 Ok(false) => {}
@@ -388,9 +390,9 @@ impl VolumeService {
     }
 
     /// `policy rm`: refused while any volume uses the policy.
-    pub fn policy_remove(&self, name: &str) -> Result<(), AgentError> {
+    pub async fn policy_remove(&self, name: &str) -> Result<(), AgentError> {
         let (store, _lock, _) = self.existing_policy(name)?;
-        if let Some(volumes) = self.policy_users()?.remove(name) {
+        if let Some(volumes) = self.policy_users().await?.remove(name) {
             return Err(PolicyError::InUse {
                 name: name.to_owned(),
                 volumes,
@@ -403,13 +405,13 @@ impl VolumeService {
     }
 
     /// `policy ls`: every policy with the volumes using it.
-    pub fn policies(&self) -> Result<Vec<PolicyInfo>, AgentError> {
+    pub async fn policies(&self) -> Result<Vec<PolicyInfo>, AgentError> {
         let store = self.policy_store()?;
         let list = store.list()?;
         let mut users = if list.is_empty() {
             BTreeMap::new()
         } else {
-            self.policy_users()?
+            self.policy_users().await?
         };
         list.into_iter()
             .map(|(name, content)| {
@@ -438,7 +440,7 @@ impl VolumeService {
 
     /// `vmdk-agent set`: changes `access` and `attach-as` of a volume, under
     /// its lock. They take effect at the next attach (mount).
-    pub fn set_options(&self, name: &str, opts: &BTreeMap<String, String>) -> Result<VolumeInfo, AgentError> {
+    pub async fn set_options(&self, name: &str, opts: &BTreeMap<String, String>) -> Result<VolumeInfo, AgentError> {
         let t = self.resolve(name)?;
         let bad: Vec<String> = opts
             .keys()
@@ -455,18 +457,18 @@ impl VolumeService {
         }
         let access = opts.get(opt::ACCESS).map(|v| v.parse::<AccessMode>()).transpose()?;
         let attach_as = opts.get(opt::ATTACH_AS).map(|v| v.parse::<AttachAs>()).transpose()?;
-        self.locked(&t, false, |folder| {
-            let mut meta = Self::load_meta(&t, folder)?.ok_or_else(|| Self::not_found(&t))?;
-            if let Some(a) = access {
-                meta.vol_opts.insert(opt::ACCESS.into(), a.to_string());
-            }
-            if let Some(a) = attach_as {
-                meta.vol_opts.insert(opt::ATTACH_AS.into(), a.to_string());
-            }
-            Self::store_meta(&t, folder, &meta)?;
-            tracing::info!(volume = %t.full, ?access, ?attach_as, "updated volume settings");
-            self.info(&t, &meta)
-        })
+        let folder = Self::existing_folder(&t).await?;
+        let _lock = Self::lock(&t, &*folder).await?;
+        let mut meta = Self::existing_meta(&t, &*folder).await?;
+        if let Some(a) = access {
+            meta.vol_opts.insert(opt::ACCESS.into(), a.to_string());
+        }
+        if let Some(a) = attach_as {
+            meta.vol_opts.insert(opt::ATTACH_AS.into(), a.to_string());
+        }
+        Self::store_meta(&t, &*folder, &meta).await?;
+        tracing::info!(volume = %t.full, ?access, ?attach_as, "updated volume settings");
+        self.info(&t, &meta).await
     }
 
     /// Free space and volume count of every datastore.
@@ -476,7 +478,8 @@ impl VolumeService {
             .map(|ds| {
                 let volumes = match ds.folder(DEFAULT_VMGROUP, false) {
                     Ok(Some(f)) => f
-                        .list()
+                        .dir()
+                        .entries()
                         .map(|entries| {
                             entries
                                 .iter()

@@ -27,14 +27,19 @@ impl VolumeService {
     /// and removes left behind (only files the agent marked as its own).
     /// The last two only touch volumes whose lock is free or that they
     /// hold, so another agent on a shared datastore is never disturbed.
-    pub fn recover_on_start(&self) -> StartupRecovery {
+    pub async fn recover_on_start(&self) -> StartupRecovery {
         for ds in &self.datastores {
-            if let Err(e) = ds.prepare() {
-                tracing::warn!(datastore = %ds.name, error = %crate::error::error_chain(&e), "cannot prepare the datastore");
+            let d = ds.clone();
+            match tokio::task::spawn_blocking(move || d.prepare()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(datastore = %ds.name, error = %crate::error::error_chain(&e), "cannot prepare the datastore")
+                }
+                Err(e) => tracing::warn!(datastore = %ds.name, error = %e, "cannot prepare the datastore"),
             }
         }
-        let released = self.release_unrecorded_attachments();
-        let collected = self.collect_incomplete_volumes();
+        let released = self.release_unrecorded_attachments().await;
+        let collected = self.collect_incomplete_volumes().await;
         StartupRecovery { released, collected }
     }
 
@@ -52,10 +57,20 @@ impl VolumeService {
     /// another process holds is skipped: an operation is under way there.
     /// So is an extent that is still bound to a device. Returns the names
     /// collected (`vol@ds`).
-    pub fn collect_incomplete_volumes(&self) -> Vec<String> {
+    pub async fn collect_incomplete_volumes(&self) -> Vec<String> {
         let mut collected = Vec::new();
         for ds in &self.datastores {
-            let folder = match ds.folder(DEFAULT_VMGROUP, false) {
+            let opened = {
+                let d = ds.clone();
+                tokio::task::spawn_blocking(move || d.folder(DEFAULT_VMGROUP, false)).await
+            };
+            let folder = match opened.unwrap_or_else(|e| {
+                Err(crate::store::StoreError::Io {
+                    op: "open",
+                    file: ds.shown(),
+                    source: std::io::Error::other(e.to_string()),
+                })
+            }) {
                 Ok(Some(f)) => f,
                 Ok(None) => continue,
                 Err(e) => {
@@ -63,10 +78,10 @@ impl VolumeService {
                     continue;
                 }
             };
-            if let Err(e) = folder.remove_stale_temp_files() {
+            if let Err(e) = folder.remove_stale_temp_files().await {
                 tracing::warn!(datastore = %ds.name, error = %crate::error::error_chain(&e), "cannot remove leftover temp files");
             }
-            let entries = match folder.list() {
+            let entries = match folder.list().await {
                 Ok(e) => e,
                 Err(e) => {
                     tracing::warn!(datastore = %ds.name, error = %crate::error::error_chain(&e), "cannot list volumes");
@@ -93,7 +108,7 @@ impl VolumeService {
                     ds,
                     volume: stem.clone(),
                 };
-                match self.collect_one(&t, &folder) {
+                match self.collect_one(&t, &folder).await {
                     Ok(true) => {
                         tracing::warn!(volume = %t.full, "deleted the files of a create or remove that did not finish");
                         collected.push(t.full.clone());
@@ -108,24 +123,24 @@ impl VolumeService {
         collected
     }
 
-    fn collect_one(&self, t: &Target<'_>, folder: &dyn VolumeFolder) -> Result<bool, String> {
+    async fn collect_one(&self, t: &Target<'_>, folder: &dyn VolumeFolder) -> Result<bool, String> {
         let files = t.files();
         let chain = |e: &dyn std::error::Error| crate::error::error_chain(e);
-        let lock_existed = folder.entry(&files.lock).map_err(|e| chain(&e))?.is_some();
-        let lock = match folder.try_lock(&t.volume) {
+        let lock_existed = folder.entry(&files.lock).await.map_err(|e| chain(&e))?.is_some();
+        let lock = match folder.try_lock(&t.volume).await {
             Ok(Some(lock)) => lock,
             Ok(None) => return Ok(false),
             Err(e) => return Err(chain(&e)),
         };
         // Temp files of writes that never reached their rename (the lock is
         // ours, so no write is under way).
-        folder.remove_legacy_temps(&t.volume).map_err(|e| chain(&e))?;
-        let marked = folder.marked(&t.volume).map_err(|e| chain(&e))?;
-        if folder.entry(&files.meta).map_err(|e| chain(&e))?.is_some() {
-            if folder.entry(&files.removing).map_err(|e| chain(&e))?.is_some() {
+        folder.remove_legacy_temps(&t.volume).await.map_err(|e| chain(&e))?;
+        let marked = folder.marked(&t.volume).await.map_err(|e| chain(&e))?;
+        if folder.entry(&files.meta).await.map_err(|e| chain(&e))?.is_some() {
+            if folder.entry(&files.removing).await.map_err(|e| chain(&e))?.is_some() {
                 tracing::warn!(volume = %t.full, "a remove stopped before it deleted anything; the volume stays");
             }
-            folder.clear_markers(&t.volume).map_err(|e| chain(&e))?;
+            folder.clear_markers(&t.volume).await.map_err(|e| chain(&e))?;
             if !lock_existed {
                 // Made by this check (a foreign file named like metadata).
                 let _ = lock.unlink();
@@ -134,7 +149,7 @@ impl VolumeService {
         }
         let mut has_disk = false;
         for f in [&files.descriptor, &files.flat] {
-            has_disk |= folder.entry(f).map_err(|e| chain(&e))?.is_some();
+            has_disk |= folder.entry(f).await.map_err(|e| chain(&e))?.is_some();
         }
         if has_disk && !marked {
             tracing::warn!(volume = %t.full, folder = %folder.shown(""), "files without vmdk metadata (not a vmdk volume); left alone");
@@ -142,19 +157,19 @@ impl VolumeService {
             return Ok(false);
         }
         if has_disk {
-            match self.backend.attachment(&t.disk()) {
+            match self.backend.attachment(&t.disk()).await {
                 Ok(None) => {}
                 Ok(Some(att)) => {
                     return Err(format!(
                         "its extent has no metadata but is attached ({}); leaving it",
-                        att.device.unwrap_or_default()
+                        att.device().unwrap_or_default()
                     ))
                 }
                 Err(e) => return Err(chain(&e)),
             }
-            self.backend.delete_disk(&t.disk()).map_err(|e| chain(&e))?;
+            self.backend.delete_disk(&t.disk()).await.map_err(|e| chain(&e))?;
         }
-        folder.clear_markers(&t.volume).map_err(|e| chain(&e))?;
+        folder.clear_markers(&t.volume).await.map_err(|e| chain(&e))?;
         lock.unlink().map_err(|e| chain(&e))?;
         Ok(has_disk)
     }
@@ -166,8 +181,8 @@ impl VolumeService {
     /// A device bound to a file that is not a vmdk volume is left alone.
     /// Runs under each volume's lock, so an attach in progress in another
     /// process is never undone. Returns the volumes released.
-    pub fn release_unrecorded_attachments(&self) -> Vec<String> {
-        let extents = match self.backend.attached_extents() {
+    pub async fn release_unrecorded_attachments(&self) -> Vec<String> {
+        let extents = match self.backend.attached_extents().await {
             Ok(e) => e,
             Err(e) => {
                 tracing::warn!(error = %crate::error::error_chain(&e), "cannot list attachments");
@@ -179,24 +194,31 @@ impl VolumeService {
             let Some(t) = self.target_of_extent(&extent) else {
                 continue;
             };
-            let res = self.locked(&t, false, |folder| {
-                let meta = Self::load_meta(&t, folder)?;
+            let res = async {
+                let folder = Self::existing_folder(&t).await?;
+                let _lock = Self::lock(&t, &*folder).await?;
+                let meta = Self::load_meta(&t, &*folder).await?;
                 let recorded = meta.as_ref().is_some_and(|m| m.status == AttachStatus::Attached);
                 if recorded {
                     return Ok(false);
                 }
                 // No metadata and no marker of ours: not a vmdk volume, and
                 // its device is not ours to release.
-                if meta.is_none() && !folder.marked(&t.volume).map_err(Self::store_err(&t))? {
-                    tracing::warn!(volume = %t.full, device = ?att.device, "a device is bound to a file that is not a vmdk volume; left alone");
+                if meta.is_none() && !folder.marked(&t.volume).await.map_err(Self::store_err(&t))? {
+                    tracing::warn!(volume = %t.full, device = ?att.device(), "a device is bound to a file that is not a vmdk volume; left alone");
                     return Ok(false);
                 }
-                self.backend.detach(&t.disk()).map_err(Self::backend_err(&t))?;
-                Ok(true)
-            });
+                let vm = meta.and_then(|m| m.attached_vm).unwrap_or_default();
+                self.backend
+                    .detach(&vm, &t.disk())
+                    .await
+                    .map_err(Self::backend_err(&t))?;
+                Ok::<_, crate::error::AgentError>(true)
+            }
+            .await;
             match res {
                 Ok(true) => {
-                    tracing::warn!(volume = %t.full, device = ?att.device, "released an attachment no metadata recorded");
+                    tracing::warn!(volume = %t.full, device = ?att.device(), "released an attachment no metadata recorded");
                     released.push(t.full.clone());
                 }
                 Ok(false) => {}
