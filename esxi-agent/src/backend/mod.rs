@@ -9,6 +9,7 @@
 
 pub mod local;
 pub mod loopdev;
+pub mod slots;
 
 use std::fmt;
 use std::io;
