@@ -11,6 +11,7 @@ pub mod agent_client;
 pub mod config;
 pub mod docker_api;
 pub mod http1;
+pub mod locate;
 pub mod plugin;
 pub mod serve;
 pub mod state;

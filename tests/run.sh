@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one command that runs every test: formatting, lints, unit and property
-# tests, root-only tests (loop devices, mkfs, mount), the Docker Engine tests
-# and a bounded run of the fuzz targets (tests/fuzz.sh).
+# tests, root-only tests (loop devices, mkfs, mount), real-guest-kernel tests
+# under QEMU, the Docker Engine tests and a bounded run of the fuzz targets
+# (tests/fuzz.sh).
 # It installs what it needs from Debian's packages first. Run as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -46,6 +47,15 @@ cargo fmt --all -- --check
 cargo fmt --manifest-path fuzz/Cargo.toml -- --check
 echo "==> cargo clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
+# The real-guest-kernel tests (tests/guest_kernel.rs) boot QEMU guests:
+# tests/guest/build.sh installs QEMU and builds the kernel and initramfs
+# (cached in target/guest/), and the locator they run in the guest is an
+# example, which `cargo test` builds only in test mode.
+start=$SECONDS
+echo "==> guest image (tests/guest/build.sh) and the locator example"
+bash tests/guest/build.sh >/dev/null
+cargo build --quiet --example locate
+echo "==> guest image and example took $((SECONDS - start)) s"
 # Every test binary runs even when one fails; the failures are reported at
 # the end and the command fails.
 failed=()
