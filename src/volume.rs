@@ -75,7 +75,7 @@ pub enum PluginError {
         refcount: usize,
     },
     /// The agent attached the disk but did not say where it is.
-    #[error("volume {name}: the agent attached disk {disk_uuid} but reported no device node; this guest can only find disks of the local backend")]
+    #[error("volume {name}: the agent attached disk {disk_uuid} but did not say where this VM finds it (no device and no location)")]
     NoDevice {
         /// The volume.
         name: String,
@@ -699,8 +699,13 @@ impl VolumeManager {
             .map_err(PluginError::agent(&full))?;
         let res = if att.volume.name == full {
             // The volume as the attach left it: its format record is fresh.
-            self.format_and_mount(&att.volume, att.device.clone(), &att.disk_uuid, &dir)
-                .await
+            // Agents that predate DiskLocation name a loop device only.
+            let location = att.location.clone().or_else(|| {
+                att.device
+                    .clone()
+                    .map(|path| vmdk_protocol::DiskLocation::Device { path })
+            });
+            self.format_and_mount(&att.volume, location, &att.disk_uuid, &dir).await
         } else {
             Err(PluginError::AgentAnswer {
                 asked: full.clone(),
@@ -796,24 +801,27 @@ impl VolumeManager {
     async fn format_and_mount(
         &self,
         info: &VolumeInfo,
-        device: Option<String>,
+        location: Option<vmdk_protocol::DiskLocation>,
         disk_uuid: &str,
         dir: &Path,
     ) -> Result<MountRecord, PluginError> {
         let full = info.name.clone();
-        let device = device.ok_or_else(|| PluginError::NoDevice {
+        let location = location.ok_or_else(|| PluginError::NoDevice {
             name: full.clone(),
             disk_uuid: disk_uuid.to_owned(),
         })?;
-        if !device_path_ok(&device) {
-            return Err(PluginError::BadDevice {
-                name: full.clone(),
-                device,
-            });
+        if let vmdk_protocol::DiskLocation::Device { path } = &location {
+            if !device_path_ok(path) {
+                return Err(PluginError::BadDevice {
+                    name: full.clone(),
+                    device: path.clone(),
+                });
+            }
         }
-        let dev = PathBuf::from(&device);
-        let d = dev.clone();
-        self.sys(&full, "wait for device", move |s| s.wait_for_device(&d, DEVICE_TIMEOUT))
+        let dev = self
+            .sys(&full, "find the attached disk", move |s| {
+                s.locate(&location, DEVICE_TIMEOUT)
+            })
             .await?;
         let fstype = self.filesystem(info, &dev).await?;
         self.make_mount_dir(&full, dir)?;
@@ -861,7 +869,7 @@ impl VolumeManager {
         Ok(MountRecord {
             ids: BTreeMap::new(),
             nested: BTreeMap::new(),
-            device,
+            device: dev.display().to_string(),
             fstype,
             read_only,
         })

@@ -9,10 +9,9 @@ pub mod mountinfo;
 
 use std::fmt;
 use std::io;
-use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::mount::{MntFlags, MsFlags};
 use vmdk_protocol::FsType;
@@ -45,6 +44,9 @@ pub enum SysError {
         /// What it printed on stderr (trimmed).
         stderr: String,
     },
+    /// The attached disk could not be found in this VM.
+    #[error(transparent)]
+    Locate(#[from] crate::locate::LocateError),
     /// A device did not appear in time.
     #[error("device {device} did not appear within {seconds}s")]
     DeviceTimeout {
@@ -84,8 +86,11 @@ pub trait System: Send + Sync + fmt::Debug {
     fn mkfs(&self, device: &Path, fstype: FsType, label: &str) -> Result<(), SysError>;
     /// Whether `mkfs.<fstype>` is installed.
     fn mkfs_available(&self, fstype: FsType) -> bool;
-    /// Waits until `device` exists as a block device.
-    fn wait_for_device(&self, device: &Path, timeout: Duration) -> Result<(), SysError>;
+    /// Finds the block device of an attached disk, waiting (and rescanning
+    /// SCSI hosts) up to `timeout` for it to appear: a loop device the agent
+    /// bound on this host, or a disk on a SCSI controller of this VM
+    /// ([`crate::locate`]).
+    fn locate(&self, location: &vmdk_protocol::DiskLocation, timeout: Duration) -> Result<PathBuf, SysError>;
     /// The first `len` bytes of `device` (fewer if it is smaller). Never
     /// reads more than `len`.
     fn read_head(&self, device: &Path, len: usize) -> Result<Vec<u8>, SysError>;
@@ -353,27 +358,11 @@ impl System for LinuxSystem {
         find_program(&format!("mkfs.{fstype}")).is_some()
     }
 
-    fn wait_for_device(&self, device: &Path, timeout: Duration) -> Result<(), SysError> {
-        let start = Instant::now();
-        loop {
-            match std::fs::metadata(device) {
-                Ok(m) if m.file_type().is_block_device() => return Ok(()),
-                Ok(_) => {
-                    return Err(SysError::Io {
-                        op: "open device",
-                        path: device.to_owned(),
-                        source: io::Error::other("not a block device"),
-                    })
-                }
-                Err(_) if start.elapsed() < timeout => std::thread::sleep(Duration::from_millis(20)),
-                Err(_) => {
-                    return Err(SysError::DeviceTimeout {
-                        device: device.to_owned(),
-                        seconds: timeout.as_secs(),
-                    })
-                }
-            }
-        }
+    fn locate(&self, location: &vmdk_protocol::DiskLocation, timeout: Duration) -> Result<PathBuf, SysError> {
+        use crate::locate::DeviceLocator;
+        crate::locate::GuestLocator::new("/")
+            .locate(location, timeout)
+            .map_err(SysError::Locate)
     }
 
     fn read_head(&self, device: &Path, len: usize) -> Result<Vec<u8>, SysError> {

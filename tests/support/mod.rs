@@ -200,8 +200,17 @@ impl System for FakeSys {
     fn mkfs_available(&self, fstype: FsType) -> bool {
         !(self.no_xfs && fstype == FsType::Xfs)
     }
-    fn wait_for_device(&self, _device: &Path, _timeout: Duration) -> Result<(), SysError> {
-        Ok(())
+    /// Loop devices are where the (fake) agent says; a SCSI disk is
+    /// beyond a recording fake (tests/guest_kernel.rs proves those).
+    fn locate(&self, location: &vmdk_protocol::DiskLocation, _timeout: Duration) -> Result<PathBuf, SysError> {
+        match location {
+            vmdk_protocol::DiskLocation::Device { path } => Ok(PathBuf::from(path)),
+            other => Err(SysError::Io {
+                op: "locate",
+                path: PathBuf::new(),
+                source: std::io::Error::other(format!("the fake kernel has no SCSI disks: {other:?}")),
+            }),
+        }
     }
     /// The start of the disk's backing file (the extent, through the fake
     /// loops); a device with no file behind it is a blank disk.
