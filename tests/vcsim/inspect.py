@@ -97,7 +97,12 @@ def cmd_devices(si, args):
                     "capacityInKB": dev.capacityInKB,
                 }
             )
-    return {"vm": vm.name, "moref": vm._moId, "controllers": controllers, "disks": disks}
+    cdroms = [
+        {"key": dev.key, "controllerKey": dev.controllerKey, "unitNumber": dev.unitNumber}
+        for dev in vm.config.hardware.device
+        if isinstance(dev, vim.vm.device.VirtualCdrom)
+    ]
+    return {"vm": vm.name, "moref": vm._moId, "controllers": controllers, "disks": disks, "cdroms": cdroms}
 
 
 def cmd_power(si, args):

@@ -668,9 +668,9 @@ impl Client {
             what: format!("VM {}", vm.value),
         })?;
         let xml_err = |m: String| Error::xml(format!("properties of VM {}", vm.value), m);
-        let (controllers, disks) = match obj.prop("config.hardware.device") {
+        let devices = match obj.prop("config.hardware.device") {
             Some(devs) => vim::parse_devices(devs).map_err(xml_err)?,
-            None => (Vec::new(), Vec::new()),
+            None => vim::Devices::default(),
         };
         let power_state = vim::parse_power_state(
             obj.prop("runtime.powerState")
@@ -685,8 +685,9 @@ impl Client {
                 .map(|n| n.trimmed().to_owned())
                 .filter(|u| !u.is_empty()),
             power_state,
-            controllers,
-            disks,
+            controllers: devices.controllers,
+            disks: devices.disks,
+            other_devices: devices.others,
             datastores: match obj.prop("datastore") {
                 Some(v) => vim::parse_moref_array(v).map_err(xml_err)?,
                 None => Vec::new(),

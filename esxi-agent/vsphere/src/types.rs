@@ -360,6 +360,17 @@ pub struct VirtualDisk {
     pub capacity_kb: Option<i64>,
 }
 
+/// Any other device, with the controller and unit it occupies (a CD-ROM
+/// can sit on a SCSI controller, and then its unit is taken).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OtherDevice {
+    pub key: i32,
+    /// Its type (`VirtualCdrom`, `VirtualVmxnet3`...).
+    pub type_name: String,
+    pub controller_key: Option<i32>,
+    pub unit_number: Option<i32>,
+}
+
 /// What the client reads of a VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmInfo {
@@ -369,6 +380,8 @@ pub struct VmInfo {
     pub power_state: PowerState,
     pub controllers: Vec<ScsiController>,
     pub disks: Vec<VirtualDisk>,
+    /// Every device that is neither a SCSI controller nor a disk.
+    pub other_devices: Vec<OtherDevice>,
     /// The datastores the VM's files are on (`datastore`).
     pub datastores: Vec<Moref>,
     /// `config.extraConfig` keys and string values.

@@ -5,8 +5,8 @@
 //! hostd and vpxd refuse other orders; the simulator does not care).
 
 use crate::types::{
-    About, ApiType, Datacenter, Datastore, DatastorePath, DeviceChange, DiskMode, DiskSpec, Moref, PowerState,
-    ScsiController, ScsiControllerKind, VirtualDisk,
+    About, ApiType, Datacenter, Datastore, DatastorePath, DeviceChange, DiskMode, DiskSpec, Moref, OtherDevice,
+    PowerState, ScsiController, ScsiControllerKind, VirtualDisk,
 };
 use crate::xml::{Node, Writer};
 
@@ -611,10 +611,19 @@ pub(crate) fn parse_power_state(val: &Node) -> Result<PowerState, String> {
     }
 }
 
-/// The SCSI controllers and disks in an `ArrayOfVirtualDevice`.
-pub(crate) fn parse_devices(val: &Node) -> Result<(Vec<ScsiController>, Vec<VirtualDisk>), String> {
+/// The devices of an `ArrayOfVirtualDevice`, sorted.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Devices {
+    pub controllers: Vec<ScsiController>,
+    pub disks: Vec<VirtualDisk>,
+    pub others: Vec<OtherDevice>,
+}
+
+/// The SCSI controllers, disks and other devices in an `ArrayOfVirtualDevice`.
+pub(crate) fn parse_devices(val: &Node) -> Result<Devices, String> {
     let mut controllers = Vec::new();
     let mut disks = Vec::new();
+    let mut others = Vec::new();
     for dev in &val.children {
         let ty = dev.type_name();
         let key: i32 = parse_num(dev, "key")?.ok_or_else(|| format!("a {ty} without a key"))?;
@@ -659,9 +668,20 @@ pub(crate) fn parse_devices(val: &Node) -> Result<(Vec<ScsiController>, Vec<Virt
                     .map(str::to_owned),
                 capacity_kb: parse_num(dev, "capacityInKB")?,
             });
+        } else {
+            others.push(OtherDevice {
+                key,
+                type_name: ty.to_owned(),
+                controller_key: parse_num(dev, "controllerKey")?,
+                unit_number: parse_num(dev, "unitNumber")?,
+            });
         }
     }
-    Ok((controllers, disks))
+    Ok(Devices {
+        controllers,
+        disks,
+        others,
+    })
 }
 
 /// `config.extraConfig`: `OptionValue`s with string values.
@@ -786,7 +806,15 @@ mod tests {
     fn vm_devices_power_state_datastores_and_extra_config() {
         let objs = parse_object_contents(&response("vm_properties.xml")).unwrap();
         let vm = &objs[0];
-        let (controllers, disks) = parse_devices(vm.prop("config.hardware.device").unwrap()).unwrap();
+        let Devices {
+            controllers,
+            disks,
+            others,
+        } = parse_devices(vm.prop("config.hardware.device").unwrap()).unwrap();
+        // The simulator's CD-ROM sits on the PVSCSI controller, unit 0.
+        let cdrom = others.iter().find(|d| d.type_name == "VirtualCdrom").unwrap();
+        assert_eq!((cdrom.controller_key, cdrom.unit_number), (Some(202), Some(0)));
+        assert_eq!(others.len(), 11);
         assert_eq!(
             controllers,
             vec![ScsiController {
@@ -827,7 +855,8 @@ mod tests {
     #[test]
     fn esxi_devices_with_pci_slots_and_other_controllers() {
         let objs = parse_object_contents(&response("vm_devices_esxi.xml")).unwrap();
-        let (controllers, disks) = parse_devices(objs[0].prop("config.hardware.device").unwrap()).unwrap();
+        let Devices { controllers, disks, .. } =
+            parse_devices(objs[0].prop("config.hardware.device").unwrap()).unwrap();
         assert_eq!(controllers.len(), 2);
         assert_eq!(controllers[0].kind, ScsiControllerKind::LsiLogic);
         assert_eq!(controllers[1].kind, ScsiControllerKind::ParaVirtual);

@@ -340,6 +340,18 @@ async fn session_and_inventory(model: Model) {
             assert_eq!(d.disk_mode.as_ref().map(|m| m.as_str()), t["diskMode"].as_str());
             assert_eq!(d.uuid.as_deref(), t["uuid"].as_str());
         }
+        // Other devices on the SCSI controllers (the simulator's CD-ROM) take units too.
+        for cd in devices["cdroms"].as_array().unwrap() {
+            assert!(
+                info.other_devices
+                    .iter()
+                    .any(|d| i64::from(d.key) == cd["key"].as_i64().unwrap()
+                        && d.controller_key.map(i64::from) == cd["controllerKey"].as_i64()
+                        && d.unit_number.map(i64::from) == cd["unitNumber"].as_i64()),
+                "{cd} not in {:?}",
+                info.other_devices
+            );
+        }
         let power = sim.inspect(&["power", "--vm-uuid", &uuid.to_string()]);
         let expected = match power["powerState"].as_str().unwrap() {
             "poweredOn" => PowerState::PoweredOn,
