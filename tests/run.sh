@@ -15,7 +15,10 @@ fi
 need=()
 # docker-registry and postgresql only provide files for the Docker Engine
 # tests' images (tests/images/build-image.sh); their services are not used.
-for pkg in e2fsprogs xfsprogs util-linux busybox-static qemu-utils docker-compose docker-registry postgresql; do
+# golang-go and golang-github-vmware-govmomi-dev build the vSphere simulator
+# (tests/vcsim/build.sh) for the vSphere client's tests.
+for pkg in e2fsprogs xfsprogs util-linux busybox-static qemu-utils docker-compose docker-registry postgresql \
+    golang-go golang-github-vmware-govmomi-dev; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if ((${#need[@]})); then
@@ -33,6 +36,9 @@ if ((${#need[@]})); then
     [[ -z $own_policy ]] || rm -f "$policy"
     ((rc == 0)) || exit "$rc"
 fi
+
+# pyvmomi (PyPI) for tests/vcsim/inspect.py, the vSphere tests' independent checker.
+bash tests/vcsim/pyvmomi.sh
 
 if ! docker info >/dev/null 2>&1; then
     echo "==> starting dockerd"
