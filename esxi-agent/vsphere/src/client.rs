@@ -14,8 +14,8 @@ use crate::error::{Error, Result};
 use crate::pbm;
 use crate::tls::{self, TlsTrust};
 use crate::types::{
-    About, ApiType, BiosUuid, Datacenter, Datastore, DatastorePath, DeviceChange, DiskSpec, Moref, Profile, ProfileId,
-    VmInfo, VsanRule,
+    About, ApiType, BiosUuid, Datacenter, Datastore, DatastorePath, DeviceChange, DiskSpec, FolderEntry, Moref,
+    Profile, ProfileId, VmInfo, VsanRule,
 };
 use crate::vim::{self, Body, ObjectContent, Objects, ServiceContent, TaskState};
 use crate::xml::{self, Node};
@@ -810,6 +810,34 @@ impl Client {
             vim::parse_string_returnval(resp).map_err(|m| Error::xml("QueryVirtualDiskUuid", m))
         })
         .await
+    }
+
+    /// The files and folders directly in datastore folder `folder`
+    /// (`HostDatastoreBrowser.SearchDatastore_Task`); [`Error::NotFound`]
+    /// when the folder does not exist.
+    pub async fn list_datastore_folder(&self, dc: &Datacenter, folder: &DatastorePath) -> Result<Vec<FolderEntry>> {
+        let ds = self.datastore(dc, folder.datastore()).await?;
+        let objs = self
+            .retrieve(
+                &ds.moref.value,
+                &[("Datastore", &["browser"])],
+                Objects::List(std::slice::from_ref(&ds.moref)),
+            )
+            .await?;
+        let browser = objs
+            .iter()
+            .find_map(|o| o.prop("browser"))
+            .ok_or_else(|| Error::xml("RetrieveProperties", "the datastore has no browser"))
+            .and_then(|n| vim::parse_moref_node(n).map_err(|m| Error::xml("RetrieveProperties", m)))?;
+        let body = vim::search_datastore(&browser, folder);
+        match self.run_task("SearchDatastore_Task", &folder.to_string(), body).await {
+            Ok(Some(result)) => vim::parse_search_results(&result).map_err(|m| Error::xml("SearchDatastore_Task", m)),
+            Ok(None) => Ok(Vec::new()),
+            Err(Error::Fault { fault_type, .. }) if fault_type == "FileNotFound" => Err(Error::NotFound {
+                what: format!("datastore folder {folder}"),
+            }),
+            Err(e) => Err(e),
+        }
     }
 
     /// `FileManager.DeleteDatastoreFile_Task` (a file or a directory).

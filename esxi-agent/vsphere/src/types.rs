@@ -455,6 +455,17 @@ pub enum DeviceChange {
     RemoveDisk(VirtualDisk),
 }
 
+/// A file or folder directly in a datastore folder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FolderEntry {
+    /// Its name in the folder.
+    pub name: String,
+    /// Size in bytes (0 for a folder).
+    pub size: u64,
+    /// Whether it is a folder.
+    pub is_folder: bool,
+}
+
 /// An SPBM profile id (`uniqueId`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ProfileId(pub String);

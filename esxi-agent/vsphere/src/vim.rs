@@ -153,6 +153,38 @@ pub(crate) fn make_directory(fm: &Moref, name: &DatastorePath, dc: Option<&Moref
     finish(w, "MakeDirectory")
 }
 
+/// `HostDatastoreBrowser.SearchDatastore_Task` listing one folder with the
+/// files' types and sizes. HostDatastoreBrowserSearchSpec: query, details,
+/// searchCaseInsensitive, matchPattern, sortFoldersFirst; FileQueryFlags:
+/// fileType, fileSize, modification, fileOwner.
+pub(crate) fn search_datastore(browser: &Moref, folder: &DatastorePath) -> String {
+    let mut w = method("SearchDatastore_Task", browser);
+    w.text("datastorePath", &folder.to_string());
+    w.open("searchSpec")
+        .open("details")
+        .value("fileType", true)
+        .value("fileSize", true)
+        .value("modification", false)
+        .value("fileOwner", false)
+        .close("details")
+        // Every file: the simulator returns nothing without a pattern.
+        .text("matchPattern", "*")
+        .close("searchSpec");
+    finish(w, "SearchDatastore_Task")
+}
+
+/// The files of a `HostDatastoreBrowserSearchResults` (a task's result).
+pub(crate) fn parse_search_results(result: &Node) -> Result<Vec<crate::types::FolderEntry>, String> {
+    let mut out = Vec::new();
+    for f in result.children_named("file") {
+        let name = f.child_text("path").ok_or("a file without a path")?.to_owned();
+        let size = parse_num::<u64>(f, "fileSize")?.unwrap_or(0);
+        let is_folder = f.type_name() == "FolderFileInfo";
+        out.push(crate::types::FolderEntry { name, size, is_folder });
+    }
+    Ok(out)
+}
+
 pub(crate) fn delete_datastore_file(fm: &Moref, name: &DatastorePath, dc: Option<&Moref>) -> String {
     let mut w = method("DeleteDatastoreFile_Task", fm);
     w.text("name", &name.to_string());
@@ -397,6 +429,11 @@ fn moref_of(node: &Node) -> Result<Moref, String> {
         return Err(format!("<{}> is an empty managed object reference", node.name));
     }
     Ok(Moref::new(kind, value))
+}
+
+/// A property value that is a managed object reference.
+pub(crate) fn parse_moref_node(node: &Node) -> Result<Moref, String> {
+    moref_of(node)
 }
 
 fn child_moref(node: &Node, name: &str) -> Result<Moref, String> {

@@ -484,6 +484,30 @@ async fn files_and_disks(model: Model) {
     assert_eq!(fault_type(&err), "FileAlreadyExists", "{err}");
     assert!(err.to_string().contains("v-thin"), "{err}");
 
+    // The folder lists what the simulator holds, with sizes; a missing
+    // folder is NotFound.
+    client
+        .write_datastore_file(&dc, &folder.join("v.vmfd").unwrap(), b"{}\n")
+        .await
+        .unwrap();
+    let listed = client.list_datastore_folder(&dc, &folder).await.unwrap();
+    let mut names: Vec<&str> = listed.iter().map(|e| e.name.as_str()).collect();
+    names.sort();
+    let mut want = sim.files("dockvols/_DEFAULT");
+    want.sort();
+    assert_eq!(names, want.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(listed.iter().find(|e| e.name == "v.vmfd").unwrap().size, 3);
+    assert!(listed.iter().all(|e| !e.is_folder));
+    let err = client
+        .list_datastore_folder(&dc, &ds_path(&sim, "dockvols/nowhere"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::NotFound { .. }), "{err}");
+    client
+        .delete_datastore_file(&dc, &folder.join("v.vmfd").unwrap())
+        .await
+        .unwrap();
+
     let uuid = client.query_virtual_disk_uuid(&dc, &thin).await.unwrap();
     assert_eq!(uuid.len(), 36, "{uuid}");
     assert_eq!(client.query_virtual_disk_uuid(&dc, &thin).await.unwrap(), uuid);
