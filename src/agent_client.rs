@@ -95,7 +95,7 @@ impl AgentClient {
     /// `GET /v1/version`.
     pub async fn version(&self, vm: &str) -> Result<VersionInfo, AgentCallError> {
         match self {
-            Self::Embedded(s) => Ok(s.version()),
+            Self::Embedded(s) => Ok(s.version_for(&Self::caller(vm)?).await),
             Self::Http(ep) => Self::must(
                 Self::call(ep, Method::GET, paths::PATH_VERSION, vm, None, QUERY_TIMEOUT).await?,
                 "version",

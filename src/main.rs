@@ -13,6 +13,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at start; boxing the big variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve the Docker volume plugin API.
@@ -24,6 +26,11 @@ enum Command {
         /// agent runs in this process on the --datastore directories.
         #[arg(long, env = "VMDK_AGENT_URL")]
         agent: Option<String>,
+        /// Run the agent in this process with this configuration file (the
+        /// agent's TOML, e.g. backend = "vsphere" to talk to vCenter or
+        /// ESXi directly; see docs/vsphere.md).
+        #[arg(long, env = "VMDK_AGENT_CONFIG", value_name = "FILE")]
+        agent_config: Option<PathBuf>,
         /// Embedded-agent datastore as NAME=DIR, or NAME=DIR,vsan for a VSAN
         /// datastore; repeatable. Default: local=/var/lib/vmdk/datastores/local.
         #[arg(long = "datastore", value_name = "NAME=DIR[,vsan]")]
@@ -114,6 +121,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve {
             socket,
             agent,
+            agent_config,
             datastores,
             vm_id,
             mount_root,
@@ -123,17 +131,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             detach_grace,
             limits,
         } => {
-            if agent.is_some() && !datastores.is_empty() {
-                anyhow::bail!("--datastore configures the embedded agent; it cannot be combined with --agent");
+            if agent.is_some() && (!datastores.is_empty() || agent_config.is_some()) {
+                anyhow::bail!(
+                    "--datastore and --agent-config configure the embedded agent; they cannot be combined with --agent"
+                );
             }
-            let vm_id = match vm_id {
-                Some(v) => v,
+            if agent_config.is_some() && !datastores.is_empty() {
+                anyhow::bail!(
+                    "--agent-config names the embedded agent's datastores; give them there, not with --datastore"
+                );
+            }
+            let (vm_id, vm_id_source) = match vm_id {
+                Some(v) => (v, config::VmIdSource::Flag),
                 None => config::detect_vm_id().map_err(anyhow::Error::msg)?,
             };
             vmdk_agent::service::validate_vm_id(&vm_id).map_err(|e| anyhow::anyhow!("--vm-id: {e}"))?;
             let cfg = ServeConfig {
                 socket,
                 agent,
+                agent_config,
+                vm_id_source,
                 datastores,
                 vm_id,
                 mount_root,

@@ -3,8 +3,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use vmdk_agent::backend::local::LocalBackend;
-use vmdk_agent::backend::loopdev::LinuxLoops;
 use vmdk_agent::config::AgentConfig;
 use vmdk_agent::VolumeService;
 
@@ -39,30 +37,42 @@ pub async fn agent_client(cfg: &ServeConfig) -> Result<AgentClient, ServeError> 
     if let Some(url) = &cfg.agent {
         return Endpoint::parse(url).map(AgentClient::Http).map_err(ServeError::Config);
     }
-    let mut acfg = AgentConfig::default();
-    let flags = if cfg.datastores.is_empty() {
-        vec![crate::config::DEFAULT_DATASTORE.to_owned()]
-    } else {
-        cfg.datastores.clone()
+    let acfg = match &cfg.agent_config {
+        Some(path) => AgentConfig::from_file(path).map_err(|e| ServeError::Config(crate::error_chain(&e)))?,
+        None => {
+            let mut acfg = AgentConfig::default();
+            let flags = if cfg.datastores.is_empty() {
+                vec![crate::config::DEFAULT_DATASTORE.to_owned()]
+            } else {
+                cfg.datastores.clone()
+            };
+            for d in &flags {
+                acfg.add_datastore_flag(d)
+                    .map_err(|e| ServeError::Config(e.to_string()))?;
+            }
+            acfg
+        }
     };
-    for d in &flags {
-        acfg.add_datastore_flag(d)
-            .map_err(|e| ServeError::Config(e.to_string()))?;
+    if acfg.backend != vmdk_agent::config::BackendKind::Local
+        && cfg.vm_id_source == crate::config::VmIdSource::MachineId
+    {
+        return Err(ServeError::Config(crate::config::machine_id_refused("vsphere")));
     }
     acfg.validate().map_err(|e| ServeError::Config(e.to_string()))?;
-    for ds in &acfg.datastores {
+    for path in acfg.datastores.iter().filter_map(|d| d.path.as_ref()) {
         // A datastore directory the plugin makes is private (an existing
         // one is the administrator's; its dockvols/ is made 0700 anyway).
         std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
-            .create(&ds.path)
+            .create(path)
             .map_err(|source| ServeError::Io {
                 op: "create datastore directory",
-                path: ds.path.display().to_string(),
+                path: path.display().to_string(),
                 source,
             })?;
     }
-    let backend = Arc::new(LocalBackend::new(Arc::new(LinuxLoops::default())));
-    let svc = VolumeService::new(&acfg, backend).map_err(|e| ServeError::Config(crate::error_chain(&e)))?;
+    let svc = VolumeService::from_config(&acfg)
+        .await
+        .map_err(|e| ServeError::Config(crate::error_chain(&e)))?;
     svc.recover_on_start().await;
     Ok(AgentClient::Embedded(Arc::new(svc)))
 }

@@ -384,14 +384,14 @@ impl VolumeManager {
             })
     }
 
-    /// The default datastore (the agent's first), for short names.
+    /// The datastore this VM's short names go to (the agent says: the one
+    /// holding the VM for `vsphere`, else its first).
     pub async fn default_datastore(&self) -> Option<String> {
         self.default_ds
             .get_or_try_init(|| async {
                 let v = self.agent.version(&self.cfg.vm_id).await?;
-                v.datastores
-                    .first()
-                    .cloned()
+                v.home_datastore
+                    .or_else(|| v.datastores.first().cloned())
                     .ok_or(AgentCallError::Transport("agent has no datastore".into()))
             })
             .await

@@ -549,6 +549,8 @@ async fn the_served_socket_answers_dockers_exact_bytes_on_one_connection() {
     // Docker looks in /run/docker/plugins; the folder may not exist yet.
     let sock = dir.path().join("run/docker/plugins/vmdk.sock");
     let cfg = vmdk_plugin::config::ServeConfig {
+        agent_config: None,
+        vm_id_source: vmdk_plugin::config::VmIdSource::Flag,
         socket: sock.clone(),
         agent: None,
         datastores: Vec::new(),

@@ -89,8 +89,9 @@ pub fn json_body<T: DeserializeOwned + Default>(body: &[u8]) -> Result<T, AgentE
 
 type Svc = State<Arc<VolumeService>>;
 
-async fn version(State(svc): Svc) -> impl IntoResponse {
-    Json(svc.version())
+async fn version(State(svc): Svc, headers: HeaderMap) -> ApiResult<impl IntoResponse> {
+    let caller = reader(&headers)?;
+    Ok(Json(svc.version_for(&caller).await))
 }
 
 /// Reads name no VM: they are answered for any caller (a `VM-Id` is

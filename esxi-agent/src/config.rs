@@ -21,9 +21,11 @@ pub struct AgentConfig {
     /// Optional TCP listener; a loopback address such as `127.0.0.1:7981`
     /// (see [`check_tcp_address`]).
     pub tcp: Option<SocketAddr>,
-    /// Disk backend; only `local` exists so far.
+    /// Disk backend: `local` (default) or `vsphere`.
     #[serde(default)]
     pub backend: BackendKind,
+    /// How to reach vSphere (`backend = "vsphere"` only).
+    pub vsphere: Option<VsphereConfig>,
     /// Datastores, in order; the first is the default for short names.
     #[serde(default, rename = "datastore")]
     pub datastores: Vec<DatastoreConfig>,
@@ -39,19 +41,92 @@ pub enum BackendKind {
     /// Datastores are directories; attach binds a loop device.
     #[default]
     Local,
+    /// VMDKs on ESXi or vCenter datastores, hot-added to the calling VM.
+    Vsphere,
 }
 
 /// One datastore.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct DatastoreConfig {
-    /// Name used in `vol@name`.
+    /// Name used in `vol@name` (for `vsphere`, the datastore's name in
+    /// vSphere).
     pub name: String,
-    /// Directory holding `dockvols/`.
-    pub path: PathBuf,
+    /// Directory holding `dockvols/` (`local` only; required there).
+    pub path: Option<PathBuf>,
     /// Whether this datastore is VSAN (VSAN policies may be used on it).
+    /// `local` only: with `vsphere`, vSphere says which datastores are VSAN.
     #[serde(default)]
     pub vsan: bool,
+}
+
+/// `[vsphere]`: how the agent reaches ESXi or vCenter.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct VsphereConfig {
+    /// `https://host/sdk`.
+    pub url: String,
+    /// A TOML file with `user = "..."` and `password = "..."`, readable by
+    /// its owner only (mode 0600 or stricter).
+    pub credentials: PathBuf,
+    /// The server certificate's SHA-256 (or SHA-1) fingerprint, as
+    /// colon-separated hex (what vSphere and `openssl x509 -fingerprint`
+    /// show).
+    pub thumbprint: Option<String>,
+    /// A PEM file of the CA that signed the server certificate.
+    pub ca_file: Option<PathBuf>,
+    /// Accept any certificate (a warning is logged at every start).
+    #[serde(default)]
+    pub insecure: bool,
+    /// The datacenter; needed only when the server has more than one.
+    pub datacenter: Option<String>,
+}
+
+/// The user and password of `[vsphere] credentials`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Credentials {
+    /// The vSphere user, e.g. `svc-vmdk@vsphere.local`.
+    pub user: String,
+    /// Its password (never logged or shown).
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("user", &self.user)
+            .field("password", &"***")
+            .finish()
+    }
+}
+
+impl VsphereConfig {
+    /// Reads the credentials file: refused unless only its owner may read
+    /// it (mode 0600 or stricter), and unless it holds exactly `user` and
+    /// `password`.
+    pub fn load_credentials(&self) -> Result<Credentials, ConfigError> {
+        use std::os::unix::fs::PermissionsExt;
+        let path = &self.credentials;
+        let read = |source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        };
+        let meta = std::fs::metadata(path).map_err(read)?;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(ConfigError::CredentialsMode {
+                path: path.clone(),
+                mode,
+            });
+        }
+        let text = std::fs::read_to_string(path).map_err(read)?;
+        toml::from_str(&text).map_err(|e| ConfigError::Credentials {
+            path: path.clone(),
+            // The TOML error may quote the file; it holds a password.
+            reason: e.message().to_owned(),
+        })
+    }
 }
 
 /// Why the configuration is unusable.
@@ -105,6 +180,25 @@ pub enum ConfigError {
     /// No datastore is configured.
     #[error("no datastore configured; give --datastore NAME=DIR or [[datastore]] in --config")]
     NoDatastore,
+    /// The backend's settings do not fit together.
+    #[error("{0}")]
+    Backend(String),
+    /// The credentials file may be read by others.
+    #[error("credentials file {path} has mode {mode:04o}; it holds a password, so only its owner may read it: chmod 600 {path}", path = path.display())]
+    CredentialsMode {
+        /// The file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// The credentials file is not `user = "..."` and `password = "..."`.
+    #[error("credentials file {path} is not valid: {reason}; it must hold exactly user = \"...\" and password = \"...\"", path = path.display())]
+    Credentials {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong (never its content).
+        reason: String,
+    },
 }
 
 impl AgentConfig {
@@ -134,7 +228,7 @@ impl AgentConfig {
         };
         self.datastores.push(DatastoreConfig {
             name: name.to_owned(),
-            path: PathBuf::from(dir),
+            path: Some(PathBuf::from(dir)),
             vsan,
         });
         Ok(())
@@ -153,7 +247,8 @@ impl AgentConfig {
         if let Some(addr) = self.tcp {
             check_tcp_address(addr, if self.tcp_from_flag { "--tcp" } else { "tcp =" })?;
         }
-        if self.datastores.is_empty() {
+        self.validate_backend()?;
+        if self.datastores.is_empty() && self.backend == BackendKind::Local {
             return Err(ConfigError::NoDatastore);
         }
         let mut seen: Vec<String> = Vec::new();
@@ -184,6 +279,52 @@ impl AgentConfig {
                 return Err(ConfigError::Duplicate(ds.name.clone()));
             }
             seen.push(lower);
+        }
+        Ok(())
+    }
+}
+
+impl AgentConfig {
+    fn validate_backend(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Backend(m));
+        match (self.backend, &self.vsphere) {
+            (BackendKind::Local, Some(_)) => {
+                return bad(
+                    "[vsphere] is set but backend is local; add backend = \"vsphere\" or remove [vsphere]".into(),
+                )
+            }
+            (BackendKind::Local, None) => {
+                if let Some(ds) = self.datastores.iter().find(|d| d.path.is_none()) {
+                    return bad(format!(
+                        "datastore {} has no path; the local backend keeps each datastore in a directory (path = \"/srv/...\")",
+                        ds.name
+                    ));
+                }
+            }
+            (BackendKind::Vsphere, None) => {
+                return bad("backend = \"vsphere\" needs a [vsphere] table with url and credentials".into())
+            }
+            (BackendKind::Vsphere, Some(v)) => {
+                if !(v.url.starts_with("https://") && v.url.len() > "https://".len()) {
+                    return bad(format!(
+                        "[vsphere] url {:?} must be https://host/sdk (vSphere serves its API over TLS)",
+                        v.url
+                    ));
+                }
+                let trusts =
+                    usize::from(v.thumbprint.is_some()) + usize::from(v.ca_file.is_some()) + usize::from(v.insecure);
+                if trusts != 1 {
+                    return bad(format!(
+                        "[vsphere] must say how to trust the server's certificate with exactly one of thumbprint = \"AA:BB:...\" (its SHA-256 fingerprint), ca_file = \"/path/ca.pem\" or insecure = true; {trusts} are set"
+                    ));
+                }
+                if let Some(ds) = self.datastores.iter().find(|d| d.path.is_some() || d.vsan) {
+                    return bad(format!(
+                        "datastore {}: with backend = \"vsphere\" a [[datastore]] has only a name (its files are on the vSphere datastore of that name, and vSphere says whether it is VSAN)",
+                        ds.name
+                    ));
+                }
+            }
         }
         Ok(())
     }
@@ -226,7 +367,10 @@ mod tests {
         assert!(cfg.add_datastore_flag("nodir").is_err());
         cfg.add_datastore_flag("vsan2=/srv/v2,vsan").unwrap();
         let last = cfg.datastores.last().unwrap();
-        assert!(last.vsan && last.path == Path::new("/srv/v2"), "{last:?}");
+        assert!(
+            last.vsan && last.path.as_deref() == Some(Path::new("/srv/v2")),
+            "{last:?}"
+        );
         assert!(cfg.add_datastore_flag("v=,vsan").is_err());
         cfg.add_datastore_flag("NFS1=/x").unwrap();
         assert!(matches!(cfg.validate(), Err(ConfigError::Duplicate(_))));
@@ -278,5 +422,83 @@ mod tests {
         );
         file.set_tcp_flag("127.0.0.1:7981".parse().unwrap());
         file.validate().unwrap();
+    }
+
+    #[test]
+    fn vsphere_settings_are_checked_together() {
+        let ok: AgentConfig = toml::from_str(
+            r#"
+            backend = "vsphere"
+            [vsphere]
+            url = "https://vc.example.com/sdk"
+            credentials = "/etc/vmdk/vsphere.toml"
+            thumbprint = "AA:BB"
+            [[datastore]]
+            name = "vsanDatastore"
+            "#,
+        )
+        .unwrap();
+        ok.validate().unwrap();
+        let none: AgentConfig = toml::from_str(
+            "backend = \"vsphere\"\n[vsphere]\nurl = \"https://h/sdk\"\ncredentials = \"/c\"\ninsecure = true\n",
+        )
+        .unwrap();
+        none.validate()
+            .expect("without [[datastore]] every datastore is usable");
+        let cases = [
+            ("backend = \"vsphere\"\n", "needs a [vsphere] table"),
+            (
+                "[vsphere]\nurl = \"https://h/sdk\"\ncredentials = \"/c\"\ninsecure = true\n[[datastore]]\nname = \"a\"\npath = \"/a\"\n",
+                "backend is local",
+            ),
+            (
+                "backend = \"vsphere\"\n[vsphere]\nurl = \"http://h/sdk\"\ncredentials = \"/c\"\ninsecure = true\n",
+                "must be https://host/sdk",
+            ),
+            (
+                "backend = \"vsphere\"\n[vsphere]\nurl = \"https://h/sdk\"\ncredentials = \"/c\"\n",
+                "0 are set",
+            ),
+            (
+                "backend = \"vsphere\"\n[vsphere]\nurl = \"https://h/sdk\"\ncredentials = \"/c\"\ninsecure = true\nthumbprint = \"AA\"\n",
+                "2 are set",
+            ),
+            (
+                "backend = \"vsphere\"\n[vsphere]\nurl = \"https://h/sdk\"\ncredentials = \"/c\"\ninsecure = true\n[[datastore]]\nname = \"a\"\nvsan = true\n",
+                "has only a name",
+            ),
+            ("[[datastore]]\nname = \"a\"\n", "has no path"),
+        ];
+        for (text, want) in cases {
+            let cfg: AgentConfig = toml::from_str(text).unwrap();
+            let e = cfg.validate().unwrap_err().to_string();
+            assert!(e.contains(want), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn credentials_must_be_private_and_never_echoed() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("creds.toml");
+        std::fs::write(&path, "user = \"svc\"\npassword = \"s3cret-pw\"\n").unwrap();
+        let v = VsphereConfig {
+            url: "https://h/sdk".into(),
+            credentials: path.clone(),
+            thumbprint: None,
+            ca_file: None,
+            insecure: true,
+            datacenter: None,
+        };
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = v.load_credentials().unwrap_err().to_string();
+        assert!(e.contains("mode 0644") && e.contains("chmod 600"), "{e}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let c = v.load_credentials().unwrap();
+        assert_eq!((c.user.as_str(), c.password.as_str()), ("svc", "s3cret-pw"));
+        assert!(!format!("{c:?}").contains("s3cret"));
+        std::fs::write(&path, "user = \"svc\"\npassword = \"s3cret-pw\"\nextra = 1\n").unwrap();
+        let e = v.load_credentials().unwrap_err().to_string();
+        assert!(!e.contains("s3cret"), "{e}");
     }
 }

@@ -48,8 +48,10 @@ pub const RESERVE_CHUNK: u64 = 256 << 10;
 pub struct Datastore {
     /// Name used in `vol@name`.
     pub name: String,
-    /// Directory holding `dockvols/` (trusted: the administrator's).
-    pub root: PathBuf,
+    /// Directory holding `dockvols/` (trusted: the administrator's), for a
+    /// datastore this host reaches as a directory (`local` backend). A
+    /// `vsphere` datastore has none: its files are reached over HTTP.
+    pub root: Option<PathBuf>,
     /// Whether VSAN policies may be used here.
     pub vsan: bool,
 }
@@ -61,7 +63,12 @@ impl Datastore {
     }
 
     fn root_dir(&self) -> Result<Dir, StoreError> {
-        Dir::open_trusted(&self.root, self.shown())
+        let root = self.root.as_deref().ok_or_else(|| StoreError::Io {
+            op: "open",
+            file: self.shown(),
+            source: std::io::Error::other("this datastore is not a directory on this host"),
+        })?;
+        Dir::open_trusted(root, self.shown())
     }
 
     /// The `dockvols` folder (created 0700 when `create`); `None` when it
@@ -609,7 +616,7 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let ds = Datastore {
             name: "local".into(),
-            root: t.path().to_owned(),
+            root: Some(t.path().to_owned()),
             vsan: false,
         };
         (t, ds)

@@ -20,28 +20,44 @@ use std::path::Path;
 
 use crate::store::{Dir, DsPath, FileLock, StoreError};
 
-/// An exclusive lock on one volume, released on drop. A lock taken through
-/// a vmgroup folder ([`crate::datastore::VolumeFolder::lock`]) also unlinks
-/// its lock file when it is released while the volume has no sidecar (a
-/// lookup or create of a name that is no volume leaves nothing behind).
+/// An exclusive lock on one volume, released on drop.
+///
+/// On a datastore this host reaches as a directory it is an `flock` on the
+/// volume's lock file, which excludes other processes and hosts sharing the
+/// datastore; a lock taken through a vmgroup folder
+/// ([`crate::datastore::VolumeFolder::lock`]) also unlinks its lock file
+/// when it is released while the volume has no sidecar (a lookup or create
+/// of a name that is no volume leaves nothing behind). On a datastore
+/// reached over HTTP (`vsphere`) it is a lock within this agent process:
+/// one agent serves a datastore until shared-datastore leases come.
 #[derive(Debug)]
 pub struct VolumeLock {
-    lock: FileLock,
-    /// The sidecar whose absence at release means "no volume".
-    meta: Option<String>,
+    kind: Kind,
+}
+
+#[derive(Debug)]
+enum Kind {
+    File {
+        lock: FileLock,
+        /// The sidecar whose absence at release means "no volume".
+        meta: Option<String>,
+    },
+    Process(#[allow(dead_code)] tokio::sync::OwnedMutexGuard<()>),
 }
 
 impl From<FileLock> for VolumeLock {
     fn from(lock: FileLock) -> Self {
-        Self { lock, meta: None }
+        Self {
+            kind: Kind::File { lock, meta: None },
+        }
     }
 }
 
 impl Drop for VolumeLock {
     fn drop(&mut self) {
-        if let Some(meta) = &self.meta {
-            if matches!(self.lock.dir().stat(meta), Ok(None)) {
-                let _ = self.lock.unlink();
+        if let Kind::File { lock, meta: Some(meta) } = &self.kind {
+            if matches!(lock.dir().stat(meta), Ok(None)) {
+                let _ = lock.unlink();
             }
         }
     }
@@ -50,7 +66,16 @@ impl Drop for VolumeLock {
 impl VolumeLock {
     /// A volume's lock that cleans up after a name that is no volume.
     pub fn for_volume(lock: FileLock, meta: String) -> Self {
-        Self { lock, meta: Some(meta) }
+        Self {
+            kind: Kind::File { lock, meta: Some(meta) },
+        }
+    }
+
+    /// A lock held within this process.
+    pub fn in_process(guard: tokio::sync::OwnedMutexGuard<()>) -> Self {
+        Self {
+            kind: Kind::Process(guard),
+        }
     }
 
     /// Blocks until the lock file at `path` is locked: for tools and tests
@@ -67,7 +92,10 @@ impl VolumeLock {
     /// Unlinks the lock file (the volume is gone); the lock is released
     /// when `self` drops.
     pub fn unlink(&self) -> Result<(), StoreError> {
-        self.lock.unlink()
+        match &self.kind {
+            Kind::File { lock, .. } => lock.unlink(),
+            Kind::Process(_) => Ok(()),
+        }
     }
 }
 

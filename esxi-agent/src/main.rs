@@ -14,9 +14,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::json;
 use vmdk_agent::admin::{self, probe};
-use vmdk_agent::backend::local::LocalBackend;
-use vmdk_agent::backend::loopdev::LinuxLoops;
-use vmdk_agent::config::{AgentConfig, BackendKind, DEFAULT_SOCKET};
+use vmdk_agent::config::{AgentConfig, DEFAULT_SOCKET};
 use vmdk_agent::error::error_chain;
 use vmdk_agent::policy::PolicyExpr;
 use vmdk_agent::server::{raise_fd_limit, serve, Listeners, ServeLimits};
@@ -175,12 +173,11 @@ fn load_config(
     Ok(cfg)
 }
 
-fn service(cfg: &AgentConfig) -> anyhow::Result<Arc<VolumeService>> {
-    let backend = match cfg.backend {
-        BackendKind::Local => Arc::new(LocalBackend::new(Arc::new(LinuxLoops::default()))),
-    };
+async fn service(cfg: &AgentConfig) -> anyhow::Result<Arc<VolumeService>> {
     Ok(Arc::new(
-        VolumeService::new(cfg, backend).map_err(|e| anyhow::anyhow!(error_chain(&e)))?,
+        VolumeService::from_config(cfg)
+            .await
+            .map_err(|e| anyhow::anyhow!(error_chain(&e)))?,
     ))
 }
 
@@ -238,7 +235,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve { socket, tcp, limits } => {
             let cfg = load_config(cli.config.as_ref(), &cli.datastores, tcp)?;
-            let svc = service(&cfg)?;
+            let rt = tokio::runtime::Runtime::new().context("start runtime")?;
+            let svc = rt.block_on(service(&cfg))?;
             match raise_fd_limit() {
                 Ok((before, after)) if after > before => {
                     tracing::info!(before, after, "raised the open-file limit")
@@ -253,13 +251,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 tcp: cfg.tcp,
                 limits: limits.unwrap_or_default(),
             };
-            let rt = tokio::runtime::Runtime::new().context("start runtime")?;
             rt.block_on(serve(svc, listeners, shutdown_signal()))
                 .context("serve agent API")
         }
-        Command::Ls(args) => admin_runtime()?.block_on(ls(&*service(&cfg()?)?, &args)),
-        Command::Set(args) => admin_runtime()?.block_on(set(&*service(&cfg()?)?, &args)),
-        Command::Policy(cmd) => admin_runtime()?.block_on(policy(&*service(&cfg()?)?, cmd)),
+        Command::Ls(args) => admin_runtime()?.block_on(async { ls(&*service(&cfg()?).await?, &args).await }),
+        Command::Set(args) => admin_runtime()?.block_on(async { set(&*service(&cfg()?).await?, &args).await }),
+        Command::Policy(cmd) => admin_runtime()?.block_on(async { policy(&*service(&cfg()?).await?, cmd).await }),
         Command::Status(args) => admin_runtime()?.block_on(status(cfg(), &args)),
     }
 }
@@ -408,7 +405,10 @@ async fn status(cfg: anyhow::Result<AgentConfig>, args: &StatusArgs) -> anyhow::
         .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
     let state = probe::probe(&socket, Duration::from_secs(5));
     // Without datastores there is still a service to report on.
-    let svc = cfg.and_then(|c| service(&c));
+    let svc = match cfg {
+        Ok(c) => service(&c).await,
+        Err(e) => Err(e),
+    };
     let (usage, policies) = match &svc {
         Ok(svc) => (
             Ok(svc.datastore_usage()),
@@ -462,7 +462,9 @@ async fn status(cfg: anyhow::Result<AgentConfig>, args: &StatusArgs) -> anyhow::
                 .map(|d| {
                     vec![
                         d.name.clone(),
-                        d.path.display().to_string(),
+                        d.path
+                            .as_ref()
+                            .map_or_else(|| "(vSphere)".to_owned(), |p| p.display().to_string()),
                         if d.vsan { "yes" } else { "no" }.to_owned(),
                         d.volumes.to_string(),
                         d.free_bytes.map_or("N/A".into(), admin::human_size),

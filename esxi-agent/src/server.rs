@@ -19,9 +19,10 @@ use crate::service::VolumeService;
 pub fn redaction_roots(datastores: &[Datastore]) -> Vec<(PathBuf, String)> {
     let mut roots = Vec::new();
     for ds in datastores {
-        roots.push((ds.root.clone(), ds.name.clone()));
-        if let Ok(canonical) = std::fs::canonicalize(&ds.root) {
-            if canonical != ds.root {
+        let Some(root) = &ds.root else { continue };
+        roots.push((root.clone(), ds.name.clone()));
+        if let Ok(canonical) = std::fs::canonicalize(root) {
+            if &canonical != root {
                 roots.push((canonical, ds.name.clone()));
             }
         }

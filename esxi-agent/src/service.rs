@@ -148,21 +148,27 @@ impl VolumeService {
         let mut datastores = Vec::new();
         let mut seen: Vec<(std::path::PathBuf, &str)> = Vec::new();
         for ds in &config.datastores {
-            let meta = std::fs::metadata(&ds.path).map_err(|source| AgentError::Io {
+            let Some(path) = &ds.path else {
+                return Err(AgentError::InvalidRequest(format!(
+                    "datastore {} has no directory; a datastore of the local backend is a directory",
+                    ds.name
+                )));
+            };
+            let meta = std::fs::metadata(path).map_err(|source| AgentError::Io {
                 op: "datastore directory",
-                path: format!("{} (datastore {})", ds.path.display(), ds.name),
+                path: format!("{} (datastore {})", path.display(), ds.name),
                 source,
             })?;
             if !meta.is_dir() {
                 return Err(AgentError::InvalidRequest(format!(
                     "datastore {} path {} is not a directory",
                     ds.name,
-                    ds.path.display()
+                    path.display()
                 )));
             }
             // One directory under two names would show every volume twice
             // and let one disk be mounted under two names.
-            let real = std::fs::canonicalize(&ds.path).unwrap_or_else(|_| ds.path.clone());
+            let real = std::fs::canonicalize(path).unwrap_or_else(|_| path.clone());
             if let Some((_, other)) = seen.iter().find(|(p, _)| *p == real) {
                 return Err(AgentError::InvalidRequest(format!(
                     "datastores {other} and {} are the same directory {}; give each datastore its own directory",
@@ -173,9 +179,56 @@ impl VolumeService {
             seen.push((real, &ds.name));
             datastores.push(Datastore {
                 name: ds.name.clone(),
-                root: ds.path.clone(),
+                root: Some(path.clone()),
                 vsan: ds.vsan,
             });
+        }
+        Ok(Self { datastores, backend })
+    }
+
+    /// The service a configuration describes: the `local` backend on its
+    /// datastore directories (with the kernel's loop devices), or the
+    /// `vsphere` backend connected and logged in, on the configured
+    /// datastores (or every datastore it sees).
+    pub async fn from_config(config: &AgentConfig) -> Result<Self, AgentError> {
+        use crate::config::BackendKind;
+        match config.backend {
+            BackendKind::Local => {
+                let loops = Arc::new(crate::backend::loopdev::LinuxLoops::default());
+                Self::new(config, Arc::new(crate::backend::local::LocalBackend::new(loops)))
+            }
+            BackendKind::Vsphere => {
+                config
+                    .validate()
+                    .map_err(|e| AgentError::InvalidRequest(crate::error::error_chain(&e)))?;
+                let vs = config.vsphere.as_ref().expect("validated");
+                let backend = crate::backend::vsphere::VsphereBackend::connect(vs)
+                    .await
+                    .map_err(|source| AgentError::Backend {
+                        name: vs.url.clone(),
+                        source,
+                    })?;
+                let datastores =
+                    backend
+                        .datastores(&config.datastores)
+                        .await
+                        .map_err(|source| AgentError::Backend {
+                            name: vs.url.clone(),
+                            source,
+                        })?;
+                Self::from_datastores(datastores, Arc::new(backend))
+            }
+        }
+    }
+
+    /// A service on datastores the backend found (`vsphere`: from the
+    /// server); the first is the default for callers without a home
+    /// datastore. At least one is needed.
+    pub fn from_datastores(datastores: Vec<Datastore>, backend: Arc<dyn DiskBackend>) -> Result<Self, AgentError> {
+        if datastores.is_empty() {
+            return Err(AgentError::InvalidRequest(
+                "no datastore is usable: none configured is known to the server, or the account sees none".into(),
+            ));
         }
         Ok(Self { datastores, backend })
     }
@@ -197,7 +250,16 @@ impl VolumeService {
             api: API_VERSION.to_owned(),
             backend: self.backend.kind().to_owned(),
             datastores: self.datastores.iter().map(|d| d.name.clone()).collect(),
+            home_datastore: None,
         }
+    }
+
+    /// [`VolumeService::version`] for `caller`, naming the datastore its
+    /// short volume names go to.
+    pub async fn version_for(&self, caller: &Caller) -> VersionInfo {
+        let mut v = self.version();
+        v.home_datastore = Some(self.home_datastore(caller).await.name.clone());
+        v
     }
 
     fn datastore(&self, name: Option<&str>) -> Result<&Datastore, AgentError> {
@@ -222,9 +284,32 @@ impl VolumeService {
         }
     }
 
-    fn resolve(&self, name: &str) -> Result<Target<'_>, AgentError> {
+    /// The datastore `caller`'s short volume names go to: the one holding
+    /// its VM when the backend knows (`vsphere`, as the original did), else
+    /// the first configured.
+    pub async fn home_datastore(&self, caller: &Caller) -> &Datastore {
+        if let Caller::Vm(vm) = caller {
+            match self.backend.home_datastore(vm).await {
+                Ok(Some(name)) => {
+                    if let Some(ds) = self.datastores.iter().find(|d| d.name == name) {
+                        return ds;
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(vm, error = %crate::error::error_chain(&e), "cannot find the VM's datastore; short names go to the default")
+                }
+            }
+        }
+        &self.datastores[0]
+    }
+
+    async fn resolve(&self, caller: &Caller, name: &str) -> Result<Target<'_>, AgentError> {
         let r = VolumeRef::parse(name)?;
-        let ds = self.datastore(r.datastore.as_deref())?;
+        let ds = match r.datastore.as_deref() {
+            Some(n) => self.datastore(Some(n))?,
+            None => self.home_datastore(caller).await,
+        };
         Ok(Target {
             full: r.full_name(&ds.name),
             ds,
@@ -246,19 +331,19 @@ impl VolumeService {
         }
     }
 
-    /// The volume's vmgroup folder, through the datastore door; `None`
-    /// when it does not exist (and `create` is false).
-    async fn folder(t: &Target<'_>, create: bool) -> Result<Option<Folder>, AgentError> {
-        let ds = t.ds.clone();
-        let opened = tokio::task::spawn_blocking(move || ds.folder(DEFAULT_VMGROUP, create))
+    /// The volume's vmgroup folder (the backend's: a directory through the
+    /// datastore door, or the datastore file API); `None` when it does not
+    /// exist (and `create` is false).
+    async fn folder(&self, t: &Target<'_>, create: bool) -> Result<Option<Folder>, AgentError> {
+        self.backend
+            .folder(t.ds, DEFAULT_VMGROUP, create)
             .await
-            .map_err(|e| AgentError::Internal(format!("worker failed: {e}")))?;
-        Ok(opened.map_err(Self::store_err(t))?.map(|f| Box::new(f) as Folder))
+            .map_err(Self::store_err(t))
     }
 
     /// The folder of a volume that must exist.
-    async fn existing_folder(t: &Target<'_>) -> Result<Folder, AgentError> {
-        Self::folder(t, false).await?.ok_or_else(|| Self::not_found(t))
+    async fn existing_folder(&self, t: &Target<'_>) -> Result<Folder, AgentError> {
+        self.folder(t, false).await?.ok_or_else(|| Self::not_found(t))
     }
 
     async fn load_meta(t: &Target<'_>, folder: &dyn VolumeFolder) -> Result<Option<VolumeMeta>, AgentError> {
@@ -313,9 +398,9 @@ impl VolumeService {
     /// slow create or attach of the same name. A volume whose files are
     /// damaged (sidecar, descriptor or extent missing, unreadable, of the
     /// wrong kind) is an error naming the file, never reported healthy.
-    pub async fn get(&self, _caller: &Caller, name: &str) -> Result<VolumeInfo, AgentError> {
-        let t = self.resolve(name)?;
-        let folder = Self::existing_folder(&t).await?;
+    pub async fn get(&self, caller: &Caller, name: &str) -> Result<VolumeInfo, AgentError> {
+        let t = self.resolve(caller, name).await?;
+        let folder = self.existing_folder(&t).await?;
         let meta = Self::existing_meta(&t, &*folder).await?;
         self.info(&t, &meta).await
     }
@@ -330,7 +415,7 @@ impl VolumeService {
     /// `POST /v1/volumes`: creates a volume (or a clone).
     pub async fn create(&self, caller: &Caller, req: &CreateRequest) -> Result<VolumeInfo, AgentError> {
         let vm = caller.vm_id()?;
-        let t = self.resolve(&req.name)?;
+        let t = self.resolve(caller, &req.name).await?;
         let opts = VolumeOptions::parse(&req.opts)?;
         // Held until the volume's metadata is written, so the policy cannot
         // be removed in between.
@@ -356,7 +441,7 @@ impl VolumeService {
             None => None,
         };
         let Some(src) = source else {
-            let folder = Self::folder(&t, true).await?.ok_or_else(|| Self::not_found(&t))?;
+            let folder = self.folder(&t, true).await?.ok_or_else(|| Self::not_found(&t))?;
             let _lock = Self::lock(&t, &*folder).await?;
             return self.create_locked(vm, &t, &*folder, &opts, &req.opts, None).await;
         };
@@ -369,11 +454,11 @@ impl VolumeService {
         let not_found = || AgentError::CloneSourceNotFound {
             source_name: src.full.clone(),
         };
-        let src_folder = Self::folder(&src, false).await?.ok_or_else(not_found)?;
+        let src_folder = self.folder(&src, false).await?.ok_or_else(not_found)?;
         if Self::entry(&src, &*src_folder, &src.files().meta).await?.is_none() {
             return Err(not_found());
         }
-        let folder = Self::folder(&t, true).await?.ok_or_else(|| Self::not_found(&t))?;
+        let folder = self.folder(&t, true).await?.ok_or_else(|| Self::not_found(&t))?;
         // Lock both volumes in name order so two clones in opposite
         // directions cannot deadlock.
         let (_l1, _l2) = if (&t.ds.name, &t.volume) < (&src.ds.name, &src.volume) {
@@ -561,7 +646,12 @@ impl VolumeService {
         folder: &dyn VolumeFolder,
         meta: &VolumeMeta,
     ) -> Result<Option<Attachment>, AgentError> {
-        let live = self.backend.attachment(&t.disk()).await.map_err(Self::backend_err(t))?;
+        let hint = meta.attached_vm.as_deref();
+        let live = self
+            .backend
+            .attachment(&t.disk(), hint)
+            .await
+            .map_err(Self::backend_err(t))?;
         if live.is_none() && meta.status == AttachStatus::Attached {
             tracing::warn!(volume = %t.full, vm = ?meta.attached_vm, "metadata says attached but the disk is not; marking detached");
             let mut healed = meta.clone();
@@ -576,8 +666,8 @@ impl VolumeService {
     /// then). Works on a full datastore: it writes nothing before it frees.
     pub async fn remove(&self, caller: &Caller, name: &str) -> Result<(), AgentError> {
         let vm = caller.vm_id()?;
-        let t = self.resolve(name)?;
-        let folder = Self::existing_folder(&t).await?;
+        let t = self.resolve(caller, name).await?;
+        let folder = self.existing_folder(&t).await?;
         let _lock = Self::lock(&t, &*folder).await?;
         let meta = Self::existing_meta(&t, &*folder).await?;
         if let Some(att) = self.live_attachment(&t, &*folder, &meta).await? {
@@ -622,8 +712,8 @@ impl VolumeService {
     /// attachment.
     pub async fn attach(&self, caller: &Caller, name: &str) -> Result<AttachInfo, AgentError> {
         let vm = caller.vm_id()?;
-        let t = self.resolve(name)?;
-        let folder = Self::existing_folder(&t).await?;
+        let t = self.resolve(caller, name).await?;
+        let folder = self.existing_folder(&t).await?;
         let _lock = Self::lock(&t, &*folder).await?;
         let mut meta = Self::existing_meta(&t, &*folder).await?;
         if meta.status == AttachStatus::Attached && meta.attached_vm.as_deref() != Some(vm) {
@@ -682,8 +772,8 @@ impl VolumeService {
     /// with `in_use` and the volume stays recorded as attached.
     pub async fn detach(&self, caller: &Caller, name: &str) -> Result<(), AgentError> {
         let vm = caller.vm_id()?;
-        let t = self.resolve(name)?;
-        let folder = Self::existing_folder(&t).await?;
+        let t = self.resolve(caller, name).await?;
+        let folder = self.existing_folder(&t).await?;
         let _lock = Self::lock(&t, &*folder).await?;
         let mut meta = Self::existing_meta(&t, &*folder).await?;
         if meta.status == AttachStatus::Attached && meta.attached_vm.as_deref() != Some(vm) {
@@ -710,8 +800,8 @@ impl VolumeService {
     pub async fn mark_formatted(&self, caller: &Caller, name: &str, fstype: &str) -> Result<VolumeInfo, AgentError> {
         let vm = caller.vm_id()?;
         let fstype: FsType = fstype.parse()?;
-        let t = self.resolve(name)?;
-        let folder = Self::existing_folder(&t).await?;
+        let t = self.resolve(caller, name).await?;
+        let folder = self.existing_folder(&t).await?;
         let _lock = Self::lock(&t, &*folder).await?;
         let mut meta = Self::existing_meta(&t, &*folder).await?;
         if meta.status != AttachStatus::Attached || meta.attached_vm.as_deref() != Some(vm) {

@@ -51,6 +51,10 @@ pub struct VersionInfo {
     pub backend: String,
     /// Configured datastores; the first is the default for short names.
     pub datastores: Vec<String>,
+    /// The datastore the calling VM's short volume names go to (the one
+    /// holding the VM, for `vsphere`), when the caller named a VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub home_datastore: Option<String>,
 }
 
 /// `POST /v1/volumes` request.

@@ -22,7 +22,7 @@ use vmdk_protocol::{AttachAs, DiskFormat, DiskLocation};
 
 use super::loopdev::LoopDevices;
 use super::{Attachment, BackendError, DiskBackend, DiskInfo, DiskRef};
-use crate::datastore::{Datastore, LocalFolder, VolumeFiles};
+use crate::datastore::{Datastore, LocalFolder, VolumeFiles, VolumeFolder};
 use crate::fsutil::sparse_copy;
 use crate::store::{tighten_file_mode, Access, FileId, FileKind, StoreError, FILE_MODE};
 use crate::vmdk::{new_disk_uuid, Descriptor, MAX_DESCRIPTOR_BYTES};
@@ -528,9 +528,27 @@ impl DiskBackend for LocalBackend {
         self.blocking(move |b| b.detach_blocking(&d.r())).await
     }
 
-    async fn attachment(&self, disk: &DiskRef<'_>) -> Result<Option<Attachment>, BackendError> {
+    async fn attachment(&self, disk: &DiskRef<'_>, _vm_hint: Option<&str>) -> Result<Option<Attachment>, BackendError> {
         let d = OwnedDisk::of(disk);
         self.blocking(move |b| b.attachment_blocking(&d.r())).await
+    }
+
+    async fn folder(
+        &self,
+        datastore: &Datastore,
+        vmgroup: &str,
+        create: bool,
+    ) -> Result<Option<Box<dyn VolumeFolder>>, StoreError> {
+        let (ds, group) = (datastore.clone(), vmgroup.to_owned());
+        let shown = datastore.shown();
+        tokio::task::spawn_blocking(move || ds.folder(&group, create))
+            .await
+            .map_err(|e| StoreError::Io {
+                op: "open a folder of",
+                file: shown,
+                source: io::Error::other(e.to_string()),
+            })?
+            .map(|f| f.map(|f| Box::new(f) as Box<dyn VolumeFolder>))
     }
 
     async fn apply_policy(&self, disk: &DiskRef<'_>, name: &str, content: &str) -> Result<(), BackendError> {

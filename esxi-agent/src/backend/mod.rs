@@ -10,6 +10,7 @@
 pub mod local;
 pub mod loopdev;
 pub mod slots;
+pub mod vsphere;
 
 use std::fmt;
 use std::io;
@@ -17,7 +18,7 @@ use std::path::PathBuf;
 
 use vmdk_protocol::{AttachAs, DiskFormat, DiskLocation, ErrorCode};
 
-use crate::datastore::{Datastore, VolumeFiles};
+use crate::datastore::{Datastore, VolumeFiles, VolumeFolder};
 use crate::store::{DsPath, StoreError};
 use crate::vmdk::DescriptorError;
 
@@ -245,8 +246,23 @@ pub trait DiskBackend: Send + Sync + fmt::Debug {
     async fn attach(&self, vm: &str, disk: &DiskRef<'_>, attach_as: AttachAs) -> Result<Attachment, BackendError>;
     /// Detaches the disk from `vm`.
     async fn detach(&self, vm: &str, disk: &DiskRef<'_>) -> Result<(), BackendError>;
-    /// The live attachment, if any.
-    async fn attachment(&self, disk: &DiskRef<'_>) -> Result<Option<Attachment>, BackendError>;
+    /// The live attachment, if any. `vm_hint` is the VM the records say
+    /// holds the disk; a hypervisor backend looks there.
+    async fn attachment(&self, disk: &DiskRef<'_>, vm_hint: Option<&str>) -> Result<Option<Attachment>, BackendError>;
+    /// The vmgroup folder `vmgroup` of `datastore`, where the service keeps
+    /// volumes' sidecars, markers and locks (created when `create`); `None`
+    /// when it does not exist.
+    async fn folder(
+        &self,
+        datastore: &Datastore,
+        vmgroup: &str,
+        create: bool,
+    ) -> Result<Option<Box<dyn VolumeFolder>>, StoreError>;
+    /// The datastore a VM's short volume names go to: the one holding the
+    /// VM (`vsphere`, as the original did). `None`: the service's default.
+    async fn home_datastore(&self, _vm: &str) -> Result<Option<String>, BackendError> {
+        Ok(None)
+    }
     /// Applies VSAN policy `name`, whose expression is `content`, to an
     /// existing disk (at create, and again for each volume using the policy
     /// when `vmdk-agent policy update` changes it). The service records the

@@ -269,9 +269,15 @@ impl PolicyStore {
         DsPath::new(&self.ds.name, &format!("{}/{POLICIES_DIR}", crate::datastore::DOCKVOLS))
     }
 
-    /// `<datastore>/dockvols/policies` on this host.
+    /// `<datastore>/dockvols/policies` on this host (a datastore reached as
+    /// a directory).
     pub fn dir(&self) -> PathBuf {
-        self.ds.root.join(crate::datastore::DOCKVOLS).join(POLICIES_DIR)
+        self.ds
+            .root
+            .clone()
+            .unwrap_or_default()
+            .join(crate::datastore::DOCKVOLS)
+            .join(POLICIES_DIR)
     }
 
     /// The datastore holding the policies.
@@ -487,7 +493,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ds = Datastore {
             name: "vsan".into(),
-            root: dir.path().to_owned(),
+            root: Some(dir.path().to_owned()),
             vsan: true,
         };
         let store = PolicyStore::of(std::slice::from_ref(&ds)).unwrap();

@@ -14,7 +14,7 @@ use serde::Serialize;
 use vmdk_protocol::options::{self as opt, VolumeOptions};
 use vmdk_protocol::{AccessMode, AttachAs, VolumeInfo};
 
-use super::{Target, VolumeService};
+use super::{Caller, Target, VolumeService};
 use crate::datastore::{Datastore, VolumeFolder, DEFAULT_VMGROUP};
 use crate::error::AgentError;
 use crate::meta::VolumeMeta;
@@ -56,8 +56,8 @@ pub struct PolicyUpdate {
 pub struct DatastoreUsage {
     /// Datastore name.
     pub name: String,
-    /// Its directory.
-    pub path: PathBuf,
+    /// Its directory (datastores this host reaches as directories).
+    pub path: Option<PathBuf>,
     /// Whether it is VSAN.
     pub vsan: bool,
     /// Volumes in `dockvols/_DEFAULT`.
@@ -129,14 +129,9 @@ impl VolumeService {
     async fn volume_targets(&self) -> Result<Vec<(Target<'_>, Arc<dyn VolumeFolder>)>, AgentError> {
         let mut out = Vec::new();
         for ds in &self.datastores {
-            let opened = {
-                let ds = ds.clone();
-                tokio::task::spawn_blocking(move || ds.folder(DEFAULT_VMGROUP, false))
-                    .await
-                    .map_err(|e| AgentError::Internal(format!("worker failed: {e}")))?
-            };
+            let opened = self.backend.folder(ds, DEFAULT_VMGROUP, false).await;
             let folder: Arc<dyn VolumeFolder> = match opened {
-                Ok(Some(f)) => Arc::new(f),
+                Ok(Some(f)) => Arc::from(f),
                 Ok(None) => continue,
                 Err(source) => {
                     return Err(AgentError::Store {
@@ -325,7 +320,7 @@ impl VolumeService {
         };
         for t in &users {
             let applied = async {
-                let folder = Self::existing_folder(t).await?;
+                let folder = self.existing_folder(t).await?;
                 let _lock = Self::lock(t, &*folder).await?;
                 let meta = Self::existing_meta(t, &*folder).await?;
                 if meta.opt(opt::VSAN_POLICY_NAME) != Some(name) {
@@ -441,7 +436,7 @@ impl VolumeService {
     /// `vmdk-agent set`: changes `access` and `attach-as` of a volume, under
     /// its lock. They take effect at the next attach (mount).
     pub async fn set_options(&self, name: &str, opts: &BTreeMap<String, String>) -> Result<VolumeInfo, AgentError> {
-        let t = self.resolve(name)?;
+        let t = self.resolve(&Caller::Admin, name).await?;
         let bad: Vec<String> = opts
             .keys()
             .filter(|k| !EDITABLE_OPTIONS.contains(&k.as_str()))
@@ -457,7 +452,7 @@ impl VolumeService {
         }
         let access = opts.get(opt::ACCESS).map(|v| v.parse::<AccessMode>()).transpose()?;
         let attach_as = opts.get(opt::ATTACH_AS).map(|v| v.parse::<AttachAs>()).transpose()?;
-        let folder = Self::existing_folder(&t).await?;
+        let folder = self.existing_folder(&t).await?;
         let _lock = Self::lock(&t, &*folder).await?;
         let mut meta = Self::existing_meta(&t, &*folder).await?;
         if let Some(a) = access {
@@ -493,7 +488,7 @@ impl VolumeService {
                         .unwrap_or(0),
                     _ => 0,
                 };
-                let fs = nix::sys::statvfs::statvfs(&ds.root).ok();
+                let fs = ds.root.as_deref().and_then(|r| nix::sys::statvfs::statvfs(r).ok());
                 DatastoreUsage {
                     name: ds.name.clone(),
                     path: ds.root.clone(),

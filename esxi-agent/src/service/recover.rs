@@ -28,7 +28,7 @@ impl VolumeService {
     /// The last two only touch volumes whose lock is free or that they
     /// hold, so another agent on a shared datastore is never disturbed.
     pub async fn recover_on_start(&self) -> StartupRecovery {
-        for ds in &self.datastores {
+        for ds in self.datastores.iter().filter(|d| d.root.is_some()) {
             let d = ds.clone();
             match tokio::task::spawn_blocking(move || d.prepare()).await {
                 Ok(Ok(())) => {}
@@ -60,17 +60,7 @@ impl VolumeService {
     pub async fn collect_incomplete_volumes(&self) -> Vec<String> {
         let mut collected = Vec::new();
         for ds in &self.datastores {
-            let opened = {
-                let d = ds.clone();
-                tokio::task::spawn_blocking(move || d.folder(DEFAULT_VMGROUP, false)).await
-            };
-            let folder = match opened.unwrap_or_else(|e| {
-                Err(crate::store::StoreError::Io {
-                    op: "open",
-                    file: ds.shown(),
-                    source: std::io::Error::other(e.to_string()),
-                })
-            }) {
+            let folder = match self.backend.folder(ds, DEFAULT_VMGROUP, false).await {
                 Ok(Some(f)) => f,
                 Ok(None) => continue,
                 Err(e) => {
@@ -108,7 +98,7 @@ impl VolumeService {
                     ds,
                     volume: stem.clone(),
                 };
-                match self.collect_one(&t, &folder).await {
+                match self.collect_one(&t, &*folder).await {
                     Ok(true) => {
                         tracing::warn!(volume = %t.full, "deleted the files of a create or remove that did not finish");
                         collected.push(t.full.clone());
@@ -157,7 +147,7 @@ impl VolumeService {
             return Ok(false);
         }
         if has_disk {
-            match self.backend.attachment(&t.disk()).await {
+            match self.backend.attachment(&t.disk(), None).await {
                 Ok(None) => {}
                 Ok(Some(att)) => {
                     return Err(format!(
@@ -195,7 +185,7 @@ impl VolumeService {
                 continue;
             };
             let res = async {
-                let folder = Self::existing_folder(&t).await?;
+                let folder = self.existing_folder(&t).await?;
                 let _lock = Self::lock(&t, &*folder).await?;
                 let meta = Self::load_meta(&t, &*folder).await?;
                 let recorded = meta.as_ref().is_some_and(|m| m.status == AttachStatus::Attached);
