@@ -16,7 +16,8 @@ need=()
 # docker-registry and postgresql only provide files for the Docker Engine
 # tests' images (tests/images/build-image.sh); their services are not used.
 # golang-go and golang-github-vmware-govmomi-dev build the vSphere simulator
-# (tests/vcsim/build.sh) for the vSphere client's tests.
+# (tests/vcsim/build.sh) for the vSphere client's tests and
+# tests/vsphere_guest.rs, which also needs qemu-img (qemu-utils).
 for pkg in e2fsprogs xfsprogs util-linux busybox-static qemu-utils docker-compose docker-registry postgresql \
     golang-go golang-github-vmware-govmomi-dev; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
@@ -53,7 +54,8 @@ cargo fmt --all -- --check
 cargo fmt --manifest-path fuzz/Cargo.toml -- --check
 echo "==> cargo clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
-# The real-guest-kernel tests (tests/guest_kernel.rs) boot QEMU guests:
+# The real-guest-kernel tests (tests/guest_kernel.rs, tests/vsphere_guest.rs)
+# boot QEMU guests:
 # tests/guest/build.sh installs QEMU and builds the kernel and initramfs
 # (cached in target/guest/), and the locator they run in the guest is an
 # example, which `cargo test` builds only in test mode.

@@ -27,6 +27,9 @@
 //! - Controllers can be hot-added ([`Guest::add_controller`]): the `pc`
 //!   machine's ACPI PCI hot-plug works with Debian's kernel
 //!   (`CONFIG_HOTPLUG_PCI_ACPI=y`).
+//! - [`Guest::hotplug`] gives a [`Hotplug`] handle on QMP that another
+//!   thread can use while this one runs a shell command in the guest (the
+//!   test hypervisor bridge, `tests/support/bridge.rs`, does).
 #![allow(dead_code)]
 
 use std::collections::HashMap;
@@ -38,6 +41,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -73,6 +77,14 @@ pub struct GuestSpec {
     /// Programs to put in the guest's `/bin` (with their libraries), e.g.
     /// `env!("CARGO_BIN_EXE_vmdk-plugin")`.
     pub programs: Vec<PathBuf>,
+}
+
+impl GuestSpec {
+    /// The QEMU id of `disks[index]` once booted, for
+    /// [`Guest::remove_disk`] and [`Hotplug::remove_disk`].
+    pub fn disk_id(index: usize) -> String {
+        format!("disk{index}")
+    }
 }
 
 impl Default for GuestSpec {
@@ -292,9 +304,8 @@ pub struct Guest {
     dir: tempfile::TempDir,
     console: UnixStream,
     shared: SharedDebug,
-    qmp: Qmp,
+    hotplug: Hotplug,
     forwards: Vec<PathBuf>,
-    next_disk: u32,
     next_cmd: u64,
     /// How long the boot took, to the guest's shell.
     pub boot_time: Duration,
@@ -360,10 +371,8 @@ impl Guest {
         for c in &spec.controllers {
             args.extend(["-device".into(), c.props().to_string()]);
         }
-        let mut next_disk = 0;
-        for d in &spec.disks {
-            let id = format!("disk{next_disk}");
-            next_disk += 1;
+        for (i, d) in spec.disks.iter().enumerate() {
+            let id = GuestSpec::disk_id(i);
             for b in d.blockdevs(&id) {
                 args.extend(["-blockdev".into(), b.to_string()]);
             }
@@ -481,13 +490,16 @@ impl Guest {
             dir,
             console,
             shared: SharedDebug(shared),
-            qmp: Qmp::new(qmp)?,
+            hotplug: Hotplug {
+                qmp: Arc::new(Mutex::new(Qmp::new(qmp)?)),
+                next_disk: Arc::new(AtomicU32::new(spec.disks.len() as u32)),
+            },
             forwards,
-            next_disk,
             next_cmd: 0,
             boot_time: Duration::ZERO,
         };
-        let ready = match guest.qmp.handshake() {
+        let handshake = guest.hotplug.lock().handshake();
+        let ready = match handshake {
             Ok(()) => guest.wait_console("VMDK-GUEST-READY", "the guest's shell (boot)", BOOT_TIMEOUT),
             Err(e) => Err(e),
         };
@@ -599,50 +611,31 @@ impl Guest {
     /// refuses an image another QEMU has open (`Failed to get "write"
     /// lock`).
     pub fn add_disk(&mut self, disk: &DiskSpec) -> Result<String, GuestError> {
-        let id = format!("disk{}", self.next_disk);
-        self.next_disk += 1;
-        let [file, raw] = disk.blockdevs(&id);
-        self.qmp.execute("blockdev-add", file)?;
-        if let Err(e) = self.qmp.execute("blockdev-add", raw) {
-            let _ = self
-                .qmp
-                .execute("blockdev-del", json!({"node-name": format!("{id}-file")}));
-            return Err(e);
-        }
-        if let Err(e) = self.qmp.execute("device_add", disk.device(&id)) {
-            let _ = self
-                .qmp
-                .execute("blockdev-del", json!({"node-name": format!("{id}-raw")}));
-            let _ = self
-                .qmp
-                .execute("blockdev-del", json!({"node-name": format!("{id}-file")}));
-            return Err(e);
-        }
-        Ok(id)
+        self.hotplug.add_disk(disk)
     }
 
     /// Hot-removes a disk (attached at boot or by [`Guest::add_disk`]) and
     /// closes its image, so another QEMU may open it.
     pub fn remove_disk(&mut self, id: &str) -> Result<(), GuestError> {
-        self.qmp.execute("device_del", json!({"id": id}))?;
-        self.qmp
-            .wait_event("DEVICE_DELETED", |d| d["device"] == id, QMP_TIMEOUT)?;
-        self.qmp
-            .execute("blockdev-del", json!({"node-name": format!("{id}-raw")}))?;
-        self.qmp
-            .execute("blockdev-del", json!({"node-name": format!("{id}-file")}))?;
-        Ok(())
+        self.hotplug.remove_disk(id)
     }
 
     /// Hot-adds a PVSCSI controller (ACPI PCI hot-plug on the root bus;
     /// the guest binds it in a fraction of a second).
     pub fn add_controller(&mut self, c: &Controller) -> Result<(), GuestError> {
-        self.qmp.execute("device_add", c.props()).map(drop)
+        self.hotplug.add_controller(c)
     }
 
     /// Runs any QMP command.
     pub fn qmp(&mut self, command: &str, arguments: Value) -> Result<Value, GuestError> {
-        self.qmp.execute(command, arguments)
+        self.hotplug.qmp(command, arguments)
+    }
+
+    /// A handle on this guest's QMP, usable from other threads while this
+    /// one runs [`Guest::sh`]. Disk ids stay unique across handles. After
+    /// QEMU is gone its calls fail.
+    pub fn hotplug(&self) -> Hotplug {
+        self.hotplug.clone()
     }
 
     /// SIGKILLs QEMU, as when the host dies, and waits for it; the
@@ -665,6 +658,59 @@ impl Guest {
 impl Drop for Guest {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// Hot-plugging through a guest's QMP connection, shared with its
+/// [`Guest`]: one QMP command sequence at a time.
+#[derive(Debug, Clone)]
+pub struct Hotplug {
+    qmp: Arc<Mutex<Qmp>>,
+    /// The number of the next disk id (`disk<N>`).
+    next_disk: Arc<AtomicU32>,
+}
+
+impl Hotplug {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Qmp> {
+        self.qmp.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// See [`Guest::add_disk`].
+    pub fn add_disk(&self, disk: &DiskSpec) -> Result<String, GuestError> {
+        let id = GuestSpec::disk_id(self.next_disk.fetch_add(1, Ordering::Relaxed) as usize);
+        let mut qmp = self.lock();
+        let [file, raw] = disk.blockdevs(&id);
+        qmp.execute("blockdev-add", file)?;
+        if let Err(e) = qmp.execute("blockdev-add", raw) {
+            let _ = qmp.execute("blockdev-del", json!({"node-name": format!("{id}-file")}));
+            return Err(e);
+        }
+        if let Err(e) = qmp.execute("device_add", disk.device(&id)) {
+            let _ = qmp.execute("blockdev-del", json!({"node-name": format!("{id}-raw")}));
+            let _ = qmp.execute("blockdev-del", json!({"node-name": format!("{id}-file")}));
+            return Err(e);
+        }
+        Ok(id)
+    }
+
+    /// See [`Guest::remove_disk`].
+    pub fn remove_disk(&self, id: &str) -> Result<(), GuestError> {
+        let mut qmp = self.lock();
+        qmp.execute("device_del", json!({"id": id}))?;
+        qmp.wait_event("DEVICE_DELETED", |d| d["device"] == id, QMP_TIMEOUT)?;
+        qmp.execute("blockdev-del", json!({"node-name": format!("{id}-raw")}))?;
+        qmp.execute("blockdev-del", json!({"node-name": format!("{id}-file")}))?;
+        Ok(())
+    }
+
+    /// See [`Guest::add_controller`].
+    pub fn add_controller(&self, c: &Controller) -> Result<(), GuestError> {
+        self.lock().execute("device_add", c.props()).map(drop)
+    }
+
+    /// See [`Guest::qmp`].
+    pub fn qmp(&self, command: &str, arguments: Value) -> Result<Value, GuestError> {
+        self.lock().execute(command, arguments)
     }
 }
 

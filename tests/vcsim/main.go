@@ -6,6 +6,10 @@
 // prints one JSON line describing the inventory on stdout, and exits cleanly,
 // deleting its temporary datastores, on SIGTERM, SIGINT or when stdin closes.
 //
+// Its virtual disks behave like ESXi's (see esxiDiskManager below): a
+// descriptor and a flat extent of the requested size, as the test
+// hypervisor bridge (tests/support/bridge.rs) needs to hand them to QEMU.
+//
 // Build in GOPATH mode (see tests/vcsim/build.sh):
 //
 //	GO111MODULE=off GOPROXY=off GOPATH=<dir>:/usr/share/gocode go build
@@ -31,14 +35,22 @@ import (
 	"net/url"
 	"os"
 	"os/signal"
+	"path"
+	"path/filepath"
 	"sort"
 	"strconv"
 	"strings"
 	"syscall"
 	"time"
 
+	"github.com/vmware/govmomi/object"
 	_ "github.com/vmware/govmomi/pbm/simulator"
 	"github.com/vmware/govmomi/simulator"
+	"github.com/vmware/govmomi/simulator/esx"
+	"github.com/vmware/govmomi/vim25/methods"
+	"github.com/vmware/govmomi/vim25/mo"
+	"github.com/vmware/govmomi/vim25/soap"
+	"github.com/vmware/govmomi/vim25/types"
 )
 
 type datastore struct {
@@ -200,6 +212,460 @@ func methodDelays(s string) (map[string]int, error) {
 	return m, nil
 }
 
+// ---------------------------------------------------------------------------
+// ESXi-like virtual disks
+//
+// vcsim 0.24.2's VirtualDiskManager writes two EMPTY files for a new disk
+// and ignores its capacity and type; ReconfigVM sets no backing uuid. A real
+// guest (the test hypervisor bridge, tests/support/bridge.rs) needs a disk
+// it can open, so these overrides make the simulator's disks look like what
+// ESXi writes on VMFS:
+//
+//   - CreateVirtualDisk_Task writes `<name>.vmdk`, an ESXi descriptor in
+//     exactly the form the agent's local backend writes
+//     (esxi-agent/src/vmdk.rs, Descriptor::new_vmfs and render:
+//     createType="vmfs", one extent `RW <sectors> VMFS "<name>-flat.vmdk"`,
+//     a random ddb.uuid in VMware's NAA form `60 00 c2 9x ...`,
+//     ddb.thinProvisioned = "1" for thin), and `<name>-flat.vmdk` sized to
+//     the requested capacity. The extent is sparse for every type: thin is
+//     sparse on ESXi too; preallocated and eagerZeroedThick would be
+//     allocated (and zeroed) there, which only costs time and space here and
+//     changes nothing a guest can read. It fails with FileAlreadyExists when
+//     either file exists, naming the file, as ESXi does.
+//   - CopyVirtualDisk_Task copies both files (the extent sparsely) and gives
+//     the copy a new ddb.uuid and its own extent name.
+//   - When a reconfiguration attaches a disk, its FlatVer2 backing gets the
+//     `uuid` ESXi reports (ddb.uuid as `6000c29x-xxxx-xxxx-xxxx-xxxxxxxxxxxx`)
+//     and the disk its capacity, both read from the descriptor.
+//
+// How: the simulator dispatches a SOAP call by reflection on the object
+// registered under the call's moref in simulator.Map (Service.call uses
+// MethodByName on it). So installESXiDisks registers an
+// esxiDiskManager, which embeds the simulator's VirtualDiskManager by value
+// (the property collector digs the mo type out of the first field) and
+// defines the two methods, under the VirtualDiskManager's moref. A
+// VirtualMachine cannot be replaced that way (the simulator type-asserts
+// *simulator.VirtualMachine everywhere), so the backing uuid is set by a
+// registry handler (Map.AddHandler), which the simulator calls synchronously
+// from every Map.Update, including the one ReconfigVM_Task makes to
+// config.hardware.device before the task completes.
+//
+// Left as the simulator does it: DeleteVirtualDisk_Task, MoveVirtualDisk_Task,
+// QueryVirtualDiskUuid (a SHA-1 name UUID, not ESXi's form), disks created by
+// a reconfiguration with fileOperation=create (the VMs' own disk1.vmdk stays
+// two empty files).
+
+// esxiDiskManager is the simulator's VirtualDiskManager with ESXi-like
+// CreateVirtualDisk_Task and CopyVirtualDisk_Task.
+type esxiDiskManager struct {
+	simulator.VirtualDiskManager
+}
+
+// installESXiDisks registers the overrides; call it after model.Create.
+func installESXiDisks() {
+	ref := simulator.Map.VirtualDiskManager().Reference()
+	orig := simulator.Map.Get(ref).(*simulator.VirtualDiskManager)
+	simulator.Map.Put(&esxiDiskManager{*orig})
+	simulator.Map.AddHandler(backingUUIDs{})
+}
+
+// resolve turns "[ds] path" into the file on the datastore's directory, as
+// the simulator's (unexported) FileManager.resolve does, refusing paths that
+// leave the datastore.
+func resolve(dcRef *types.ManagedObjectReference, name string) (string, types.BaseMethodFault) {
+	var p object.DatastorePath
+	if !p.FromString(name) || p.Path == "" {
+		return "", &types.InvalidDatastorePath{DatastorePath: name}
+	}
+	if dcRef == nil {
+		if !simulator.Map.IsESX() {
+			return "", &types.InvalidArgument{InvalidProperty: "dc"}
+		}
+		dcRef = &esx.Datacenter.Self
+	}
+	for _, e := range simulator.Map.All("Datastore") {
+		ds := e.(*simulator.Datastore)
+		if ds.Name != p.Datastore || !under(ds, *dcRef) {
+			continue
+		}
+		dir := path.Clean(ds.Info.GetDatastoreInfo().Url)
+		file := path.Join(dir, p.Path)
+		if !strings.HasPrefix(file, dir+"/") {
+			return "", &types.InvalidDatastorePath{DatastorePath: name}
+		}
+		return file, nil
+	}
+	return "", &types.InvalidDatastore{Name: p.Datastore}
+}
+
+// under reports whether entity e is in datacenter dc.
+func under(e mo.Entity, dc types.ManagedObjectReference) bool {
+	for parent := e.Entity().Parent; parent != nil; {
+		if *parent == dc {
+			return true
+		}
+		pe, ok := simulator.Map.Get(*parent).(mo.Entity)
+		if !ok {
+			return false
+		}
+		parent = pe.Entity().Parent
+	}
+	return false
+}
+
+// flatName is the extent of descriptor `name` ("x.vmdk" -> "x-flat.vmdk").
+func flatName(name string) string {
+	return strings.TrimSuffix(name, ".vmdk") + "-flat.vmdk"
+}
+
+// fileFault is the fault for an error on `file` (a datastore path).
+func fileFault(file string, err error, otherwise types.BaseFileFault) types.BaseMethodFault {
+	switch {
+	case os.IsNotExist(err):
+		otherwise = new(types.FileNotFound)
+	case os.IsExist(err):
+		otherwise = new(types.FileAlreadyExists)
+	}
+	otherwise.GetFileFault().File = file
+	return otherwise.(types.BaseMethodFault)
+}
+
+// newDiskUUID is a random disk UUID in ESXi's form: NAA-6 with VMware's
+// OUI (60 00 c2 9x ...), as esxi-agent/src/vmdk.rs new_disk_uuid.
+func newDiskUUID() ([16]byte, uint32, error) {
+	var u [16]byte
+	var cid [4]byte
+	if _, err := rand.Read(u[:]); err != nil {
+		return u, 0, err
+	}
+	if _, err := rand.Read(cid[:]); err != nil {
+		return u, 0, err
+	}
+	u[0], u[1], u[2], u[3] = 0x60, 0x00, 0xc2, 0x90|(u[3]&0x0f)
+	return u, uint32(cid[0])<<24 | uint32(cid[1])<<16 | uint32(cid[2])<<8 | uint32(cid[3]), nil
+}
+
+// descriptor renders an ESXi descriptor byte for byte as the agent's
+// Descriptor::new_vmfs(..).render() does (DDB keys sorted), except that the
+// adapter type is the one asked for (the local backend always writes
+// lsilogic, which is also what lsiLogic gives here).
+func descriptor(flat string, capacity int64, thin bool, adapter string, uuid [16]byte, cid uint32) string {
+	sectors := (capacity + 511) / 512
+	heads := int64(255)
+	if adapter == "ide" {
+		heads = 16
+	}
+	cylinders := sectors * 512 / (heads * 63 * 512)
+	hex := make([]string, 16)
+	for i, b := range uuid {
+		hex[i] = fmt.Sprintf("%02x", b)
+	}
+	ddb := map[string]string{
+		"ddb.adapterType":        strings.ToLower(adapter),
+		"ddb.deletable":          "true",
+		"ddb.encoding":           "UTF-8",
+		"ddb.geometry.cylinders": strconv.FormatInt(cylinders, 10),
+		"ddb.geometry.heads":     strconv.FormatInt(heads, 10),
+		"ddb.geometry.sectors":   "63",
+		"ddb.longContentID":      strings.Join(hex[:12], "") + fmt.Sprintf("%08x", cid),
+		"ddb.toolsVersion":       "0",
+		"ddb.uuid":               strings.Join(hex[:8], " ") + "-" + strings.Join(hex[8:], " "),
+		"ddb.virtualHWVersion":   "13",
+	}
+	if thin {
+		ddb["ddb.thinProvisioned"] = "1"
+	}
+	keys := make([]string, 0, len(ddb))
+	for k := range ddb {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	var b strings.Builder
+	fmt.Fprintf(&b, "# Disk DescriptorFile\nversion=1\nencoding=\"UTF-8\"\nCID=%08x\n", cid)
+	b.WriteString("parentCID=ffffffff\nisNativeSnapshot=\"no\"\ncreateType=\"vmfs\"\n")
+	fmt.Fprintf(&b, "\n# Extent description\nRW %d VMFS %q\n", sectors, flat)
+	b.WriteString("\n# The Disk Data Base\n#DDB\n\n")
+	for _, k := range keys {
+		fmt.Fprintf(&b, "%s = %q\n", k, ddb[k])
+	}
+	return b.String()
+}
+
+// parsedDescriptor is what the overrides read back from a descriptor.
+type parsedDescriptor struct {
+	sectors int64
+	thin    bool
+	adapter string
+	uuid    string // ddb.uuid as written
+}
+
+// readDescriptor reads a descriptor written by descriptor() (or ESXi): its
+// one extent's size, thin flag, adapter and ddb.uuid. Bounded to 64 KiB.
+func readDescriptor(file string) (parsedDescriptor, error) {
+	var d parsedDescriptor
+	f, err := os.Open(file)
+	if err != nil {
+		return d, err
+	}
+	defer f.Close()
+	text, err := io.ReadAll(io.LimitReader(f, 64<<10))
+	if err != nil {
+		return d, err
+	}
+	d.adapter = "lsilogic"
+	for _, line := range strings.Split(string(text), "\n") {
+		line = strings.TrimSpace(line)
+		fields := strings.Fields(line)
+		if len(fields) >= 4 && (fields[0] == "RW" || fields[0] == "RDONLY") {
+			n, err := strconv.ParseInt(fields[1], 10, 64)
+			if err != nil {
+				return d, fmt.Errorf("%s: bad extent line %q", file, line)
+			}
+			d.sectors += n
+			continue
+		}
+		k, v, ok := strings.Cut(line, "=")
+		if !ok {
+			continue
+		}
+		v = strings.Trim(strings.TrimSpace(v), `"`)
+		switch strings.TrimSpace(k) {
+		case "ddb.thinProvisioned":
+			d.thin = v == "1"
+		case "ddb.adapterType":
+			d.adapter = v
+		case "ddb.uuid":
+			d.uuid = v
+		}
+	}
+	if d.sectors == 0 {
+		return d, fmt.Errorf("%s is not a disk descriptor (no extent)", file)
+	}
+	return d, nil
+}
+
+// writeDisk creates descriptor `file` (host path; `name` is its datastore
+// path, for faults) and its flat extent of `capacity` bytes. Neither may
+// exist. On failure nothing is left behind.
+func writeDisk(file, name string, capacity int64, thin bool, adapter string) types.BaseMethodFault {
+	for _, f := range []struct{ host, ds string }{{file, name}, {flatName(file), flatName(name)}} {
+		if _, err := os.Lstat(f.host); err == nil {
+			return fileFault(f.ds, nil, new(types.FileAlreadyExists))
+		}
+	}
+	uuid, cid, err := newDiskUUID()
+	if err != nil {
+		return &types.CannotCreateFile{FileFault: types.FileFault{File: name}}
+	}
+	flat, err := os.OpenFile(flatName(file), os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0600)
+	if err != nil {
+		return fileFault(flatName(name), err, new(types.CannotCreateFile))
+	}
+	err = flat.Truncate(capacity) // sparse, see above
+	if cerr := flat.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		os.Remove(flatName(file))
+		return fileFault(flatName(name), err, new(types.CannotCreateFile))
+	}
+	text := descriptor(filepath.Base(flatName(file)), capacity, thin, adapter, uuid, cid)
+	desc, err := os.OpenFile(file, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0600)
+	if err == nil {
+		_, err = desc.WriteString(text)
+		if cerr := desc.Close(); err == nil {
+			err = cerr
+		}
+		if err != nil {
+			os.Remove(file)
+		}
+	}
+	if err != nil {
+		os.Remove(flatName(file))
+		return fileFault(name, err, new(types.CannotCreateFile))
+	}
+	return nil
+}
+
+// diskTypes are the FileBackedVirtualDiskSpec.diskType values ESXi
+// creates on VMFS that these overrides support, and whether each is thin.
+var diskTypes = map[string]bool{
+	string(types.VirtualDiskTypeThin):             true,
+	string(types.VirtualDiskTypePreallocated):     false,
+	string(types.VirtualDiskTypeThick):            false,
+	string(types.VirtualDiskTypeEagerZeroedThick): false,
+}
+
+// CreateVirtualDiskTask: an ESXi descriptor and a flat extent of the size
+// asked for (see the section comment).
+func (m *esxiDiskManager) CreateVirtualDiskTask(_ *simulator.Context, req *types.CreateVirtualDisk_Task) soap.HasFault {
+	task := simulator.CreateTask(m, "createVirtualDisk", func(*simulator.Task) (types.AnyType, types.BaseMethodFault) {
+		file, fault := resolve(req.Datacenter, req.Name)
+		if fault != nil {
+			return nil, fault
+		}
+		spec, ok := req.Spec.(types.BaseFileBackedVirtualDiskSpec)
+		if !ok {
+			return nil, &types.InvalidArgument{InvalidProperty: "spec"}
+		}
+		fb := spec.GetFileBackedVirtualDiskSpec()
+		thin, known := diskTypes[fb.DiskType]
+		if !known {
+			return nil, &types.InvalidArgument{InvalidProperty: "spec.diskType"}
+		}
+		if fb.CapacityKb <= 0 {
+			return nil, &types.InvalidArgument{InvalidProperty: "spec.capacityKb"}
+		}
+		if fault := writeDisk(file, req.Name, fb.CapacityKb*1024, thin, fb.AdapterType); fault != nil {
+			return nil, fault
+		}
+		return req.Name, nil
+	})
+	return &methods.CreateVirtualDisk_TaskBody{
+		Res: &types.CreateVirtualDisk_TaskResponse{Returnval: task.Run()},
+	}
+}
+
+// copySparse copies src's bytes to a new file dst, leaving holes where src
+// reads as zeros, and gives dst src's size.
+func copySparse(src, dst string) error {
+	r, err := os.Open(src)
+	if err != nil {
+		return err
+	}
+	defer r.Close()
+	w, err := os.OpenFile(dst, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0600)
+	if err != nil {
+		return err
+	}
+	buf := make([]byte, 1<<20)
+	var off int64
+	for err == nil {
+		var n int
+		n, err = io.ReadFull(r, buf)
+		if n > 0 {
+			for _, b := range buf[:n] {
+				if b != 0 {
+					if _, werr := w.WriteAt(buf[:n], off); werr != nil {
+						err = werr
+					}
+					break
+				}
+			}
+			off += int64(n)
+		}
+	}
+	if err == io.EOF || err == io.ErrUnexpectedEOF {
+		err = w.Truncate(off)
+	}
+	if cerr := w.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		os.Remove(dst)
+	}
+	return err
+}
+
+// CopyVirtualDiskTask copies the descriptor and its flat extent; the copy
+// gets a new ddb.uuid and names its own extent, as ESXi's copy does.
+func (m *esxiDiskManager) CopyVirtualDiskTask(_ *simulator.Context, req *types.CopyVirtualDisk_Task) soap.HasFault {
+	task := simulator.CreateTask(m, "copyVirtualDisk", func(*simulator.Task) (types.AnyType, types.BaseMethodFault) {
+		if req.DestSpec != nil && simulator.Map.IsVPX() {
+			return nil, new(types.NotImplemented) // as the simulator answers
+		}
+		src, fault := resolve(req.SourceDatacenter, req.SourceName)
+		if fault != nil {
+			return nil, fault
+		}
+		dst, fault := resolve(req.DestDatacenter, req.DestName)
+		if fault != nil {
+			return nil, fault
+		}
+		d, err := readDescriptor(src)
+		if err != nil {
+			return nil, fileFault(req.SourceName, err, new(types.CannotAccessFile))
+		}
+		if req.Force != nil && *req.Force {
+			os.Remove(dst)
+			os.Remove(flatName(dst))
+		}
+		// A new descriptor with a new uuid, and an empty extent of the same
+		// size that the copy then fills.
+		if fault := writeDisk(dst, req.DestName, d.sectors*512, d.thin, d.adapter); fault != nil {
+			return nil, fault
+		}
+		os.Remove(flatName(dst))
+		if err := copySparse(flatName(src), flatName(dst)); err != nil {
+			os.Remove(dst)
+			return nil, fileFault(flatName(req.SourceName), err, new(types.CannotAccessFile))
+		}
+		return nil, nil
+	})
+	return &methods.CopyVirtualDisk_TaskBody{
+		Res: &types.CopyVirtualDisk_TaskResponse{Returnval: task.Run()},
+	}
+}
+
+// backingUUIDs is a registry handler that gives every FlatVer2-backed disk
+// of a VM whose descriptor has a ddb.uuid the backing uuid ESXi reports,
+// and its capacity, whenever the VM's devices change.
+type backingUUIDs struct{}
+
+func (backingUUIDs) Reference() types.ManagedObjectReference {
+	return types.ManagedObjectReference{Type: "VmdkTestsBackingUuids", Value: "backing-uuids"}
+}
+
+func (backingUUIDs) PutObject(mo.Reference) {}
+
+func (backingUUIDs) RemoveObject(types.ManagedObjectReference) {}
+
+// UpdateObject runs inside Map.Update, with the VM locked by the call
+// that changes it.
+func (backingUUIDs) UpdateObject(obj mo.Reference, changes []types.PropertyChange) {
+	vm, ok := obj.(*mo.VirtualMachine)
+	if !ok || vm.Config == nil {
+		return
+	}
+	touched := false
+	for _, c := range changes {
+		touched = touched || c.Name == "config.hardware.device"
+	}
+	if !touched {
+		return
+	}
+	for _, dev := range vm.Config.Hardware.Device {
+		disk, ok := dev.(*types.VirtualDisk)
+		if !ok {
+			continue
+		}
+		b, ok := disk.Backing.(*types.VirtualDiskFlatVer2BackingInfo)
+		if !ok || b.Uuid != "" || b.Datastore == nil {
+			continue
+		}
+		ds, ok := simulator.Map.Get(*b.Datastore).(*simulator.Datastore)
+		var p object.DatastorePath
+		if !ok || !p.FromString(b.FileName) {
+			continue
+		}
+		dir := path.Clean(ds.Info.GetDatastoreInfo().Url)
+		file := path.Join(dir, p.Path)
+		if !strings.HasPrefix(file, dir+"/") {
+			continue
+		}
+		d, err := readDescriptor(file)
+		hex := strings.NewReplacer(" ", "", "-", "").Replace(d.uuid)
+		if err != nil || len(hex) != 32 {
+			continue // the simulator's own empty disks: no uuid, as before
+		}
+		b.Uuid = hex[:8] + "-" + hex[8:12] + "-" + hex[12:16] + "-" + hex[16:20] + "-" + hex[20:]
+		if disk.CapacityInKB == 0 {
+			disk.CapacityInBytes = d.sectors * 512
+			disk.CapacityInKB = disk.CapacityInBytes / 1024
+		}
+	}
+}
+
 func main() {
 	listen := flag.String("listen", "127.0.0.1:0", "address to listen on (port 0 picks a free port)")
 	esx := flag.Bool("esx", false, "simulate a standalone ESX host (default: vCenter, VPX)")
@@ -244,6 +710,7 @@ func main() {
 	if err := model.Create(); err != nil {
 		log.Fatalf("creating the model: %s", err)
 	}
+	installESXiDisks()
 	// Everything from here on must remove the model's temporary datastores.
 	fail := func(format string, args ...interface{}) {
 		model.Remove()
