@@ -3,13 +3,11 @@
 use std::path::{Path, PathBuf};
 
 /// Default plugin socket; the file name makes the driver name `vmdk`.
-pub const DEFAULT_SOCKET: &str = "/run/docker/plugins/vmdk.sock";
+pub const DEFAULT_SOCKET: &str = vmdk_protocol::DEFAULT_PLUGIN_SOCKET;
 /// Default mount root.
 pub const DEFAULT_MOUNT_ROOT: &str = "/mnt/vmdk";
 /// Default state directory.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/vmdk-plugin";
-/// Default embedded datastore.
-pub const DEFAULT_DATASTORE: &str = "local=/var/lib/vmdk/datastores/local";
 
 /// Where this VM's id came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

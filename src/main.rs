@@ -26,13 +26,16 @@ enum Command {
         /// agent runs in this process on the --datastore directories.
         #[arg(long, env = "VMDK_AGENT_URL")]
         agent: Option<String>,
-        /// Run the agent in this process with this configuration file (the
-        /// agent's TOML, e.g. backend = "vsphere" to talk to vCenter or
-        /// ESXi directly; see docs/vsphere.md).
+        /// The embedded agent's configuration file (the agent's TOML, e.g.
+        /// backend = "vsphere" to talk to vCenter or ESXi directly; see
+        /// docs/vsphere.md). Default: /etc/vmdk/agent.toml when it exists
+        /// (the file `vmdk-agent` reads too), else built-in settings.
         #[arg(long, env = "VMDK_AGENT_CONFIG", value_name = "FILE")]
         agent_config: Option<PathBuf>,
         /// Embedded-agent datastore as NAME=DIR, or NAME=DIR,vsan for a VSAN
-        /// datastore; repeatable. Default: local=/var/lib/vmdk/datastores/local.
+        /// datastore; repeatable; added after the configuration file's
+        /// (the directory is created if missing). With no datastore
+        /// anywhere: the built-in local=/var/lib/vmdk/datastores/local.
         #[arg(long = "datastore", value_name = "NAME=DIR[,vsan]")]
         datastores: Vec<String>,
         /// This VM's id. Default: /sys/class/dmi/id/product_uuid, else
@@ -134,11 +137,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if agent.is_some() && (!datastores.is_empty() || agent_config.is_some()) {
                 anyhow::bail!(
                     "--datastore and --agent-config configure the embedded agent; they cannot be combined with --agent"
-                );
-            }
-            if agent_config.is_some() && !datastores.is_empty() {
-                anyhow::bail!(
-                    "--agent-config names the embedded agent's datastores; give them there, not with --datastore"
                 );
             }
             let (vm_id, vm_id_source) = match vm_id {

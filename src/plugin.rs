@@ -252,6 +252,23 @@ async fn list(State(m): Mgr) -> Response {
     }
 }
 
+/// `GET /v1/version`, the agent API's version call, answered for the
+/// embedded agent so that `vmdk-agent status` can tell it serves (see
+/// docs/admin-cli.md). Docker never calls it.
+async fn agent_version(State(m): Mgr) -> Response {
+    match m.embedded_agent() {
+        Some(svc) => {
+            let mut v = svc.version();
+            v.embedded_in = Some("vmdk-plugin".into());
+            reply(StatusCode::OK, json!(v))
+        }
+        None => reply(
+            StatusCode::NOT_FOUND,
+            json!({"Err": "this plugin uses a separate vmdk-agent (--agent); ask that agent"}),
+        ),
+    }
+}
+
 async fn unknown(uri: axum::http::Uri) -> Response {
     reply(
         StatusCode::NOT_FOUND,
@@ -271,6 +288,7 @@ pub fn router(manager: Arc<VolumeManager>) -> Router {
         .route("/VolumeDriver.Path", post(path))
         .route("/VolumeDriver.Get", post(get))
         .route("/VolumeDriver.List", post(list))
+        .route(vmdk_protocol::PATH_VERSION, axum::routing::get(agent_version))
         .fallback(unknown)
         .with_state(manager)
 }

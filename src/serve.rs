@@ -37,29 +37,18 @@ pub async fn agent_client(cfg: &ServeConfig) -> Result<AgentClient, ServeError> 
     if let Some(url) = &cfg.agent {
         return Endpoint::parse(url).map(AgentClient::Http).map_err(ServeError::Config);
     }
-    let acfg = match &cfg.agent_config {
-        Some(path) => AgentConfig::from_file(path).map_err(|e| ServeError::Config(crate::error_chain(&e)))?,
-        None => {
-            let mut acfg = AgentConfig::default();
-            let flags = if cfg.datastores.is_empty() {
-                vec![crate::config::DEFAULT_DATASTORE.to_owned()]
-            } else {
-                cfg.datastores.clone()
-            };
-            for d in &flags {
-                acfg.add_datastore_flag(d)
-                    .map_err(|e| ServeError::Config(e.to_string()))?;
-            }
-            acfg
-        }
-    };
-    if acfg.backend != vmdk_agent::config::BackendKind::Local
-        && cfg.vm_id_source == crate::config::VmIdSource::MachineId
-    {
-        return Err(ServeError::Config(crate::config::machine_id_refused("vsphere")));
-    }
-    acfg.validate().map_err(|e| ServeError::Config(e.to_string()))?;
-    for path in acfg.datastores.iter().filter_map(|d| d.path.as_ref()) {
+    let (acfg, source) = AgentConfig::load(
+        cfg.agent_config.as_deref(),
+        std::path::Path::new(vmdk_agent::config::DEFAULT_CONFIG),
+        &cfg.datastores,
+    )
+    .map_err(|e| ServeError::Config(crate::error_chain(&e)))?;
+    tracing::info!(config = %source, backend = ?acfg.backend, "embedded agent configuration");
+    // The --datastore flags' datastores (the last ones) get their
+    // directories made if missing: given by hand, they are a wish. A
+    // configuration file's must exist; the built-in one the service makes.
+    let flagged = &acfg.datastores[acfg.datastores.len().saturating_sub(cfg.datastores.len())..];
+    for path in flagged.iter().filter_map(|d| d.path.as_ref()) {
         // A datastore directory the plugin makes is private (an existing
         // one is the administrator's; its dockvols/ is made 0700 anyway).
         std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
@@ -69,6 +58,11 @@ pub async fn agent_client(cfg: &ServeConfig) -> Result<AgentClient, ServeError> 
                 path: path.display().to_string(),
                 source,
             })?;
+    }
+    if acfg.backend != vmdk_agent::config::BackendKind::Local
+        && cfg.vm_id_source == crate::config::VmIdSource::MachineId
+    {
+        return Err(ServeError::Config(crate::config::machine_id_refused("vsphere")));
     }
     let svc = VolumeService::from_config(&acfg)
         .await

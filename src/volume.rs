@@ -284,6 +284,14 @@ fn now_secs() -> u64 {
 }
 
 impl VolumeManager {
+    /// The agent running in this process, if it is embedded.
+    pub fn embedded_agent(&self) -> Option<&Arc<vmdk_agent::VolumeService>> {
+        match &self.agent {
+            AgentClient::Embedded(svc) => Some(svc),
+            AgentClient::Http(_) => None,
+        }
+    }
+
     /// A manager; call [`VolumeManager::recover`] once before serving
     /// mounts (the plugin does this in the background).
     ///

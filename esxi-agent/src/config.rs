@@ -1,8 +1,16 @@
 //! Agent configuration: datastores, listeners and backend.
 //!
-//! Read from a TOML file (`--config`) and extended by command-line flags
-//! (`--datastore NAME=DIR`, `--socket`, `--tcp`). Every key is documented
-//! in `docs/configuration.md`.
+//! Read from a TOML file and extended by command-line flags (`--datastore
+//! NAME=DIR`, `--socket`, `--tcp`). Every key is documented in
+//! `docs/configuration.md`.
+//!
+//! One configuration serves both programs: `vmdk-agent` and the agent
+//! embedded in `vmdk-plugin` find it the same way ([`AgentConfig::load`]):
+//! the file given (`--config` / `--agent-config`, or `VMDK_AGENT_CONFIG`),
+//! else [`DEFAULT_CONFIG`] when it exists; and when neither names a
+//! datastore, both use the same built-in one ([`DEFAULT_DATASTORE_NAME`] at
+//! [`DEFAULT_DATASTORE_DIR`], VSAN-capable). So the admin commands work on
+//! exactly the volumes the plugin serves, with no flags.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -11,6 +19,35 @@ use serde::Deserialize;
 
 /// Default unix socket of `vmdk-agent serve`.
 pub const DEFAULT_SOCKET: &str = "/run/vmdk/agent.sock";
+/// Where both programs look for the agent configuration when none is given.
+pub const DEFAULT_CONFIG: &str = "/etc/vmdk/agent.toml";
+/// The built-in datastore's name, used when no datastore is configured.
+pub const DEFAULT_DATASTORE_NAME: &str = "local";
+/// The built-in datastore's directory (created 0700 when missing).
+pub const DEFAULT_DATASTORE_DIR: &str = "/var/lib/vmdk/datastores/local";
+
+/// Where a loaded configuration came from, for logs and `status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigSource {
+    /// The file given with `--config` / `--agent-config` /
+    /// `VMDK_AGENT_CONFIG`.
+    Given(PathBuf),
+    /// [`DEFAULT_CONFIG`] (or the default path passed to
+    /// [`AgentConfig::load`]), which exists.
+    Default(PathBuf),
+    /// No file: built-in settings.
+    BuiltIn,
+}
+
+impl std::fmt::Display for ConfigSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Given(p) => write!(f, "{}", p.display()),
+            Self::Default(p) => write!(f, "{} (default location)", p.display()),
+            Self::BuiltIn => write!(f, "no configuration file ({DEFAULT_CONFIG} does not exist)"),
+        }
+    }
+}
 
 /// The agent's configuration file.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
@@ -55,9 +92,33 @@ pub struct DatastoreConfig {
     /// Directory holding `dockvols/` (`local` only; required there).
     pub path: Option<PathBuf>,
     /// Whether this datastore is VSAN (VSAN policies may be used on it).
-    /// `local` only: with `vsphere`, vSphere says which datastores are VSAN.
+    /// `local` only: with `vsphere`, vSphere says which datastores are
+    /// VSAN. The type is recorded on the datastore itself
+    /// (`dockvols/.vmdk-datastore`), so every process using it agrees:
+    /// unset, the recorded type applies (not VSAN when none is recorded);
+    /// set, it is recorded there.
     #[serde(default)]
-    pub vsan: bool,
+    pub vsan: Option<bool>,
+}
+
+impl DatastoreConfig {
+    /// The built-in datastore: [`DEFAULT_DATASTORE_NAME`] at
+    /// [`DEFAULT_DATASTORE_DIR`], VSAN-capable so that VSAN policies work
+    /// right after install (on the `local` backend a policy is recorded with
+    /// the volume, not applied).
+    pub fn built_in() -> Self {
+        Self {
+            name: DEFAULT_DATASTORE_NAME.to_owned(),
+            path: Some(PathBuf::from(DEFAULT_DATASTORE_DIR)),
+            vsan: Some(true),
+        }
+    }
+
+    /// Whether this is the built-in datastore (its directory may be
+    /// created; a configured one must exist).
+    pub fn is_built_in(&self) -> bool {
+        *self == Self::built_in()
+    }
 }
 
 /// `[vsphere]`: how the agent reaches ESXi or vCenter.
@@ -202,6 +263,43 @@ pub enum ConfigError {
 }
 
 impl AgentConfig {
+    /// The configuration both programs use: `given` (which must exist),
+    /// else `default_path` when it exists, else built-in settings; then the
+    /// `--datastore` flags, added after the file's datastores; then, for the
+    /// `local` backend with no datastore at all, the built-in one
+    /// ([`DEFAULT_DATASTORE_NAME`] at [`DEFAULT_DATASTORE_DIR`], VSAN).
+    /// Validated.
+    pub fn load(
+        given: Option<&Path>,
+        default_path: &Path,
+        datastore_flags: &[String],
+    ) -> Result<(Self, ConfigSource), ConfigError> {
+        let (mut cfg, source) = match given {
+            Some(p) => (Self::from_file(p)?, ConfigSource::Given(p.to_owned())),
+            None => match std::fs::metadata(default_path) {
+                Ok(_) => (
+                    Self::from_file(default_path)?,
+                    ConfigSource::Default(default_path.to_owned()),
+                ),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => (Self::default(), ConfigSource::BuiltIn),
+                Err(source) => {
+                    return Err(ConfigError::Read {
+                        path: default_path.to_owned(),
+                        source,
+                    })
+                }
+            },
+        };
+        for d in datastore_flags {
+            cfg.add_datastore_flag(d)?;
+        }
+        if cfg.datastores.is_empty() && cfg.backend == BackendKind::Local {
+            cfg.datastores.push(DatastoreConfig::built_in());
+        }
+        cfg.validate()?;
+        Ok((cfg, source))
+    }
+
     /// Loads a TOML file.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -229,7 +327,7 @@ impl AgentConfig {
         self.datastores.push(DatastoreConfig {
             name: name.to_owned(),
             path: Some(PathBuf::from(dir)),
-            vsan,
+            vsan: vsan.then_some(true),
         });
         Ok(())
     }
@@ -318,7 +416,7 @@ impl AgentConfig {
                         "[vsphere] must say how to trust the server's certificate with exactly one of thumbprint = \"AA:BB:...\" (its SHA-256 fingerprint), ca_file = \"/path/ca.pem\" or insecure = true; {trusts} are set"
                     ));
                 }
-                if let Some(ds) = self.datastores.iter().find(|d| d.path.is_some() || d.vsan) {
+                if let Some(ds) = self.datastores.iter().find(|d| d.path.is_some() || d.vsan.is_some()) {
                     return bad(format!(
                         "datastore {}: with backend = \"vsphere\" a [[datastore]] has only a name (its files are on the vSphere datastore of that name, and vSphere says whether it is VSAN)",
                         ds.name
@@ -360,7 +458,7 @@ mod tests {
             "#,
         )
         .unwrap();
-        assert!(cfg.datastores[0].vsan);
+        assert_eq!(cfg.datastores[0].vsan, Some(true));
         let mut cfg = cfg;
         cfg.add_datastore_flag("nfs1=/srv/nfs").unwrap();
         cfg.validate().unwrap();
@@ -368,7 +466,7 @@ mod tests {
         cfg.add_datastore_flag("vsan2=/srv/v2,vsan").unwrap();
         let last = cfg.datastores.last().unwrap();
         assert!(
-            last.vsan && last.path.as_deref() == Some(Path::new("/srv/v2")),
+            last.vsan == Some(true) && last.path.as_deref() == Some(Path::new("/srv/v2")),
             "{last:?}"
         );
         assert!(cfg.add_datastore_flag("v=,vsan").is_err());
@@ -382,6 +480,60 @@ mod tests {
             AgentConfig::default().validate(),
             Err(ConfigError::NoDatastore)
         ));
+    }
+
+    #[test]
+    fn both_programs_load_the_same_configuration() {
+        let d = tempfile::tempdir().unwrap();
+        let default = d.path().join("agent.toml");
+        // No file anywhere: the built-in datastore, VSAN.
+        let (cfg, src) = AgentConfig::load(None, &default, &[]).unwrap();
+        assert_eq!(src, ConfigSource::BuiltIn);
+        assert_eq!(cfg.datastores, vec![DatastoreConfig::built_in()]);
+        assert_eq!(cfg.datastores[0].vsan, Some(true));
+        assert_eq!(
+            cfg.datastores[0].path.as_deref(),
+            Some(Path::new(DEFAULT_DATASTORE_DIR))
+        );
+        // Flags replace the built-in datastore.
+        let (cfg, _) = AgentConfig::load(None, &default, &["a=/srv/a".into()]).unwrap();
+        assert_eq!(cfg.datastores.len(), 1);
+        assert_eq!((cfg.datastores[0].name.as_str(), cfg.datastores[0].vsan), ("a", None));
+        // The default file, when it exists, is read; flags come after its
+        // datastores.
+        std::fs::write(&default, "[[datastore]]\nname = \"f\"\npath = \"/srv/f\"\n").unwrap();
+        let (cfg, src) = AgentConfig::load(None, &default, &["a=/srv/a".into()]).unwrap();
+        assert_eq!(src, ConfigSource::Default(default.clone()));
+        let names: Vec<_> = cfg.datastores.iter().map(|d| d.name.as_str()).collect();
+        assert_eq!(names, ["f", "a"]);
+        // A file with settings but no datastore gets the built-in one.
+        std::fs::write(&default, "socket = \"/run/x.sock\"\n").unwrap();
+        let (cfg, _) = AgentConfig::load(None, &default, &[]).unwrap();
+        assert_eq!(cfg.datastores, vec![DatastoreConfig::built_in()]);
+        // A given file must exist, and is used instead of the default.
+        let given = d.path().join("given.toml");
+        let e = AgentConfig::load(Some(&given), &default, &[]).unwrap_err();
+        assert!(matches!(e, ConfigError::Read { .. }), "{e}");
+        std::fs::write(&given, "[[datastore]]\nname = \"g\"\npath = \"/srv/g\"\nvsan = false\n").unwrap();
+        let (cfg, src) = AgentConfig::load(Some(&given), &default, &[]).unwrap();
+        assert_eq!(src, ConfigSource::Given(given.clone()));
+        assert_eq!(
+            (cfg.datastores[0].name.as_str(), cfg.datastores[0].vsan),
+            ("g", Some(false))
+        );
+        // A broken default file is an error, not silently skipped.
+        std::fs::write(&default, "bogus = 1\n").unwrap();
+        let e = AgentConfig::load(None, &default, &[]).unwrap_err();
+        assert!(matches!(e, ConfigError::Parse { .. }), "{e}");
+        // The vsphere backend has no built-in datastore: without any, every
+        // datastore the account sees is used.
+        std::fs::write(
+            &default,
+            "backend = \"vsphere\"\n[vsphere]\nurl = \"https://h/sdk\"\ncredentials = \"/c\"\ninsecure = true\n",
+        )
+        .unwrap();
+        let (cfg, _) = AgentConfig::load(None, &default, &[]).unwrap();
+        assert!(cfg.datastores.is_empty());
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! ```text
 //! <datastore>/dockvols/                          0700
 //! <datastore>/dockvols/.vmdk-reserve             space kept back for a full datastore
+//! <datastore>/dockvols/.vmdk-datastore           the datastore's type (VSAN or not)
 //! <datastore>/dockvols/_DEFAULT/                 0700, a vmgroup folder
 //! <datastore>/dockvols/_DEFAULT/<vol>.vmdk       descriptor        0600
 //! <datastore>/dockvols/_DEFAULT/<vol>-flat.vmdk  extent            0600
@@ -43,6 +44,23 @@ pub const RESERVE_BYTES: u64 = 8 << 20;
 /// How much of the reserve one write that hit a full datastore frees.
 pub const RESERVE_CHUNK: u64 = 256 << 10;
 
+/// The datastore's recorded type, in `dockvols/`: `{"version":1,"vsan":true}`.
+/// Kept with the datastore so that every process using it (the plugin's
+/// embedded agent, `vmdk-agent serve`, the admin commands, another host)
+/// agrees on whether it is VSAN, whatever flags each was started with.
+pub const TYPE_FILE: &str = ".vmdk-datastore";
+/// Version of [`TYPE_FILE`]'s format.
+pub const TYPE_VERSION: u32 = 1;
+/// Larger [`TYPE_FILE`]s are not read.
+const MAX_TYPE_BYTES: u64 = 4096;
+
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TypeRecord {
+    version: u32,
+    vsan: bool,
+}
+
 /// A configured datastore.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Datastore {
@@ -74,7 +92,21 @@ impl Datastore {
     /// The `dockvols` folder (created 0700 when `create`); `None` when it
     /// does not exist. It must be a real directory.
     pub fn dockvols(&self, create: bool) -> Result<Option<Dir>, StoreError> {
-        self.root_dir()?.subdir(DOCKVOLS, create.then_some(DIR_MODE))
+        let root = self.root_dir()?;
+        if !create {
+            return root.subdir(DOCKVOLS, None);
+        }
+        let fresh = root.stat(DOCKVOLS)?.is_none();
+        let dockvols = root.subdir(DOCKVOLS, Some(DIR_MODE))?;
+        if fresh {
+            // A new datastore gets its type recorded with it (see TYPE_FILE).
+            if let Some(d) = &dockvols {
+                if let Err(e) = write_type(d, self.vsan) {
+                    tracing::warn!(datastore = %self.name, error = %crate::error::error_chain(&e), "cannot record the datastore's type");
+                }
+            }
+        }
+        Ok(dockvols)
     }
 
     /// The vmgroup folder `vmgroup` (created 0700 when `create`); `None`
@@ -100,6 +132,47 @@ impl Datastore {
         match self.dockvols(create)? {
             Some(d) => d.subdir(crate::policy::POLICIES_DIR, create.then_some(DIR_MODE)),
             None => Ok(None),
+        }
+    }
+
+    /// The type recorded in [`TYPE_FILE`]: `Some(vsan)`, or `None` when
+    /// nothing is recorded (no `dockvols/` or no file). A record that is not
+    /// ours (bad JSON, unknown version) is an error naming the file.
+    pub fn recorded_vsan(&self) -> Result<Option<bool>, StoreError> {
+        let Some(dockvols) = self.dockvols(false)? else {
+            return Ok(None);
+        };
+        let Some(bytes) = dockvols.read_bounded(TYPE_FILE, MAX_TYPE_BYTES)? else {
+            return Ok(None);
+        };
+        let invalid = |why: String| StoreError::Io {
+            op: "use the datastore type record",
+            file: dockvols.file(TYPE_FILE),
+            source: std::io::Error::other(why),
+        };
+        let rec: TypeRecord = serde_json::from_slice(&bytes).map_err(|e| {
+            invalid(format!(
+                "it is not {{\"version\":{TYPE_VERSION},\"vsan\":true|false}}: {e}"
+            ))
+        })?;
+        if rec.version != TYPE_VERSION {
+            return Err(invalid(format!(
+                "its version {} is not {TYPE_VERSION}; a newer vmdk wrote it",
+                rec.version
+            )));
+        }
+        Ok(Some(rec.vsan))
+    }
+
+    /// Records the type in [`TYPE_FILE`] (atomically, durably) if the
+    /// datastore has a `dockvols/`; a new `dockvols/` gets it when it is
+    /// made ([`Datastore::dockvols`]), so a command that changes nothing
+    /// else leaves an unused directory untouched. `false` when there is no
+    /// `dockvols/` yet.
+    pub fn record_vsan(&self, vsan: bool) -> Result<bool, StoreError> {
+        match self.dockvols(false)? {
+            Some(d) => write_type(&d, vsan).map(|()| true),
+            None => Ok(false),
         }
     }
 
@@ -131,6 +204,17 @@ impl Datastore {
             }
         }
     }
+}
+
+fn write_type(dockvols: &Dir, vsan: bool) -> Result<(), StoreError> {
+    let rec = serde_json::to_vec(&TypeRecord {
+        version: TYPE_VERSION,
+        vsan,
+    })
+    .expect("serializable");
+    // Durable (write_atomic fsyncs): the type decides whether policies may
+    // be used, so it must not revert after a crash.
+    dockvols.write_atomic(TYPE_FILE, &rec)
 }
 
 /// Opens the target of vmgroup link `name` in `dockvols`: allowed only

@@ -5,7 +5,7 @@
 //! runs or not, taking the same per-volume file locks it takes. See
 //! `docs/admin-cli.md`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,7 +14,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::json;
 use vmdk_agent::admin::{self, probe};
-use vmdk_agent::config::{AgentConfig, DEFAULT_SOCKET};
+use vmdk_agent::config::{AgentConfig, ConfigSource, DEFAULT_CONFIG, DEFAULT_SOCKET};
 use vmdk_agent::error::error_chain;
 use vmdk_agent::policy::PolicyExpr;
 use vmdk_agent::server::{raise_fd_limit, serve, Listeners, ServeLimits};
@@ -35,7 +35,9 @@ use vmdk_agent::{AgentError, VolumeService};
     arg_required_else_help = true
 )]
 struct Cli {
-    /// TOML configuration file (see docs/configuration.md).
+    /// TOML configuration file (see docs/configuration.md). Default:
+    /// /etc/vmdk/agent.toml when it exists (the file the plugin's embedded
+    /// agent reads too), else built-in settings.
     #[arg(long, global = true, env = "VMDK_AGENT_CONFIG")]
     config: Option<PathBuf>,
     /// A datastore as NAME=DIR, or NAME=DIR,vsan for a VSAN datastore;
@@ -149,6 +151,10 @@ struct StatusArgs {
     /// /run/vmdk/agent.sock.
     #[arg(long)]
     socket: Option<PathBuf>,
+    /// The plugin's socket, asked when no `vmdk-agent serve` answers: a
+    /// plugin running its agent embedded reports it there.
+    #[arg(long, default_value = vmdk_protocol::DEFAULT_PLUGIN_SOCKET, env = "VMDK_PLUGIN_SOCKET")]
+    plugin_socket: PathBuf,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Table)]
     format: Format,
@@ -158,19 +164,13 @@ fn load_config(
     config: Option<&PathBuf>,
     datastores: &[String],
     tcp: Option<std::net::SocketAddr>,
-) -> anyhow::Result<AgentConfig> {
-    let mut cfg = match config {
-        Some(p) => AgentConfig::from_file(p)?,
-        None => AgentConfig::default(),
-    };
-    for d in datastores {
-        cfg.add_datastore_flag(d)?;
-    }
+) -> anyhow::Result<(AgentConfig, ConfigSource)> {
+    let (mut cfg, source) = AgentConfig::load(config.map(PathBuf::as_path), Path::new(DEFAULT_CONFIG), datastores)?;
     if let Some(addr) = tcp {
         cfg.set_tcp_flag(addr);
+        cfg.validate()?;
     }
-    cfg.validate()?;
-    Ok(cfg)
+    Ok((cfg, source))
 }
 
 async fn service(cfg: &AgentConfig) -> anyhow::Result<Arc<VolumeService>> {
@@ -231,10 +231,11 @@ fn admin_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let cfg = || load_config(cli.config.as_ref(), &cli.datastores, None);
+    let cfg = || load_config(cli.config.as_ref(), &cli.datastores, None).map(|(c, _)| c);
     match cli.command {
         Command::Serve { socket, tcp, limits } => {
-            let cfg = load_config(cli.config.as_ref(), &cli.datastores, tcp)?;
+            let (cfg, source) = load_config(cli.config.as_ref(), &cli.datastores, tcp)?;
+            tracing::info!(config = %source, "configuration");
             let rt = tokio::runtime::Runtime::new().context("start runtime")?;
             let svc = rt.block_on(service(&cfg))?;
             match raise_fd_limit() {
@@ -403,7 +404,25 @@ async fn status(cfg: anyhow::Result<AgentConfig>, args: &StatusArgs) -> anyhow::
         .clone()
         .or_else(|| cfg.as_ref().ok().and_then(|c| c.socket.clone()))
         .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
-    let state = probe::probe(&socket, Duration::from_secs(5));
+    let mut state = probe::probe(&socket, Duration::from_secs(5));
+    let mut socket = socket;
+    if let probe::ServiceState::Stopped { reason } = &state {
+        // No agent service: a plugin may be running its agent embedded.
+        match probe::probe(&args.plugin_socket, Duration::from_secs(5)) {
+            embedded @ probe::ServiceState::Running(_) => {
+                state = embedded;
+                socket = args.plugin_socket.clone();
+            }
+            _ => {
+                state = probe::ServiceState::Stopped {
+                    reason: format!(
+                        "{reason}; no plugin with an embedded agent at {}",
+                        args.plugin_socket.display()
+                    ),
+                }
+            }
+        }
+    }
     // Without datastores there is still a service to report on.
     let svc = match cfg {
         Ok(c) => service(&c).await,
@@ -446,6 +465,9 @@ async fn status(cfg: anyhow::Result<AgentConfig>, args: &StatusArgs) -> anyhow::
     out.push_str(&format!("Socket: {}\n", socket.display()));
     match &state {
         probe::ServiceState::Running(v) => {
+            if let Some(host) = &v.embedded_in {
+                out.push_str(&format!("Serving: embedded in {host}\n"));
+            }
             out.push_str(&format!("Service version: {} (API {})\n", v.version, v.api));
             out.push_str(&format!("Backend: {}\n", v.backend));
             out.push_str(&format!("Serving datastores: {}\n", v.datastores.join(", ")));

@@ -103,6 +103,33 @@ impl fmt::Display for Caller {
     }
 }
 
+/// Whether a directory datastore is VSAN: the type recorded on it (see
+/// [`crate::datastore::TYPE_FILE`]) unless the configuration says, in which
+/// case that is recorded (a change is logged). A record that cannot be read
+/// or written is logged and the configuration (else not VSAN) used.
+fn settle_vsan(ds: &Datastore, configured: Option<bool>) -> bool {
+    let err = crate::error::error_chain;
+    let recorded = match ds.recorded_vsan() {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(datastore = %ds.name, error = %err(&e), "cannot read the datastore's recorded type");
+            None
+        }
+    };
+    let Some(want) = configured else {
+        return recorded.unwrap_or(false);
+    };
+    if recorded != Some(want) {
+        if let Some(was) = recorded {
+            tracing::warn!(datastore = %ds.name, was_vsan = was, now_vsan = want, "the configuration changes the datastore's recorded type");
+        }
+        if let Err(e) = ds.record_vsan(want) {
+            tracing::warn!(datastore = %ds.name, vsan = want, error = %err(&e), "cannot record the datastore's type; other processes may not see it");
+        }
+    }
+    want
+}
+
 /// A resolved volume: its canonical name, datastore and volume part.
 #[derive(Debug, Clone)]
 struct Target<'a> {
@@ -154,6 +181,18 @@ impl VolumeService {
                     ds.name
                 )));
             };
+            if ds.is_built_in() {
+                // The built-in datastore is made on first use, privately; a
+                // configured one must exist (a missing one is more likely an
+                // unmounted share than a wish for an empty datastore).
+                std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+                    .create(path)
+                    .map_err(|source| AgentError::Io {
+                        op: "create the built-in datastore directory",
+                        path: format!("{} (datastore {})", path.display(), ds.name),
+                        source,
+                    })?;
+            }
             let meta = std::fs::metadata(path).map_err(|source| AgentError::Io {
                 op: "datastore directory",
                 path: format!("{} (datastore {})", path.display(), ds.name),
@@ -177,11 +216,13 @@ impl VolumeService {
                 )));
             }
             seen.push((real, &ds.name));
-            datastores.push(Datastore {
+            let mut store = Datastore {
                 name: ds.name.clone(),
                 root: Some(path.clone()),
-                vsan: ds.vsan,
-            });
+                vsan: false,
+            };
+            store.vsan = settle_vsan(&store, ds.vsan);
+            datastores.push(store);
         }
         Ok(Self { datastores, backend })
     }
@@ -251,6 +292,7 @@ impl VolumeService {
             backend: self.backend.kind().to_owned(),
             datastores: self.datastores.iter().map(|d| d.name.clone()).collect(),
             home_datastore: None,
+            embedded_in: None,
         }
     }
 

@@ -746,16 +746,21 @@ async fn status_reports_service_datastores_and_policies() {
     // Admin commands work while the service runs, on the same files.
     env.ok(&["set", "--volume=v", "--options=access=read-only"]);
 
-    // Without any datastore the service state is still reported.
+    // With an unusable configuration the service state is still reported,
+    // next to what is wrong with the configuration.
+    let missing = env.dir.path().join("missing.toml");
     let r: Run = Command::new(BIN)
-        .args(["status", "--socket", sock_s])
+        .args(["status", "--socket", sock_s, "--config"])
+        .arg(&missing)
         .env_remove("VMDK_AGENT_CONFIG")
         .output()
         .unwrap()
         .into();
     assert_eq!(r.code, 0, "{r:?}");
     assert!(
-        r.stdout.contains("Status: Running") && r.stdout.contains("no datastore configured"),
+        r.stdout.contains("Status: Running")
+            && r.stdout
+                .contains(&format!("cannot read config file {}", missing.display())),
         "{r:?}"
     );
 }
@@ -789,14 +794,22 @@ fn help_at_every_level_and_clear_usage_errors() {
     assert_eq!(r.code, 2, "{r:?}");
     assert!(r.stderr.contains("--content <CONTENT>"), "{r:?}");
 
+    // A configured datastore must exist (only the built-in one is made).
+    let cfg_dir = tempfile::tempdir().unwrap();
+    let cfg = cfg_dir.path().join("agent.toml");
+    let gone = cfg_dir.path().join("unmounted-share");
+    std::fs::write(&cfg, format!("[[datastore]]\nname = \"nfs9\"\npath = {:?}\n", gone)).unwrap();
     let r: Run = Command::new(BIN)
-        .arg("ls")
+        .args(["--config", cfg.to_str().unwrap(), "ls"])
         .env_remove("VMDK_AGENT_CONFIG")
         .output()
         .unwrap()
         .into();
     assert_eq!(r.code, 2, "{r:?}");
-    assert!(r.stderr.contains("ERROR: no datastore configured"), "{r:?}");
+    assert!(
+        r.stderr.contains(&format!("{} (datastore nfs9)", gone.display())) && !gone.exists(),
+        "{r:?}"
+    );
 
     // One directory under two datastore names is refused.
     let dir = tempfile::tempdir().unwrap();

@@ -14,6 +14,10 @@ pub const API_VERSION: &str = "v1";
 pub const VM_ID_HEADER: &str = "VM-Id";
 /// `GET`: agent version.
 pub const PATH_VERSION: &str = "/v1/version";
+/// Default socket of `vmdk-plugin serve` (Docker's plugin directory; the
+/// file name makes the driver name `vmdk`). Its `GET /v1/version` answers
+/// for the embedded agent.
+pub const DEFAULT_PLUGIN_SOCKET: &str = "/run/docker/plugins/vmdk.sock";
 /// `GET` lists, `POST` creates.
 pub const PATH_VOLUMES: &str = "/v1/volumes";
 
@@ -55,6 +59,11 @@ pub struct VersionInfo {
     /// holding the VM, for `vsphere`), when the caller named a VM.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub home_datastore: Option<String>,
+    /// The program this agent runs inside when it is embedded
+    /// (`vmdk-plugin`, answering on the plugin's socket); absent for
+    /// `vmdk-agent serve`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub embedded_in: Option<String>,
 }
 
 /// `POST /v1/volumes` request.
