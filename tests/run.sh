@@ -54,16 +54,16 @@ cargo fmt --all -- --check
 cargo fmt --manifest-path fuzz/Cargo.toml -- --check
 echo "==> cargo clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
-# The real-guest-kernel tests (tests/guest_kernel.rs, tests/vsphere_guest.rs)
-# boot QEMU guests:
+# The real-guest-kernel tests (tests/guest_kernel.rs, tests/vsphere_guest.rs,
+# tests/vsphere_plugin_guest.rs) boot QEMU guests:
 # tests/guest/build.sh installs QEMU and builds the kernel and initramfs
-# (cached in target/guest/), and the locator they run in the guest is an
-# example, which `cargo test` builds only in test mode.
+# (cached in target/guest/), and the locator and the Docker stand-in they
+# run in the guest are examples, which `cargo test` builds only in test mode.
 start=$SECONDS
-echo "==> guest image (tests/guest/build.sh) and the locator example"
+echo "==> guest image (tests/guest/build.sh) and the guest examples"
 bash tests/guest/build.sh >/dev/null
-cargo build --quiet --example locate
-echo "==> guest image and example took $((SECONDS - start)) s"
+cargo build --quiet --example locate --example docker_call
+echo "==> guest image and examples took $((SECONDS - start)) s"
 # Every test binary runs even when one fails; the failures are reported at
 # the end and the command fails.
 failed=()

@@ -1,8 +1,8 @@
 //! A real Linux guest under QEMU for tests: Debian 12's cloud kernel, a
 //! busybox initramfs (`tests/guest/build.sh`), VMware's PVSCSI controller,
 //! disks hot-added and removed over QMP, a shell on the serial console, and
-//! optionally host unix sockets reachable from the guest at fixed
-//! addresses. See `/work/shared/reference/qemu-guest.md` for the facts it
+//! optionally host unix sockets or host TCP listeners reachable from the
+//! guest at fixed addresses. See `/work/shared/reference/qemu-guest.md` for the facts it
 //! rests on and `docs/testing.md` for its use.
 //!
 //! ```ignore
@@ -72,6 +72,10 @@ pub struct GuestSpec {
     /// carried by a `socat` to the socket. The guest's eth0 is
     /// 10.0.2.15/24 and can reach nothing else (`restrict=on`).
     pub forwards: Vec<(String, PathBuf)>,
+    /// `(guest address, host TCP address)`: like `forwards`, to a TCP
+    /// listener of this host (e.g. the vSphere simulator's
+    /// `127.0.0.1:<port>`) instead of a unix socket.
+    pub tcp_forwards: Vec<(String, std::net::SocketAddr)>,
     /// Guest memory in MiB.
     pub memory_mib: u32,
     /// Programs to put in the guest's `/bin` (with their libraries), e.g.
@@ -95,6 +99,7 @@ impl Default for GuestSpec {
             controllers: Vec::new(),
             disks: Vec::new(),
             forwards: Vec::new(),
+            tcp_forwards: Vec::new(),
             memory_mib: 256,
             programs: Vec::new(),
         }
@@ -305,7 +310,10 @@ pub struct Guest {
     console: UnixStream,
     shared: SharedDebug,
     hotplug: Hotplug,
-    forwards: Vec<PathBuf>,
+    /// The `-lp<name>` argument (log name) of this guest's `socat`s, which
+    /// tells them from other guests' forwards to the same address; `None`
+    /// without forwards.
+    socat_tag: Option<String>,
     next_cmd: u64,
     /// How long the boot took, to the guest's shell.
     pub boot_time: Duration,
@@ -378,22 +386,37 @@ impl Guest {
             }
             args.extend(["-device".into(), d.device(&id).to_string()]);
         }
-        let mut forwards = Vec::new();
-        if !spec.forwards.is_empty() {
+        let mut socat_tag = None;
+        if !spec.forwards.is_empty() || !spec.tcp_forwards.is_empty() {
+            // The temporary directory's name is unique and plain
+            // (`vmdk-guest-` and alphanumerics).
+            let tag = format!("-lp{}", dir.path().file_name().unwrap_or_default().to_string_lossy());
             let mut netdev = "user,id=n0,restrict=on,ipv6=off".to_owned();
-            for (addr, sock) in &spec.forwards {
-                let s = sock.display().to_string();
-                if s.is_empty() || s.contains(|c: char| c == ',' || c == '\'' || c == ':' || c.is_whitespace()) {
-                    return Err(GuestError::Qemu(format!(
-                        "forwarded socket path {s:?} must not contain commas, quotes, colons or spaces"
-                    )));
-                }
+            let targets = spec
+                .forwards
+                .iter()
+                .map(|(addr, sock)| {
+                    let s = sock.display().to_string();
+                    if s.is_empty() || s.contains(|c: char| c == ',' || c == '\'' || c == ':' || c.is_whitespace()) {
+                        return Err(GuestError::Qemu(format!(
+                            "forwarded socket path {s:?} must not contain commas, quotes, colons or spaces"
+                        )));
+                    }
+                    Ok((addr, format!("UNIX-CONNECT:{s}")))
+                })
+                .chain(
+                    spec.tcp_forwards
+                        .iter()
+                        .map(|(addr, host)| Ok((addr, format!("TCP:{host}")))),
+                );
+            for target in targets {
+                let (addr, target) = target?;
                 // `,,` is one comma inside -netdev: socat's shut-down
                 // option, without which socat holds every answer open for
                 // its 0.5 s timeout.
-                netdev.push_str(&format!(",guestfwd=tcp:{addr}-cmd:socat -,,shut-down UNIX-CONNECT:{s}"));
-                forwards.push(sock.clone());
+                netdev.push_str(&format!(",guestfwd=tcp:{addr}-cmd:socat {tag} -,,shut-down {target}"));
             }
+            socat_tag = Some(tag);
             args.extend([
                 "-netdev".into(),
                 netdev,
@@ -494,7 +517,7 @@ impl Guest {
                 qmp: Arc::new(Mutex::new(Qmp::new(qmp)?)),
                 next_disk: Arc::new(AtomicU32::new(spec.disks.len() as u32)),
             },
-            forwards,
+            socat_tag,
             next_cmd: 0,
             boot_time: Duration::ZERO,
         };
@@ -646,7 +669,9 @@ impl Guest {
             let _ = q.wait();
         }
         self.parent.take();
-        kill_socats(&self.forwards);
+        if let Some(tag) = &self.socat_tag {
+            kill_socats(tag);
+        }
     }
 
     /// Where the console log, QEMU's log and the sockets are.
@@ -750,11 +775,9 @@ fn spawn_tied(mut cmd: Command) -> Result<(Child, mpsc::Sender<()>), GuestError>
     Ok((child, hold_tx))
 }
 
-/// SIGKILLs every `socat` serving one of these sockets.
-fn kill_socats(socks: &[PathBuf]) {
-    if socks.is_empty() {
-        return;
-    }
+/// SIGKILLs every `socat` started with the argument `tag` (a guest's
+/// `-lp<name>`).
+fn kill_socats(tag: &str) {
     let Ok(procs) = fs::read_dir("/proc") else { return };
     for p in procs.flatten() {
         let Ok(pid) = p.file_name().to_string_lossy().parse::<i32>() else {
@@ -768,9 +791,7 @@ fn kill_socats(socks: &[PathBuf]) {
             .map(|a| String::from_utf8_lossy(a).into_owned())
             .collect();
         let is_socat = args.first().is_some_and(|a| a.ends_with("socat"));
-        let ours = socks
-            .iter()
-            .any(|s| args.iter().any(|a| *a == format!("UNIX-CONNECT:{}", s.display())));
+        let ours = args.iter().any(|a| a == tag);
         if is_socat && ours {
             // SAFETY: kill(2) with a PID read from /proc; no memory involved.
             unsafe {
