@@ -1283,6 +1283,19 @@ pub fn inspect_status(info: &VolumeInfo, rec: Option<&MountRecord>) -> serde_jso
     );
     m.insert("vmgroup".into(), json!(info.vmgroup));
     m.insert("mounts".into(), json!(rec.map(|r| r.ids.len()).unwrap_or(0)));
+    // A create that runs on after its answer (eagerzeroedthick, clone).
+    if let Some(c) = &info.creating {
+        match &c.failed {
+            None => {
+                m.insert("status".into(), json!("creating"));
+                m.insert("progress".into(), json!(format!("{} {}%", c.step, c.percent)));
+            }
+            Some(cause) => {
+                m.insert("status".into(), json!("failed"));
+                m.insert("error".into(), json!(format!("the create failed: {cause}")));
+            }
+        }
+    }
     m
 }
 
@@ -1309,5 +1322,33 @@ mod tests {
         assert!(!answer_names("v", "v"));
         assert!(!answer_names("x", "../../etc@local"));
         assert!(!answer_names("x", "x@a/b"));
+    }
+
+    /// `docker volume inspect` shows a create running on after its answer,
+    /// and one that failed, in Status.
+    #[test]
+    fn inspect_shows_a_create_in_progress_or_failed() {
+        let json = serde_json::json!({
+            "name": "big@local", "volume": "big", "datastore": "local", "vmgroup": "_DEFAULT",
+            "capacity_bytes": 1073741824u64, "allocated_bytes": 0, "disk_format": "eagerzeroedthick",
+            "fstype": "ext4", "vsan_policy": null, "access": "read-write",
+            "attach_as": "independent_persistent", "status": "detached", "attached_to": null,
+            "created": "2026-12-01T00:00:00Z", "created_by": "vm-1", "clone_from": null,
+            "disk_uuid": "", "options": {},
+            "creating": {"step": "zeroing", "percent": 42, "started": "2026-12-01T00:00:00Z"}
+        });
+        let mut info: VolumeInfo = serde_json::from_value(json).unwrap();
+        let st = inspect_status(&info, None);
+        assert_eq!(st["status"], "creating");
+        assert_eq!(st["progress"], "zeroing 42%");
+        assert!(!st.contains_key("error"));
+        info.creating.as_mut().unwrap().failed = Some("no space left".into());
+        let st = inspect_status(&info, None);
+        assert_eq!(st["status"], "failed");
+        assert_eq!(st["error"], "the create failed: no space left");
+        info.creating = None;
+        let st = inspect_status(&info, None);
+        assert_eq!(st["status"], "detached");
+        assert!(!st.contains_key("progress"));
     }
 }

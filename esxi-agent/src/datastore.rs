@@ -381,6 +381,16 @@ impl VolumeFiles {
     }
 }
 
+/// What a `.creating` marker holds while its create runs on after its
+/// answer (see `service::pending`): `{"step":"zeroing","percent":42}`.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct NotedProgress {
+    step: String,
+    percent: u8,
+}
+/// Larger markers are not read.
+const MAX_NOTE_BYTES: u64 = 256;
+
 /// The kinds of file a volume has in its vmgroup folder.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VolumeFile {
@@ -417,6 +427,17 @@ pub trait VolumeFolder: Send + Sync + fmt::Debug {
     async fn read_meta(&self, volume: &str) -> Result<Option<VolumeMeta>, MetaError>;
     /// Writes the volume's sidecar atomically and durably.
     async fn write_meta(&self, volume: &str, meta: &VolumeMeta) -> Result<(), MetaError>;
+    /// Notes a running create's progress in its `.creating` marker, for
+    /// `vmdk-agent ls` in other processes: a hint, not synced. By default
+    /// nothing is noted.
+    async fn note_progress(&self, _volume: &str, _step: &str, _percent: u8) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// The progress noted in the volume's `.creating` marker: `(step,
+    /// percent)`, or `None` when there is no marker or nothing (valid) in it.
+    async fn noted_progress(&self, _volume: &str) -> Result<Option<(String, u8)>, StoreError> {
+        Ok(None)
+    }
     /// The entry `file` of this folder, not followed.
     async fn entry(&self, file: &str) -> Result<Option<Stat>, StoreError>;
     /// Creates a marker durably (a marker left by a crash is reused).
@@ -589,6 +610,39 @@ impl LocalFolder {
         self.dir().sync()
     }
 
+    fn note_progress_blocking(&self, volume: &str, step: &str, percent: u8) -> Result<(), StoreError> {
+        use std::os::unix::fs::FileExt;
+        let files = VolumeFiles::new(volume);
+        // Only an existing marker (a regular file, opened beneath the
+        // folder) is written: never created here, never followed.
+        let Some(f) = self.dir().open(&files.creating, Access::ReadWrite)? else {
+            return Ok(());
+        };
+        let text = serde_json::to_vec(&NotedProgress {
+            step: step.to_owned(),
+            percent,
+        })
+        .expect("serializable");
+        let io = |source| StoreError::Io {
+            op: "note progress in",
+            file: self.dir().file(&files.creating),
+            source,
+        };
+        f.set_len(0).map_err(io)?;
+        f.write_all_at(&text, 0).map_err(io)
+    }
+
+    fn noted_progress_blocking(&self, volume: &str) -> Result<Option<(String, u8)>, StoreError> {
+        let files = VolumeFiles::new(volume);
+        let Some(bytes) = self.dir().read_bounded(&files.creating, MAX_NOTE_BYTES)? else {
+            return Ok(None);
+        };
+        Ok(serde_json::from_slice::<NotedProgress>(&bytes)
+            .ok()
+            .filter(|n| n.percent <= 100 && !n.step.is_empty() && n.step.len() <= 32)
+            .map(|n| (n.step, n.percent)))
+    }
+
     fn clear_markers_blocking(&self, volume: &str) -> Result<(), StoreError> {
         let files = VolumeFiles::new(volume);
         for name in [&files.creating, &files.removing] {
@@ -650,6 +704,17 @@ impl VolumeFolder for LocalFolder {
     async fn clear_markers(&self, volume: &str) -> Result<(), StoreError> {
         let volume = volume.to_owned();
         self.run(move |f| f.clear_markers_blocking(&volume)).await
+    }
+
+    async fn note_progress(&self, volume: &str, step: &str, percent: u8) -> Result<(), StoreError> {
+        let (volume, step) = (volume.to_owned(), step.to_owned());
+        self.run(move |f| f.note_progress_blocking(&volume, &step, percent))
+            .await
+    }
+
+    async fn noted_progress(&self, volume: &str) -> Result<Option<(String, u8)>, StoreError> {
+        let volume = volume.to_owned();
+        self.run(move |f| f.noted_progress_blocking(&volume)).await
     }
 
     async fn list(&self) -> Result<Vec<Entry>, StoreError> {

@@ -91,6 +91,25 @@ pub enum AgentError {
         /// The VM asking.
         requester: String,
     },
+    /// The volume's create still runs (after its answer, see
+    /// `service::pending`).
+    #[error("Volume {name} is still being created ({step}, {percent}% done); use it once `docker volume inspect {name}` no longer shows it creating")]
+    Creating {
+        /// Canonical name.
+        name: String,
+        /// The long step.
+        step: &'static str,
+        /// Percent done.
+        percent: u8,
+    },
+    /// The volume's create failed after it was answered.
+    #[error("Volume {name} could not be created: {cause}; remove it and create it again")]
+    CreateFailed {
+        /// Canonical name.
+        name: String,
+        /// Why.
+        cause: String,
+    },
     /// Metadata could not be read or written.
     #[error("volume {name}")]
     Meta {
@@ -158,7 +177,8 @@ impl AgentError {
             Self::NotFound { .. } => ErrorCode::NotFound,
             Self::CloneSourceNotFound { .. } => ErrorCode::InvalidOption,
             Self::AlreadyExists { .. } | Self::ForeignFiles { .. } => ErrorCode::AlreadyExists,
-            Self::InUse { .. } | Self::CloneSourceAttached { .. } => ErrorCode::InUse,
+            Self::InUse { .. } | Self::CloneSourceAttached { .. } | Self::Creating { .. } => ErrorCode::InUse,
+            Self::CreateFailed { .. } => ErrorCode::Backend,
             Self::AttachedElsewhere { .. } => ErrorCode::AttachedElsewhere,
             Self::Backend { source, .. } => source.code(),
             Self::Meta { .. } | Self::Io { .. } | Self::Store { .. } => ErrorCode::Io,

@@ -10,6 +10,20 @@ pub use vmdk_common::store::atomic_write;
 /// Copies `src` to `dst` (which must exist, empty or preallocated), copying
 /// only the data regions of `src`, so holes stay holes in a thin copy.
 pub fn sparse_copy(src: &File, dst: &File, len: u64) -> io::Result<()> {
+    sparse_copy_reporting(src, dst, len, &mut |_| Ok(()))
+}
+
+/// Largest piece [`sparse_copy_reporting`] copies between two reports.
+const COPY_STEP: usize = 64 << 20;
+
+/// [`sparse_copy`] that calls `report(offset)` after each piece of at most
+/// 64 MiB, with how far the copy got; an error from `report` stops it.
+pub fn sparse_copy_reporting(
+    src: &File,
+    dst: &File,
+    len: u64,
+    report: &mut dyn FnMut(u64) -> io::Result<()>,
+) -> io::Result<()> {
     let sfd = src.as_raw_fd();
     let mut pos: i64 = 0;
     let end = i64::try_from(len).map_err(|_| io::Error::other("file too large"))?;
@@ -31,7 +45,7 @@ pub fn sparse_copy(src: &File, dst: &File, len: u64) -> io::Result<()> {
         let mut off_in = data;
         let mut off_out = data;
         while off_in < hole {
-            let want = usize::try_from(hole - off_in).unwrap_or(usize::MAX).min(1 << 30);
+            let want = usize::try_from(hole - off_in).unwrap_or(usize::MAX).min(COPY_STEP);
             // SAFETY: both descriptors are valid for the call and the offset
             // pointers point at live locals.
             let n = unsafe { libc::copy_file_range(sfd, &mut off_in, dst.as_raw_fd(), &mut off_out, want, 0) };
@@ -41,9 +55,12 @@ pub fn sparse_copy(src: &File, dst: &File, len: u64) -> io::Result<()> {
             if n == 0 {
                 break;
             }
+            report(u64::try_from(off_in).unwrap_or(0))?;
         }
         pos = hole;
+        report(u64::try_from(pos).unwrap_or(0))?;
     }
+    report(len)?;
     dst.sync_all()
 }
 

@@ -25,6 +25,7 @@ pub mod fsutil;
 pub mod lock;
 pub mod meta;
 pub mod policy;
+pub mod progress;
 pub mod server;
 pub mod service;
 pub use vmdk_common::store;

@@ -21,7 +21,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use vmdk_protocol::options::{self as opt, VolumeOptions};
 use vmdk_protocol::size::MIB;
@@ -37,9 +37,11 @@ use crate::error::AgentError;
 use crate::lock::VolumeLock;
 use crate::meta::{VolumeMeta, META_VERSION};
 use crate::policy::PolicyLock;
+use crate::progress::Progress;
 use crate::store::{DsPath, FileKind, StoreError};
 
 mod admin;
+mod pending;
 mod recover;
 
 pub use admin::{DatastoreUsage, PolicyInfo, PolicyUpdate, EDITABLE_OPTIONS};
@@ -159,12 +161,23 @@ impl Target<'_> {
 /// A vmgroup folder as the service uses it.
 type Folder = Box<dyn VolumeFolder>;
 
-/// The agent's domain service.
-#[derive(Debug)]
+/// The agent's domain service. Cloning shares it (the backend, the
+/// creates running in the background).
+#[derive(Debug, Clone)]
 pub struct VolumeService {
     datastores: Vec<Datastore>,
     backend: Arc<dyn DiskBackend>,
+    pending: Arc<pending::Registry>,
+    answer_within: Duration,
 }
+
+/// How long a create whose long part (zeroing, copying) has begun may run
+/// before it is answered and continues in the background (Docker gives a
+/// managed plugin's Create 30 s in all).
+pub const CREATE_ANSWER_WITHIN: Duration = Duration::from_secs(10);
+/// How long an attach waits for a create still running in the background
+/// (Docker gives a Mount 2 minutes).
+pub const ATTACH_WAITS_FOR_CREATE: Duration = Duration::from_secs(90);
 
 impl VolumeService {
     /// Builds the service; every datastore directory must exist.
@@ -224,7 +237,23 @@ impl VolumeService {
             store.vsan = settle_vsan(&store, ds.vsan);
             datastores.push(store);
         }
-        Ok(Self { datastores, backend })
+        Ok(Self::assemble(datastores, backend))
+    }
+
+    fn assemble(datastores: Vec<Datastore>, backend: Arc<dyn DiskBackend>) -> Self {
+        Self {
+            datastores,
+            backend,
+            pending: Default::default(),
+            answer_within: CREATE_ANSWER_WITHIN,
+        }
+    }
+
+    /// Sets how long a create whose long part has begun runs before it is
+    /// answered (default [`CREATE_ANSWER_WITHIN`]); see `service::pending`.
+    pub fn with_answer_within(mut self, d: Duration) -> Self {
+        self.answer_within = d;
+        self
     }
 
     /// The service a configuration describes: the `local` backend on its
@@ -271,7 +300,7 @@ impl VolumeService {
                 "no datastore is usable: none configured is known to the server, or the account sees none".into(),
             ));
         }
-        Ok(Self { datastores, backend })
+        Ok(Self::assemble(datastores, backend))
     }
 
     /// The configured datastores; the first is the default.
@@ -442,6 +471,9 @@ impl VolumeService {
     /// wrong kind) is an error naming the file, never reported healthy.
     pub async fn get(&self, caller: &Caller, name: &str) -> Result<VolumeInfo, AgentError> {
         let t = self.resolve(caller, name).await?;
+        if let Some(p) = self.pending.get(&t.full) {
+            return Ok(p.info());
+        }
         let folder = self.existing_folder(&t).await?;
         let meta = Self::existing_meta(&t, &*folder).await?;
         self.info(&t, &meta).await
@@ -451,11 +483,77 @@ impl VolumeService {
     /// A volume whose files cannot be read is skipped (and logged), so one
     /// bad volume never hides the others.
     pub async fn list(&self, _caller: &Caller) -> Result<Vec<VolumeInfo>, AgentError> {
-        self.inventory().await
+        let mut all = self.inventory().await?;
+        let pending = self.pending.all();
+        if !pending.is_empty() {
+            all.retain(|v| pending.iter().all(|p| p.preview.name != v.name));
+            all.extend(pending.iter().map(|p| p.info()));
+            all.sort_by(|a, b| a.name.cmp(&b.name));
+        }
+        Ok(all)
     }
 
-    /// `POST /v1/volumes`: creates a volume (or a clone).
+    /// `POST /v1/volumes`: creates a volume (or a clone). A create whose
+    /// long part (eagerzeroedthick zeroing, a clone's copy) has begun and
+    /// that runs longer than [`VolumeService::with_answer_within`] is
+    /// answered with `creating` set and finishes in the background (see
+    /// `service::pending`); a retry of it with the same options gets its
+    /// state.
     pub async fn create(&self, caller: &Caller, req: &CreateRequest) -> Result<VolumeInfo, AgentError> {
+        caller.vm_id()?;
+        let t = self.resolve(caller, &req.name).await?;
+        if let Some(p) = self.pending.get(&t.full) {
+            match p.failed() {
+                // A failed one is gone; this create starts afresh.
+                Some(_) => self.pending.forget(&t.full),
+                None if p.opts == req.opts => return Ok(p.info()),
+                None => {
+                    return Err(AgentError::Creating {
+                        name: t.full.clone(),
+                        step: p.step,
+                        percent: p.progress.percent(),
+                    })
+                }
+            }
+        }
+        let progress = Progress::new();
+        let (svc, c, r, p) = (self.clone(), caller.clone(), req.clone(), progress.clone());
+        let mut task = tokio::spawn(async move { svc.create_now(&c, &r, &p).await });
+        let long_part = async {
+            tokio::time::sleep(self.answer_within).await;
+            progress.wait_started().await;
+        };
+        tokio::select! {
+            joined = &mut task => return joined.unwrap_or_else(|e| Err(AgentError::Internal(format!("the create task failed: {e}")))),
+            () = long_part => {}
+        }
+        // Checks passed and the long part runs: answer, finish later.
+        let opts = VolumeOptions::parse(&req.opts)?;
+        let step = if opts.clone_from.is_some() {
+            "copying"
+        } else {
+            "zeroing"
+        };
+        let preview = preview_info(&t, caller.vm_id()?, &opts, &req.opts);
+        let p = self.pending.follow(
+            step,
+            req.opts.clone(),
+            preview,
+            progress,
+            task,
+            t.ds.clone(),
+            self.backend.clone(),
+        );
+        Ok(p.info())
+    }
+
+    /// The create itself, reporting its long part into `progress`.
+    async fn create_now(
+        &self,
+        caller: &Caller,
+        req: &CreateRequest,
+        progress: &Progress,
+    ) -> Result<VolumeInfo, AgentError> {
         let vm = caller.vm_id()?;
         let t = self.resolve(caller, &req.name).await?;
         let opts = VolumeOptions::parse(&req.opts)?;
@@ -485,7 +583,9 @@ impl VolumeService {
         let Some(src) = source else {
             let folder = self.folder(&t, true).await?.ok_or_else(|| Self::not_found(&t))?;
             let _lock = Self::lock(&t, &*folder).await?;
-            return self.create_locked(vm, &t, &*folder, &opts, &req.opts, None).await;
+            return self
+                .create_locked(vm, &t, &*folder, &opts, &req.opts, None, progress)
+                .await;
         };
         if src.full == t.full {
             return Err(AgentError::InvalidRequest(format!(
@@ -510,11 +610,12 @@ impl VolumeService {
             let a = Self::lock(&src, &*src_folder).await?;
             (a, Self::lock(&t, &*folder).await?)
         };
-        self.create_locked(vm, &t, &*folder, &opts, &req.opts, Some((&src, &*src_folder)))
+        self.create_locked(vm, &t, &*folder, &opts, &req.opts, Some((&src, &*src_folder)), progress)
             .await
     }
 
     /// Create, under the new volume's lock (and the source's, for a clone).
+    #[allow(clippy::too_many_arguments)]
     async fn create_locked(
         &self,
         vm: &str,
@@ -523,6 +624,7 @@ impl VolumeService {
         opts: &VolumeOptions,
         raw: &BTreeMap<String, String>,
         source: Option<(&Target<'_>, &dyn VolumeFolder)>,
+        progress: &Progress,
     ) -> Result<VolumeInfo, AgentError> {
         let files = t.files();
         if let Some(st) = Self::entry(t, folder, &files.meta).await? {
@@ -556,8 +658,8 @@ impl VolumeService {
             .await
             .map_err(Self::store_err(t))?;
         let res = match source {
-            None => self.create_new(vm, t, folder, opts, raw).await,
-            Some((src, src_folder)) => self.create_clone(vm, t, folder, src, src_folder, opts).await,
+            None => self.create_new(vm, t, folder, opts, raw, progress).await,
+            Some((src, src_folder)) => self.create_clone(vm, t, folder, src, src_folder, opts, progress).await,
         };
         // A failed create removes whatever it wrote (a step after the disk,
         // such as applying the policy, may have failed).
@@ -598,10 +700,11 @@ impl VolumeService {
         folder: &dyn VolumeFolder,
         opts: &VolumeOptions,
         raw: &BTreeMap<String, String>,
+        progress: &Progress,
     ) -> Result<VolumeInfo, AgentError> {
         let size_mb = opts.size_mb.unwrap_or(opt::DEFAULT_SIZE_MB);
         self.backend
-            .create_disk(&t.disk(), size_mb * MIB, opts.disk_format)
+            .create_disk(&t.disk(), size_mb * MIB, opts.disk_format, progress)
             .await
             .map_err(Self::backend_err(t))?;
         self.apply_new_policy(t, opts).await?;
@@ -616,6 +719,7 @@ impl VolumeService {
         self.commit_new(vm, t, folder, vol_opts, None).await
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn create_clone(
         &self,
         vm: &str,
@@ -624,6 +728,7 @@ impl VolumeService {
         src: &Target<'_>,
         src_folder: &dyn VolumeFolder,
         opts: &VolumeOptions,
+        progress: &Progress,
     ) -> Result<VolumeInfo, AgentError> {
         let src_meta = Self::load_meta(src, src_folder)
             .await?
@@ -637,7 +742,7 @@ impl VolumeService {
             });
         }
         self.backend
-            .clone_disk(&src.disk(), &t.disk(), opts.disk_format)
+            .clone_disk(&src.disk(), &t.disk(), opts.disk_format, progress)
             .await
             .map_err(Self::backend_err(t))?;
         self.apply_new_policy(t, opts).await?;
@@ -709,6 +814,28 @@ impl VolumeService {
     pub async fn remove(&self, caller: &Caller, name: &str) -> Result<(), AgentError> {
         let vm = caller.vm_id()?;
         let t = self.resolve(caller, name).await?;
+        if let Some(p) = self.pending.get(&t.full) {
+            // A create still running stops (removing what it wrote); one
+            // that failed left nothing. Either way the name is then free,
+            // unless the create finished first.
+            p.progress.cancel();
+            let outcome = p.wait(ATTACH_WAITS_FOR_CREATE).await;
+            self.pending.forget(&t.full);
+            match outcome {
+                pending::Outcome::Failed(_) => {
+                    tracing::info!(volume = %t.full, vm, "removed volume (its create was stopped or had failed)");
+                    return Ok(());
+                }
+                pending::Outcome::Created => {}
+                pending::Outcome::Running { step, percent } => {
+                    return Err(AgentError::Creating {
+                        name: t.full.clone(),
+                        step,
+                        percent,
+                    })
+                }
+            }
+        }
         let folder = self.existing_folder(&t).await?;
         let _lock = Self::lock(&t, &*folder).await?;
         let meta = Self::existing_meta(&t, &*folder).await?;
@@ -755,6 +882,24 @@ impl VolumeService {
     pub async fn attach(&self, caller: &Caller, name: &str) -> Result<AttachInfo, AgentError> {
         let vm = caller.vm_id()?;
         let t = self.resolve(caller, name).await?;
+        if let Some(p) = self.pending.get(&t.full) {
+            match p.wait(ATTACH_WAITS_FOR_CREATE).await {
+                pending::Outcome::Created => {}
+                pending::Outcome::Failed(cause) => {
+                    return Err(AgentError::CreateFailed {
+                        name: t.full.clone(),
+                        cause,
+                    })
+                }
+                pending::Outcome::Running { step, percent } => {
+                    return Err(AgentError::Creating {
+                        name: t.full.clone(),
+                        step,
+                        percent,
+                    })
+                }
+            }
+        }
         let folder = self.existing_folder(&t).await?;
         let _lock = Self::lock(&t, &*folder).await?;
         let mut meta = Self::existing_meta(&t, &*folder).await?;
@@ -884,6 +1029,36 @@ fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
 }
 
+/// What Get shows of a volume whose create runs on after its answer: the
+/// request's settings (the capacity of a clone is not known yet: 0).
+fn preview_info(t: &Target<'_>, vm: &str, opts: &VolumeOptions, raw: &BTreeMap<String, String>) -> VolumeInfo {
+    VolumeInfo {
+        name: t.full.clone(),
+        volume: t.volume.clone(),
+        datastore: t.ds.name.clone(),
+        vmgroup: DEFAULT_VMGROUP.to_owned(),
+        capacity_bytes: match opts.clone_from {
+            Some(_) => 0,
+            None => opts.size_mb.unwrap_or(opt::DEFAULT_SIZE_MB) * MIB,
+        },
+        allocated_bytes: 0,
+        disk_format: opts.disk_format,
+        fstype: opts.fstype.unwrap_or(vmdk_protocol::FsType::Ext4).to_string(),
+        vsan_policy: opts.vsan_policy.clone(),
+        access: opts.access,
+        attach_as: opts.attach_as,
+        status: AttachStatus::Detached,
+        attached_to: None,
+        created: now_rfc3339(),
+        created_by: vm.to_owned(),
+        clone_from: opts.clone_from.clone(),
+        disk_uuid: String::new(),
+        options: raw.clone(),
+        formatted: None,
+        creating: None,
+    }
+}
+
 /// Builds the wire view of a volume from its metadata and what the
 /// backend knows of its disk.
 pub fn build_info(full: &str, ds: &Datastore, vmgroup: &str, meta: &VolumeMeta, disk: &DiskInfo) -> VolumeInfo {
@@ -925,6 +1100,7 @@ pub fn build_info(full: &str, ds: &Datastore, vmgroup: &str, meta: &VolumeMeta, 
         disk_uuid: disk.uuid.clone().unwrap_or_default(),
         options: meta.vol_opts.clone(),
         formatted: meta.formatted.clone(),
+        creating: None,
     }
 }
 

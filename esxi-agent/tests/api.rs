@@ -107,7 +107,9 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
             let p = e.path();
             if p.is_dir() {
                 out.extend(walk(&p));
-            } else {
+            } else if !p.ends_with("dockvols/.vmdk-datastore") {
+                // The datastore's type record, written with dockvols/, is
+                // the datastore's, not a volume's.
                 out.push(p);
             }
         }

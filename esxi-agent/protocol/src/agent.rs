@@ -131,6 +131,25 @@ pub struct VolumeInfo {
     /// recorded as formatted is never formatted again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub formatted: Option<FormatRecord>,
+    /// Set while the create still runs after it was answered (a long
+    /// eagerzeroedthick or clone create), or when it failed after that.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub creating: Option<CreateProgress>,
+}
+
+/// A create that runs on after its answer (see [`VolumeInfo::creating`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateProgress {
+    /// The long step: `zeroing` (eagerzeroedthick) or `copying` (clone).
+    pub step: String,
+    /// How much of it is done, 0-100.
+    pub percent: u8,
+    /// When the create began, RFC 3339 UTC.
+    pub started: String,
+    /// Why it failed, when it did: the volume then does not exist, and
+    /// removing it clears this record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed: Option<String>,
 }
 
 /// The record that a volume's disk holds a filesystem (see

@@ -95,7 +95,11 @@ impl Column {
                 None => "N/A".into(),
             },
             Self::DiskFormat => info.disk_format.to_string(),
-            Self::AttachedTo => info.attached_to.clone().unwrap_or_else(|| "detached".into()),
+            Self::AttachedTo => match &info.creating {
+                Some(c) if c.failed.is_some() => "create failed".into(),
+                Some(c) => format!("creating: {} {}%", c.step, c.percent),
+                None => info.attached_to.clone().unwrap_or_else(|| "detached".into()),
+            },
             Self::Access => info.access.to_string(),
             Self::AttachAs => info.attach_as.to_string(),
             Self::CreatedBy => na(&info.created_by),
@@ -165,7 +169,14 @@ pub fn volume_json(volumes: &[VolumeInfo], cols: &[Column]) -> Value {
     Value::Array(
         volumes
             .iter()
-            .map(|v| Value::Object(cols.iter().map(|c| (c.word().to_owned(), c.json(v))).collect()))
+            .map(|v| {
+                let mut o: serde_json::Map<String, Value> =
+                    cols.iter().map(|c| (c.word().to_owned(), c.json(v))).collect();
+                if let Some(c) = &v.creating {
+                    o.insert("creating".into(), json!(c));
+                }
+                Value::Object(o)
+            })
             .collect(),
     )
 }

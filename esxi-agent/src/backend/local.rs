@@ -23,7 +23,8 @@ use vmdk_protocol::{AttachAs, DiskFormat, DiskLocation};
 use super::loopdev::LoopDevices;
 use super::{Attachment, BackendError, DiskBackend, DiskInfo, DiskRef};
 use crate::datastore::{Datastore, LocalFolder, VolumeFiles, VolumeFolder};
-use crate::fsutil::sparse_copy;
+use crate::fsutil::sparse_copy_reporting;
+use crate::progress::Progress;
 use crate::store::{tighten_file_mode, Access, FileId, FileKind, StoreError, FILE_MODE};
 use crate::vmdk::{new_disk_uuid, Descriptor, MAX_DESCRIPTOR_BYTES};
 
@@ -168,7 +169,7 @@ impl LocalBackend {
         Ok(folder.open(&disk.files().flat, Access::Read)?)
     }
 
-    fn allocate(file: &File, capacity: u64, format: DiskFormat) -> io::Result<()> {
+    fn allocate(file: &File, capacity: u64, format: DiskFormat, progress: &Progress) -> io::Result<()> {
         match format {
             DiskFormat::Thin => file.set_len(capacity)?,
             DiskFormat::ZeroedThick | DiskFormat::EagerZeroedThick => {
@@ -179,13 +180,15 @@ impl LocalBackend {
                     return Err(io::Error::last_os_error());
                 }
                 if format == DiskFormat::EagerZeroedThick {
+                    progress.start(capacity);
                     let zeros = vec![0u8; 1 << 20];
                     let mut w = file;
-                    let mut left = capacity;
-                    while left > 0 {
-                        let n = left.min(zeros.len() as u64) as usize;
+                    let mut done = 0u64;
+                    while done < capacity {
+                        let n = (capacity - done).min(zeros.len() as u64) as usize;
                         w.write_all(&zeros[..n])?;
-                        left -= n as u64;
+                        done += n as u64;
+                        progress.set_done(done)?;
                     }
                 }
             }
@@ -220,6 +223,7 @@ impl LocalBackend {
         disk: &DiskRef<'_>,
         capacity: u64,
         format: DiskFormat,
+        progress: &Progress,
         fill: impl FnOnce(&File) -> io::Result<()>,
     ) -> Result<DiskInfo, BackendError> {
         let folder = Self::folder(disk, true)?.expect("created");
@@ -234,7 +238,7 @@ impl LocalBackend {
                 let file = disk.shown(&files.flat);
                 move |source| BackendError::Io { op, file, source }
             };
-            Self::allocate(&out, capacity, format).map_err(io("allocate"))?;
+            Self::allocate(&out, capacity, format, progress).map_err(io("allocate"))?;
             fill(&out).map_err(io("write"))?;
             out.sync_all().map_err(io("sync"))?;
             let d = Self::write_descriptor(&folder, &files, capacity, format == DiskFormat::Thin)?;
@@ -263,8 +267,9 @@ impl LocalBackend {
         disk: &DiskRef<'_>,
         capacity_bytes: u64,
         format: DiskFormat,
+        progress: &Progress,
     ) -> Result<DiskInfo, BackendError> {
-        Self::write_new_disk(disk, capacity_bytes, format, |_| Ok(()))
+        Self::write_new_disk(disk, capacity_bytes, format, progress, |_| Ok(()))
     }
 
     fn clone_disk_blocking(
@@ -272,6 +277,7 @@ impl LocalBackend {
         src: &DiskRef<'_>,
         dst: &DiskRef<'_>,
         format: DiskFormat,
+        progress: &Progress,
     ) -> Result<DiskInfo, BackendError> {
         let folder = Self::existing_folder(src)?;
         let files = src.files();
@@ -280,7 +286,12 @@ impl LocalBackend {
         // Regular, of the declared size, opened once: what is copied is
         // exactly what was checked.
         let input = Self::open_extent(&folder, src, &files, &desc, Access::Read)?;
-        Self::write_new_disk(dst, capacity, format, |out| sparse_copy(&input, out, capacity))
+        // An eagerzeroedthick copy reports its zeroing first, then the
+        // copy restarts the count: the copy is the long part of a clone.
+        Self::write_new_disk(dst, capacity, format, progress, |out| {
+            progress.start(capacity);
+            sparse_copy_reporting(&input, out, capacity, &mut |at| progress.set_done(at))
+        })
     }
 
     fn delete_disk_blocking(&self, disk: &DiskRef<'_>) -> Result<(), BackendError> {
@@ -489,9 +500,11 @@ impl DiskBackend for LocalBackend {
         disk: &DiskRef<'_>,
         capacity_bytes: u64,
         format: DiskFormat,
+        progress: &Progress,
     ) -> Result<DiskInfo, BackendError> {
         let d = OwnedDisk::of(disk);
-        self.blocking(move |b| b.create_disk_blocking(&d.r(), capacity_bytes, format))
+        let p = progress.clone();
+        self.blocking(move |b| b.create_disk_blocking(&d.r(), capacity_bytes, format, &p))
             .await
     }
 
@@ -500,9 +513,11 @@ impl DiskBackend for LocalBackend {
         src: &DiskRef<'_>,
         dst: &DiskRef<'_>,
         format: DiskFormat,
+        progress: &Progress,
     ) -> Result<DiskInfo, BackendError> {
         let (s, d) = (OwnedDisk::of(src), OwnedDisk::of(dst));
-        self.blocking(move |b| b.clone_disk_blocking(&s.r(), &d.r(), format))
+        let p = progress.clone();
+        self.blocking(move |b| b.clone_disk_blocking(&s.r(), &d.r(), format, &p))
             .await
     }
 

@@ -19,6 +19,7 @@ use std::path::PathBuf;
 use vmdk_protocol::{AttachAs, DiskFormat, DiskLocation, ErrorCode};
 
 use crate::datastore::{Datastore, VolumeFiles, VolumeFolder};
+use crate::progress::Progress;
 use crate::store::{DsPath, StoreError};
 use crate::vmdk::DescriptorError;
 
@@ -224,19 +225,25 @@ impl BackendError {
 pub trait DiskBackend: Send + Sync + fmt::Debug {
     /// Backend name shown by `GET /v1/version` (`local`, `vsphere`).
     fn kind(&self) -> &'static str;
-    /// Creates a new disk.
+    /// Creates a new disk. A long one (eagerzeroedthick) calls
+    /// [`Progress::start`] when the long part begins, reports into
+    /// `progress` as it goes, and stops (removing what it wrote) when it is
+    /// cancelled.
     async fn create_disk(
         &self,
         disk: &DiskRef<'_>,
         capacity_bytes: u64,
         format: DiskFormat,
+        progress: &Progress,
     ) -> Result<DiskInfo, BackendError>;
-    /// Copies a detached disk into a new one with the given format.
+    /// Copies a detached disk into a new one with the given format,
+    /// reporting into `progress` like [`DiskBackend::create_disk`].
     async fn clone_disk(
         &self,
         src: &DiskRef<'_>,
         dst: &DiskRef<'_>,
         format: DiskFormat,
+        progress: &Progress,
     ) -> Result<DiskInfo, BackendError>;
     /// Deletes the disk.
     async fn delete_disk(&self, disk: &DiskRef<'_>) -> Result<(), BackendError>;

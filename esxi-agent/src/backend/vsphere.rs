@@ -35,6 +35,7 @@ use crate::config::{DatastoreConfig, VsphereConfig};
 use crate::datastore::{Datastore, Marker, VolumeFiles, VolumeFolder, DOCKVOLS};
 use crate::lock::VolumeLock;
 use crate::meta::{MetaError, VolumeMeta, MAX_META_BYTES};
+use crate::progress::Progress;
 use crate::store::{DsPath, Entry, FileId, FileKind, Stat, StoreError};
 use crate::vmdk::{Descriptor, MAX_DESCRIPTOR_BYTES};
 
@@ -231,7 +232,11 @@ impl DiskBackend for VsphereBackend {
         disk: &DiskRef<'_>,
         capacity_bytes: u64,
         format: DiskFormat,
+        progress: &Progress,
     ) -> Result<DiskInfo, BackendError> {
+        // The server does the work in one task; its progress is not
+        // followed yet, so a long create shows 0% until it is done.
+        progress.start(capacity_bytes);
         let path = Self::disk_path(disk)?;
         let spec = DiskSpec {
             disk_type: match format {
@@ -260,7 +265,10 @@ impl DiskBackend for VsphereBackend {
         src: &DiskRef<'_>,
         dst: &DiskRef<'_>,
         format: DiskFormat,
+        progress: &Progress,
     ) -> Result<DiskInfo, BackendError> {
+        // Not followed yet either: 0% until done.
+        progress.start(1);
         // The copy keeps the source's allocation: CopyVirtualDisk_Task's
         // destination spec is refused by vCenter for plain files.
         let _ = format;

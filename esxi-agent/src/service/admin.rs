@@ -127,7 +127,24 @@ impl VolumeService {
     /// with its folder (opened once per datastore, shared by the threads).
     #[allow(clippy::type_complexity)]
     async fn volume_targets(&self) -> Result<Vec<(Target<'_>, Arc<dyn VolumeFolder>)>, AgentError> {
+        Ok(self.folder_scan().await?.0)
+    }
+
+    /// [`VolumeService::volume_targets`], and the volumes with a
+    /// `.creating` marker but no sidecar (a create under way, or one that
+    /// crashed).
+    #[allow(clippy::type_complexity)]
+    async fn folder_scan(
+        &self,
+    ) -> Result<
+        (
+            Vec<(Target<'_>, Arc<dyn VolumeFolder>)>,
+            Vec<(Target<'_>, Arc<dyn VolumeFolder>)>,
+        ),
+        AgentError,
+    > {
         let mut out = Vec::new();
+        let mut creating = Vec::new();
         for ds in &self.datastores {
             let opened = self.backend.folder(ds, DEFAULT_VMGROUP, false).await;
             let folder: Arc<dyn VolumeFolder> = match opened {
@@ -144,7 +161,23 @@ impl VolumeService {
                 name: format!("*@{}", ds.name),
                 source,
             })?;
-            for entry in entries {
+            let names: std::collections::HashSet<&str> = entries.iter().map(|e| e.name.as_str()).collect();
+            for entry in &entries {
+                if let Some(volume) = entry.name.strip_suffix(".creating") {
+                    if !names.contains(format!("{volume}.vmfd").as_str())
+                        && vmdk_protocol::name::validate_volume(volume).is_ok()
+                    {
+                        creating.push((
+                            Target {
+                                full: format!("{volume}@{}", ds.name),
+                                ds,
+                                volume: volume.to_owned(),
+                            },
+                            folder.clone(),
+                        ));
+                    }
+                    continue;
+                }
                 let Some(volume) = entry.name.strip_suffix(".vmfd") else {
                     continue;
                 };
@@ -161,7 +194,46 @@ impl VolumeService {
                 ));
             }
         }
-        Ok(out)
+        Ok((out, creating))
+    }
+
+    /// A create answered early and still running, perhaps in another
+    /// process: its `.creating` marker notes progress and its lock is held.
+    /// `None` for a marker without a note (an ordinary create under way, or
+    /// a crashed one the next start collects).
+    async fn creating_info(&self, t: &Target<'_>, folder: &dyn VolumeFolder) -> Option<VolumeInfo> {
+        let (step, percent) = folder.noted_progress(&t.volume).await.ok()??;
+        // Held: someone is creating it; free: a leftover of a crash.
+        if folder.try_lock(&t.volume).await.ok()?.is_some() {
+            return None;
+        }
+        Some(VolumeInfo {
+            name: t.full.clone(),
+            volume: t.volume.clone(),
+            datastore: t.ds.name.clone(),
+            vmgroup: DEFAULT_VMGROUP.to_owned(),
+            capacity_bytes: 0,
+            allocated_bytes: 0,
+            disk_format: vmdk_protocol::DiskFormat::Thin,
+            fstype: String::new(),
+            vsan_policy: None,
+            access: vmdk_protocol::AccessMode::ReadWrite,
+            attach_as: vmdk_protocol::AttachAs::IndependentPersistent,
+            status: vmdk_protocol::AttachStatus::Detached,
+            attached_to: None,
+            created: String::new(),
+            created_by: String::new(),
+            clone_from: None,
+            disk_uuid: String::new(),
+            options: Default::default(),
+            formatted: None,
+            creating: Some(vmdk_protocol::CreateProgress {
+                step,
+                percent,
+                started: String::new(),
+                failed: None,
+            }),
+        })
     }
 
     /// Every volume's metadata, read in parallel; unreadable ones are
@@ -210,7 +282,7 @@ impl VolumeService {
     /// `vmdk-agent ls` shows. Sorted by name; unreadable volumes are logged
     /// and skipped.
     pub async fn inventory(&self) -> Result<Vec<VolumeInfo>, AgentError> {
-        let targets = self.volume_targets().await?;
+        let (targets, creating) = self.folder_scan().await?;
         let reads: Vec<_> = targets.iter().map(|(t, f)| self.volume_info(t, &**f)).collect();
         let infos: Vec<_> = stream::iter(reads).buffered(LIST_CONCURRENCY).collect().await;
         let mut out: Vec<VolumeInfo> = targets
@@ -224,6 +296,9 @@ impl VolumeService {
                 }
             })
             .collect();
+        for (t, f) in &creating {
+            out.extend(self.creating_info(t, &**f).await);
+        }
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
     }
