@@ -134,6 +134,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             detach_grace,
             limits,
         } => {
+            // An empty value (an unset setting of the managed plugin, an
+            // empty line in an environment file) means "not given".
+            let given = |v: Option<String>| v.filter(|s| !s.trim().is_empty());
+            let agent = given(agent);
+            let vm_id = given(vm_id);
+            let agent_config = agent_config.filter(|p| !p.as_os_str().is_empty());
             if agent.is_some() && (!datastores.is_empty() || agent_config.is_some()) {
                 anyhow::bail!(
                     "--datastore and --agent-config configure the embedded agent; they cannot be combined with --agent"
