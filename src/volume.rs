@@ -1254,6 +1254,17 @@ pub fn inspect_status(info: &VolumeInfo, rec: Option<&MountRecord>) -> serde_jso
         opt::VSAN_POLICY_NAME.into(),
         json!(info.vsan_policy.clone().unwrap_or_else(|| "[VSAN default]".into())),
     );
+    if let Some(state) = &info.vsan_policy_state {
+        m.insert(
+            "vsan-policy-state".into(),
+            json!(match state {
+                vmdk_protocol::PolicyState::Applied { profile, .. } => format!("applied (storage profile {profile})"),
+                vmdk_protocol::PolicyState::Pending { profile, .. } =>
+                    format!("pending (storage profile {profile}, set at the next attach)"),
+                vmdk_protocol::PolicyState::Recorded { reason } => format!("recorded, not applied: {reason}"),
+            }),
+        );
+    }
     m.insert("access".into(), json!(info.access.as_str()));
     m.insert("attach-as".into(), json!(info.attach_as.as_str()));
     m.insert(
@@ -1350,5 +1361,14 @@ mod tests {
         let st = inspect_status(&info, None);
         assert_eq!(st["status"], "detached");
         assert!(!st.contains_key("progress"));
+        assert!(!st.contains_key("vsan-policy-state"));
+        info.vsan_policy_state = Some(vmdk_protocol::PolicyState::Recorded {
+            reason: "ESXi without vCenter has no storage policies".into(),
+        });
+        let st = inspect_status(&info, None);
+        assert_eq!(
+            st["vsan-policy-state"],
+            "recorded, not applied: ESXi without vCenter has no storage policies"
+        );
     }
 }

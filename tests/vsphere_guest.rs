@@ -179,6 +179,7 @@ impl Vsphere {
                     unit_number: unit,
                     file: file.clone(),
                     disk_mode: DiskMode::IndependentPersistent,
+                    profile: None,
                 }],
                 &[],
             )
@@ -416,6 +417,7 @@ fn a_disk_attached_in_the_simulator_is_found_in_the_guest_detached_and_found_aga
                 unit_number: 4,
                 file: vol.clone(),
                 disk_mode: DiskMode::IndependentPersistent,
+                profile: None,
             },
         ],
         &[],

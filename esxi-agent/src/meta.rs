@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use vmdk_protocol::{AttachStatus, FormatRecord};
+use vmdk_protocol::{AttachStatus, FormatRecord, PolicyState};
 
 /// Current sidecar format version.
 pub const META_VERSION: u32 = 1;
@@ -46,6 +46,11 @@ pub struct VolumeMeta {
     /// again. Absent in sidecars written before this field existed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub formatted: Option<FormatRecord>,
+    /// How the `vsan-policy-name` in `volOpts` took effect (applied as a
+    /// storage profile, pending the next attach, or only recorded). Absent
+    /// without a policy, and in sidecars written before this field existed.
+    #[serde(rename = "vsanPolicyState", default, skip_serializing_if = "Option::is_none")]
+    pub policy_state: Option<PolicyState>,
 }
 
 /// Why a sidecar could not be read or written.
@@ -126,6 +131,7 @@ mod tests {
             attached_device: None,
             attached_at: None,
             formatted: None,
+            policy_state: None,
         };
         let bytes = m.encode();
         let text = String::from_utf8(bytes.clone()).unwrap();

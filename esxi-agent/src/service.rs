@@ -26,11 +26,11 @@ use std::time::{Duration, SystemTime};
 use vmdk_protocol::options::{self as opt, VolumeOptions};
 use vmdk_protocol::size::MIB;
 use vmdk_protocol::{
-    AccessMode, AttachAs, AttachInfo, AttachStatus, CreateRequest, DiskFormat, FormatRecord, FsType, VersionInfo,
-    VolumeInfo, VolumeRef, API_VERSION,
+    AccessMode, AttachAs, AttachInfo, AttachStatus, CreateRequest, DiskFormat, FormatRecord, FsType, PolicyState,
+    VersionInfo, VolumeInfo, VolumeRef, API_VERSION,
 };
 
-use crate::backend::{Attachment, BackendError, DiskBackend, DiskInfo, DiskRef};
+use crate::backend::{Attachment, BackendError, DiskBackend, DiskInfo, DiskRef, PolicySpec, PowerRelease};
 use crate::config::AgentConfig;
 use crate::datastore::{Datastore, Marker, VolumeFiles, VolumeFolder, DEFAULT_VMGROUP};
 use crate::error::AgentError;
@@ -475,8 +475,103 @@ impl VolumeService {
             return Ok(p.info());
         }
         let folder = self.existing_folder(&t).await?;
-        let meta = Self::existing_meta(&t, &*folder).await?;
+        let mut meta = Self::existing_meta(&t, &*folder).await?;
+        if let Some(holder) = attached_vm(&meta) {
+            if let Some(off) = self.holder_powered_off(&t, holder).await {
+                if let Some(checked) = self.recheck_unlocked(&t, &*folder, off).await {
+                    meta = checked;
+                }
+            }
+        }
         self.info(&t, &meta).await
+    }
+
+    /// Whether the hypervisor says `vm`, which the records say holds a
+    /// volume, is powered off; `None` when the backend knows no power
+    /// states or not this VM. An error is logged and read as `None`: a read
+    /// never fails because of it.
+    async fn holder_powered_off(&self, t: &Target<'_>, vm: &str) -> Option<bool> {
+        match self.backend.powered_off(vm).await {
+            Ok(off) => off,
+            Err(e) => {
+                tracing::warn!(volume = %t.full, vm, error = %crate::error::error_chain(&e), "cannot read the power state of the VM holding the volume");
+                None
+            }
+        }
+    }
+
+    /// For a read (get, list) of a volume recorded as attached to a VM the
+    /// hypervisor knows: releases it when that VM is powered off
+    /// (`powered_off`), else checks that the VM really has the disk and
+    /// heals the records when it does not (an attach cut off half-way).
+    /// Only if the volume's lock is free right now: a read never waits
+    /// behind an operation. Returns the metadata after a change, `None`
+    /// when nothing changed.
+    async fn recheck_unlocked(
+        &self,
+        t: &Target<'_>,
+        folder: &dyn VolumeFolder,
+        powered_off: bool,
+    ) -> Option<VolumeMeta> {
+        let _lock = match folder.try_lock(&t.volume).await {
+            Ok(Some(l)) => l,
+            Ok(None) => return None,
+            Err(e) => {
+                tracing::warn!(volume = %t.full, error = %crate::error::error_chain(&e), "cannot lock the volume to check its attachment");
+                return None;
+            }
+        };
+        let result = async {
+            let mut meta = Self::existing_meta(t, folder).await?;
+            if attached_vm(&meta).is_none() {
+                return Ok(Some(meta));
+            }
+            if powered_off {
+                return Ok(self.release_powered_off(t, folder, &mut meta).await?.then_some(meta));
+            }
+            if self.live_attachment(t, folder, &meta).await?.is_none() {
+                // live_attachment recorded it as detached.
+                clear_attachment(&mut meta);
+                return Ok(Some(meta));
+            }
+            Ok(None)
+        }
+        .await;
+        result.unwrap_or_else(|e: AgentError| {
+            tracing::warn!(volume = %t.full, error = %crate::error::error_chain(&e), "cannot check the volume's attachment");
+            None
+        })
+    }
+
+    /// What the original's power-state listener did, done when the records
+    /// are used instead of by a listener: a volume whose holder the
+    /// hypervisor reports powered off leaves that VM's configuration (the
+    /// file stays) and is recorded as detached, so another VM can attach
+    /// it. A running or suspended holder keeps it. Under the volume's lock;
+    /// `meta` is updated. Returns whether it released the volume.
+    async fn release_powered_off(
+        &self,
+        t: &Target<'_>,
+        folder: &dyn VolumeFolder,
+        meta: &mut VolumeMeta,
+    ) -> Result<bool, AgentError> {
+        let Some(holder) = attached_vm(meta).map(str::to_owned) else {
+            return Ok(false);
+        };
+        match self
+            .backend
+            .release_if_powered_off(&holder, &t.disk())
+            .await
+            .map_err(Self::backend_err(t))?
+        {
+            PowerRelease::Released => {
+                clear_attachment(meta);
+                Self::store_meta(t, folder, meta).await?;
+                tracing::warn!(volume = %t.full, vm = %holder, "released the volume from a powered-off VM (its file is kept)");
+                Ok(true)
+            }
+            PowerRelease::Running | PowerRelease::Unknown => Ok(false),
+        }
     }
 
     /// `GET /v1/volumes`: every volume on every datastore, sorted by name.
@@ -685,12 +780,7 @@ impl VolumeService {
     /// A VSAN policy must exist and the datastore must be VSAN; see
     /// [`crate::policy`].
     async fn check_policy(&self, ds: &Datastore, policy: &str) -> Result<Option<PolicyLock>, AgentError> {
-        let ds = ds.clone();
-        let policy = policy.to_owned();
-        let stores = self.datastores.clone();
-        tokio::task::spawn_blocking(move || admin::use_policy(&stores, &ds, &policy))
-            .await
-            .map_err(|e| AgentError::Internal(format!("worker failed: {e}")))?
+        self.use_policy(ds, policy).await
     }
 
     async fn create_new(
@@ -703,11 +793,28 @@ impl VolumeService {
         progress: &Progress,
     ) -> Result<VolumeInfo, AgentError> {
         let size_mb = opts.size_mb.unwrap_or(opt::DEFAULT_SIZE_MB);
-        self.backend
-            .create_disk(&t.disk(), size_mb * MIB, opts.disk_format, progress)
-            .await
-            .map_err(Self::backend_err(t))?;
-        self.apply_new_policy(t, opts).await?;
+        let policy_state = match self.new_policy(opts).await? {
+            Some((name, content)) => {
+                let spec = PolicySpec {
+                    name: &name,
+                    content: &content,
+                };
+                let (_, state) = self
+                    .backend
+                    .create_disk_with_policy(&t.disk(), size_mb * MIB, opts.disk_format, spec, progress)
+                    .await
+                    .map_err(Self::backend_err(t))?;
+                log_policy_state(t, &name, state.as_ref());
+                state
+            }
+            None => {
+                self.backend
+                    .create_disk(&t.disk(), size_mb * MIB, opts.disk_format, progress)
+                    .await
+                    .map_err(Self::backend_err(t))?;
+                None
+            }
+        };
         let mut vol_opts = raw.clone();
         vol_opts.insert(opt::DISKFORMAT.into(), opts.disk_format.to_string());
         vol_opts.insert(
@@ -716,7 +823,7 @@ impl VolumeService {
         );
         vol_opts.insert(opt::ACCESS.into(), opts.access.to_string());
         vol_opts.insert(opt::ATTACH_AS.into(), opts.attach_as.to_string());
-        self.commit_new(vm, t, folder, vol_opts, None).await
+        self.commit_new(vm, t, folder, vol_opts, None, policy_state).await
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -730,11 +837,12 @@ impl VolumeService {
         opts: &VolumeOptions,
         progress: &Progress,
     ) -> Result<VolumeInfo, AgentError> {
-        let src_meta = Self::load_meta(src, src_folder)
+        let mut src_meta = Self::load_meta(src, src_folder)
             .await?
             .ok_or_else(|| AgentError::CloneSourceNotFound {
                 source_name: src.full.clone(),
             })?;
+        self.release_powered_off(src, src_folder, &mut src_meta).await?;
         if self.live_attachment(src, src_folder, &src_meta).await?.is_some() {
             return Err(AgentError::CloneSourceAttached {
                 name: src.full.clone(),
@@ -745,7 +853,22 @@ impl VolumeService {
             .clone_disk(&src.disk(), &t.disk(), opts.disk_format, progress)
             .await
             .map_err(Self::backend_err(t))?;
-        self.apply_new_policy(t, opts).await?;
+        let policy_state = match self.new_policy(opts).await? {
+            Some((name, content)) => {
+                let spec = PolicySpec {
+                    name: &name,
+                    content: &content,
+                };
+                let state = self
+                    .backend
+                    .apply_policy(&t.disk(), spec, None)
+                    .await
+                    .map_err(Self::backend_err(t))?;
+                log_policy_state(t, &name, state.as_ref());
+                state
+            }
+            None => None,
+        };
         let mut vol_opts = src_meta.vol_opts.clone();
         vol_opts.insert(opt::CLONE_FROM.into(), src.full.clone());
         vol_opts.insert(opt::DISKFORMAT.into(), opts.disk_format.to_string());
@@ -756,7 +879,7 @@ impl VolumeService {
             None => vol_opts.remove(opt::VSAN_POLICY_NAME),
         };
         // A copy of a formatted disk holds the same filesystem.
-        self.commit_new(vm, t, folder, vol_opts, src_meta.formatted.clone())
+        self.commit_new(vm, t, folder, vol_opts, src_meta.formatted.clone(), policy_state)
             .await
     }
 
@@ -768,6 +891,7 @@ impl VolumeService {
         folder: &dyn VolumeFolder,
         vol_opts: BTreeMap<String, String>,
         formatted: Option<FormatRecord>,
+        policy_state: Option<PolicyState>,
     ) -> Result<VolumeInfo, AgentError> {
         let meta = VolumeMeta {
             version: META_VERSION,
@@ -779,6 +903,7 @@ impl VolumeService {
             attached_device: None,
             attached_at: None,
             formatted,
+            policy_state,
         };
         Self::store_meta(t, folder, &meta).await?;
         tracing::info!(volume = %t.full, vm, "created volume");
@@ -838,7 +963,8 @@ impl VolumeService {
         }
         let folder = self.existing_folder(&t).await?;
         let _lock = Self::lock(&t, &*folder).await?;
-        let meta = Self::existing_meta(&t, &*folder).await?;
+        let mut meta = Self::existing_meta(&t, &*folder).await?;
+        self.release_powered_off(&t, &*folder, &mut meta).await?;
         if let Some(att) = self.live_attachment(&t, &*folder, &meta).await? {
             let holder = match (&meta.status, &meta.attached_vm, &att.vm) {
                 (_, _, Some(vm)) => vm.clone(),
@@ -903,7 +1029,10 @@ impl VolumeService {
         let folder = self.existing_folder(&t).await?;
         let _lock = Self::lock(&t, &*folder).await?;
         let mut meta = Self::existing_meta(&t, &*folder).await?;
-        if meta.status == AttachStatus::Attached && meta.attached_vm.as_deref() != Some(vm) {
+        if meta.status == AttachStatus::Attached
+            && meta.attached_vm.as_deref() != Some(vm)
+            && !self.release_powered_off(&t, &*folder, &mut meta).await?
+        {
             if let Some(live) = self.live_attachment(&t, &*folder, &meta).await? {
                 return Err(AgentError::AttachedElsewhere {
                     name: t.full.clone(),
@@ -928,7 +1057,9 @@ impl VolumeService {
             .opt(opt::ATTACH_AS)
             .and_then(|v| v.parse().ok())
             .unwrap_or(AttachAs::IndependentPersistent);
-        let att = match self.backend.attach(vm, &t.disk(), attach_as).await {
+        let policy = self.attach_policy(&t, &meta).await;
+        let spec = policy.as_ref().map(|(name, content)| PolicySpec { name, content });
+        let att = match self.backend.attach(vm, &t.disk(), attach_as, spec).await {
             Ok(a) => a,
             Err(e) => {
                 if fresh {
@@ -942,6 +1073,14 @@ impl VolumeService {
         };
         if fresh {
             tracing::info!(volume = %t.full, vm, location = ?att.location, "attached volume");
+        }
+        // A profile waiting for the disk's next attach came with it.
+        if let (true, Some(PolicyState::Pending { profile, profile_id })) =
+            (fresh && spec.is_some(), meta.policy_state.clone())
+        {
+            tracing::info!(volume = %t.full, profile = %profile, "the volume's VSAN policy now applies to its disk");
+            meta.policy_state = Some(PolicyState::Applied { profile, profile_id });
+            Self::store_meta(&t, &*folder, &meta).await?;
         }
         let info = self.info(&t, &meta).await?;
         Ok(AttachInfo {
@@ -1018,6 +1157,33 @@ impl VolumeService {
     }
 }
 
+/// The VM the records say holds the volume.
+fn attached_vm(meta: &VolumeMeta) -> Option<&str> {
+    match meta.status {
+        AttachStatus::Attached => meta.attached_vm.as_deref(),
+        AttachStatus::Detached => None,
+    }
+}
+
+/// Says plainly when a policy was only recorded.
+fn log_policy_state(t: &Target<'_>, policy: &str, state: Option<&PolicyState>) {
+    let Some(state) = state else {
+        tracing::debug!(volume = %t.full, policy, "VSAN policy recorded (the backend has no storage policies)");
+        return;
+    };
+    match state {
+        PolicyState::Applied { profile, .. } => {
+            tracing::info!(volume = %t.full, policy, profile = %profile, "VSAN policy applied as a storage profile")
+        }
+        PolicyState::Pending { profile, .. } => {
+            tracing::info!(volume = %t.full, policy, profile = %profile, "VSAN policy's storage profile is applied at the disk's next attach")
+        }
+        PolicyState::Recorded { reason } => {
+            tracing::warn!(volume = %t.full, policy, %reason, "VSAN policy recorded, NOT applied")
+        }
+    }
+}
+
 fn clear_attachment(meta: &mut VolumeMeta) {
     meta.status = AttachStatus::Detached;
     meta.attached_vm = None;
@@ -1056,6 +1222,7 @@ fn preview_info(t: &Target<'_>, vm: &str, opts: &VolumeOptions, raw: &BTreeMap<S
         options: raw.clone(),
         formatted: None,
         creating: None,
+        vsan_policy_state: None,
     }
 }
 
@@ -1101,6 +1268,7 @@ pub fn build_info(full: &str, ds: &Datastore, vmgroup: &str, meta: &VolumeMeta, 
         options: meta.vol_opts.clone(),
         formatted: meta.formatted.clone(),
         creating: None,
+        vsan_policy_state: meta.opt(opt::VSAN_POLICY_NAME).and(meta.policy_state.clone()),
     }
 }
 

@@ -54,6 +54,7 @@ pub fn write_volume(ds_root: &Path, volume: &str, capacity: u64, used: u64, extr
         attached_device: None,
         attached_at: None,
         formatted: None,
+        policy_state: None,
     };
     std::fs::write(dir.join(&files.meta), meta.encode())
 }

@@ -15,14 +15,14 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use vmdk_agent::backend::local::LocalBackend;
 use vmdk_agent::backend::loopdev::FakeLoops;
-use vmdk_agent::backend::{Attachment, BackendError, DiskBackend, DiskInfo, DiskRef};
+use vmdk_agent::backend::{Attachment, BackendError, DiskBackend, DiskInfo, DiskRef, PolicySpec};
 use vmdk_agent::config::AgentConfig;
 use vmdk_agent::datastore::{Datastore, VolumeFolder};
 use vmdk_agent::progress::Progress;
 use vmdk_agent::service::Caller;
 use vmdk_agent::store::StoreError;
 use vmdk_agent::{AgentError, VolumeService};
-use vmdk_protocol::{AttachAs, CreateRequest, DiskFormat, ErrorCode};
+use vmdk_protocol::{AttachAs, CreateRequest, DiskFormat, ErrorCode, PolicyState};
 
 /// The local backend, whose eagerzeroedthick create reports 42% and then
 /// waits for the test's word (`Ok` to finish, `Err` to fail) or for a
@@ -95,8 +95,14 @@ impl DiskBackend for Gated {
     async fn disk_info(&self, d: &DiskRef<'_>) -> Result<DiskInfo, BackendError> {
         self.inner.disk_info(d).await
     }
-    async fn attach(&self, vm: &str, d: &DiskRef<'_>, a: AttachAs) -> Result<Attachment, BackendError> {
-        self.inner.attach(vm, d, a).await
+    async fn attach(
+        &self,
+        vm: &str,
+        d: &DiskRef<'_>,
+        a: AttachAs,
+        p: Option<PolicySpec<'_>>,
+    ) -> Result<Attachment, BackendError> {
+        self.inner.attach(vm, d, a, p).await
     }
     async fn detach(&self, vm: &str, d: &DiskRef<'_>) -> Result<(), BackendError> {
         self.inner.detach(vm, d).await
@@ -107,8 +113,13 @@ impl DiskBackend for Gated {
     async fn folder(&self, ds: &Datastore, g: &str, c: bool) -> Result<Option<Box<dyn VolumeFolder>>, StoreError> {
         self.inner.folder(ds, g, c).await
     }
-    async fn apply_policy(&self, d: &DiskRef<'_>, n: &str, c: &str) -> Result<(), BackendError> {
-        self.inner.apply_policy(d, n, c).await
+    async fn apply_policy(
+        &self,
+        d: &DiskRef<'_>,
+        p: PolicySpec<'_>,
+        holder: Option<&str>,
+    ) -> Result<Option<PolicyState>, BackendError> {
+        self.inner.apply_policy(d, p, holder).await
     }
     async fn attached_extents(&self) -> Result<Vec<(PathBuf, Attachment)>, BackendError> {
         self.inner.attached_extents().await

@@ -530,6 +530,7 @@ fn volume_meta() -> impl Strategy<Value = VolumeMeta> {
                     attached_device,
                     attached_at,
                     formatted: formatted.map(|(fstype, at, by)| FormatRecord { fstype, at, by }),
+                    policy_state: None,
                 }
             },
         )
@@ -554,6 +555,7 @@ fn real_sidecar() -> Vec<u8> {
             at: "2026-01-01T00:01:02Z".into(),
             by: "vm-1".into(),
         }),
+        policy_state: None,
     }
     .encode()
 }

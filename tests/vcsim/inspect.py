@@ -13,6 +13,13 @@ loopback interface.
     inspect.py files    --url U --datastore DS --path dockvols/_DEFAULT
     inspect.py datastores --url U
     inspect.py profiles --url U                  (vCenter only)
+    inspect.py disk-profiles --url U --vm-uuid X (vCenter only: each disk's
+                                                  profiles, PbmQueryAssociatedProfile)
+    inspect.py profile-create --url U --name N --description D
+                                                 (vCenter only: a profile of
+                                                  someone else, rule stripeWidth=1)
+    inspect.py power-off --url U --vm-uuid X     (PowerOffVM_Task)
+    inspect.py power-on --url U --vm-uuid X      (PowerOnVM_Task)
     inspect.py sessions --url U
     inspect.py terminate-others --url U          (ends every other session)
     inspect.py extra-config --url U --vm-uuid X
@@ -159,7 +166,8 @@ def cmd_datastores(si, args):
     return out
 
 
-def cmd_profiles(si, args):
+def pbm_manager(si, args):
+    """The PBM profile manager, on the session of `si`."""
     _, url, ctx = args.conn
     cookie = si._stub.cookie  # 'vmware_soap_session="..."; Path=/; ...'
     session = cookie.split('"')[1] if '"' in cookie else cookie.split("=", 1)[1].split(";")[0]
@@ -173,8 +181,11 @@ def cmd_profiles(si, args):
         requestContext={"vcSessionCookie": session},
     )
     stub.cookie = cookie
-    content = pbm.ServiceInstance("ServiceInstance", stub).RetrieveContent()
-    manager = content.profileManager
+    return pbm.ServiceInstance("ServiceInstance", stub).RetrieveContent().profileManager
+
+
+def cmd_profiles(si, args):
+    manager = pbm_manager(si, args)
     ids = manager.PbmQueryProfile(
         resourceType=pbm.profile.ResourceType(resourceType="STORAGE"),
         profileCategory="REQUIREMENT",
@@ -190,9 +201,67 @@ def cmd_profiles(si, args):
                         rules.append(
                             {"namespace": cap.id.namespace, "id": cap.id.id, "property": prop.id, "value": prop.value}
                         )
-        out.append({"name": profile.name, "id": profile.profileId.uniqueId, "rules": rules})
+        out.append(
+            {
+                "name": profile.name,
+                "id": profile.profileId.uniqueId,
+                "description": profile.description,
+                "rules": rules,
+            }
+        )
     out.sort(key=lambda p: p["name"])
     return out
+
+
+def cmd_disk_profiles(si, args):
+    vm = find_vm(si, args.vm_uuid)
+    manager = pbm_manager(si, args)
+    out = []
+    for dev in vm.config.hardware.device:
+        if not isinstance(dev, vim.vm.device.VirtualDisk):
+            continue
+        entity = pbm.ServerObjectRef(objectType="virtualDiskId", key=f"{vm._moId}:{dev.key}")
+        ids = manager.PbmQueryAssociatedProfile(entity=entity) or []
+        out.append(
+            {
+                "key": dev.key,
+                "fileName": getattr(dev.backing, "fileName", None),
+                "profiles": [p.uniqueId for p in ids],
+            }
+        )
+    return out
+
+
+def cmd_profile_create(si, args):
+    manager = pbm_manager(si, args)
+    rule = pbm.capability.CapabilityInstance(
+        id=pbm.capability.CapabilityMetadata.UniqueId(namespace="VSAN", id="stripeWidth"),
+        constraint=[
+            pbm.capability.ConstraintInstance(propertyInstance=[pbm.capability.PropertyInstance(id="stripeWidth", value=1)])
+        ],
+    )
+    spec = pbm.profile.CapabilityBasedProfileCreateSpec(
+        name=args.name,
+        description=args.description,
+        category="REQUIREMENT",
+        resourceType=pbm.profile.ResourceType(resourceType="STORAGE"),
+        constraints=pbm.profile.SubProfileCapabilityConstraints(
+            subProfiles=[pbm.profile.SubProfileCapabilityConstraints.SubProfile(name="someone else's", capability=[rule])]
+        ),
+    )
+    return {"id": manager.PbmCreate(createSpec=spec).uniqueId}
+
+
+def cmd_power_off(si, args):
+    vm = find_vm(si, args.vm_uuid)
+    WaitForTask(vm.PowerOffVM_Task(), si=si)
+    return {"vm": vm.name, "powerState": str(vm.runtime.powerState)}
+
+
+def cmd_power_on(si, args):
+    vm = find_vm(si, args.vm_uuid)
+    WaitForTask(vm.PowerOnVM_Task(), si=si)
+    return {"vm": vm.name, "powerState": str(vm.runtime.powerState)}
 
 
 def cmd_sessions(si, args):
@@ -219,6 +288,10 @@ COMMANDS = {
     "files": cmd_files,
     "datastores": cmd_datastores,
     "profiles": cmd_profiles,
+    "disk-profiles": cmd_disk_profiles,
+    "profile-create": cmd_profile_create,
+    "power-off": cmd_power_off,
+    "power-on": cmd_power_on,
     "sessions": cmd_sessions,
     "terminate-others": cmd_terminate_others,
 }
@@ -233,11 +306,15 @@ def main():
     parser.add_argument("--vm-uuid")
     parser.add_argument("--datastore")
     parser.add_argument("--path", default="")
+    parser.add_argument("--name")
+    parser.add_argument("--description", default="")
     args = parser.parse_args()
-    if args.command in ("devices", "power", "extra-config") and not args.vm_uuid:
+    if args.command in ("devices", "power", "extra-config", "disk-profiles", "power-off", "power-on") and not args.vm_uuid:
         parser.error(f"{args.command} needs --vm-uuid")
     if args.command == "files" and not args.datastore:
         parser.error("files needs --datastore")
+    if args.command == "profile-create" and not args.name:
+        parser.error("profile-create needs --name")
     args.conn = connect(args)
     si = args.conn[0]
     try:

@@ -17,6 +17,7 @@ package main
 
 import (
 	"bufio"
+	"bytes"
 	"crypto/rand"
 	"crypto/rsa"
 	"crypto/sha1"
@@ -26,12 +27,14 @@ import (
 	"crypto/x509/pkix"
 	"encoding/json"
 	"encoding/pem"
+	"encoding/xml"
 	"flag"
 	"fmt"
 	"io"
 	"log"
 	"math/big"
 	"net"
+	"net/http"
 	"net/url"
 	"os"
 	"os/signal"
@@ -40,11 +43,14 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
 	"github.com/vmware/govmomi/object"
-	_ "github.com/vmware/govmomi/pbm/simulator"
+	pbmmethods "github.com/vmware/govmomi/pbm/methods"
+	pbmsim "github.com/vmware/govmomi/pbm/simulator"
+	pbmtypes "github.com/vmware/govmomi/pbm/types"
 	"github.com/vmware/govmomi/simulator"
 	"github.com/vmware/govmomi/simulator/esx"
 	"github.com/vmware/govmomi/vim25/methods"
@@ -519,6 +525,7 @@ func (m *esxiDiskManager) CreateVirtualDiskTask(_ *simulator.Context, req *types
 		if fault := writeDisk(file, req.Name, fb.CapacityKb*1024, thin, fb.AdapterType); fault != nil {
 			return nil, fault
 		}
+		diskProfiles.set(req.Name, profileIDs(fb.Profile))
 		return req.Name, nil
 	})
 	return &methods.CreateVirtualDisk_TaskBody{
@@ -666,6 +673,328 @@ func (backingUUIDs) UpdateObject(obj mo.Reference, changes []types.PropertyChang
 	}
 }
 
+// ---------------------------------------------------------------------------
+// Storage profiles of disks (vCenter)
+//
+// vcsim 0.24.2 accepts an SPBM profile on CreateVirtualDisk_Task and in a
+// ReconfigVM_Task device change and forgets it, and its
+// PbmQueryAssociatedProfile always answers nothing. vCenter keeps a disk's
+// profile and answers it. So that a test can read a disk's profile back
+// through the PBM API (pyvmomi, tests/vcsim/inspect.py), this simulator
+// keeps, per disk file, the profile ids it was last given:
+//
+//   - by CreateVirtualDisk_Task (spec.profile), in the override above;
+//   - by a ReconfigVM_Task device change with `operation` add or edit and a
+//     `profile` (read from the request body by wrapSDK, which wraps the
+//     server's handler, and kept only when the task succeeded);
+//
+// and answers PbmQueryAssociatedProfile for `virtualDiskId` entities
+// ("<vm moref>:<device key>", as vCenter names a VM's disk) from the file
+// that device is backed by. Like vCenter, and unlike vcsim, PbmCreate
+// refuses a name that a profile already has (PbmDuplicateName).
+
+// profileStore maps a disk's datastore path ("[ds] path") to its profile ids.
+type profileStore struct {
+	sync.Mutex
+	byFile map[string][]string
+}
+
+var diskProfiles = &profileStore{byFile: map[string][]string{}}
+
+func (p *profileStore) set(file string, ids []string) {
+	p.Lock()
+	defer p.Unlock()
+	if len(ids) == 0 {
+		delete(p.byFile, file)
+	} else {
+		p.byFile[file] = ids
+	}
+}
+
+func (p *profileStore) get(file string) []string {
+	p.Lock()
+	defer p.Unlock()
+	return append([]string(nil), p.byFile[file]...)
+}
+
+// profileIDs are the ids of VirtualMachineDefinedProfileSpecs.
+func profileIDs(specs []types.BaseVirtualMachineProfileSpec) []string {
+	var ids []string
+	for _, s := range specs {
+		if d, ok := s.(*types.VirtualMachineDefinedProfileSpec); ok && d.ProfileId != "" {
+			ids = append(ids, d.ProfileId)
+		}
+	}
+	return ids
+}
+
+// pbmProfiles is the PBM simulator's ProfileManager with vCenter's answers
+// to PbmCreate (unique names) and PbmQueryAssociatedProfile (see above).
+type pbmProfiles struct {
+	pbmsim.ProfileManager
+}
+
+// installPBM serves PBM at /pbm (vCenter only) with pbmProfiles; call it
+// instead of setting Service.RegisterEndpoints.
+func installPBM(s *simulator.Service) {
+	if !simulator.Map.IsVPX() {
+		return
+	}
+	r := pbmsim.New()
+	ref := types.ManagedObjectReference{Type: "PbmProfileProfileManager", Value: "ProfileManager"}
+	orig := r.Get(ref).(*pbmsim.ProfileManager)
+	r.Put(&pbmProfiles{*orig})
+	s.RegisterSDK(r)
+}
+
+func (m *pbmProfiles) PbmCreate(ctx *simulator.Context, req *pbmtypes.PbmCreate) soap.HasFault {
+	all := m.PbmQueryProfile(&pbmtypes.PbmQueryProfile{
+		ResourceType: pbmtypes.PbmProfileResourceType{ResourceType: string(pbmtypes.PbmProfileResourceTypeEnumSTORAGE)},
+	}).(*pbmmethods.PbmQueryProfileBody)
+	if len(all.Res.Returnval) > 0 {
+		content := m.PbmRetrieveContent(&pbmtypes.PbmRetrieveContent{ProfileIds: all.Res.Returnval}).(*pbmmethods.PbmRetrieveContentBody)
+		if content.Res != nil {
+			for _, p := range content.Res.Returnval {
+				if p.GetPbmProfile().Name == req.CreateSpec.Name {
+					return &pbmmethods.PbmCreateBody{
+						Fault_: simulator.Fault("", &pbmtypes.PbmDuplicateName{Name: req.CreateSpec.Name}),
+					}
+				}
+			}
+		}
+	}
+	return m.ProfileManager.PbmCreate(ctx, req)
+}
+
+func (m *pbmProfiles) PbmQueryAssociatedProfile(req *pbmtypes.PbmQueryAssociatedProfile) soap.HasFault {
+	body := &pbmmethods.PbmQueryAssociatedProfileBody{Res: new(pbmtypes.PbmQueryAssociatedProfileResponse)}
+	if req.Entity.ObjectType != string(pbmtypes.PbmObjectTypeVirtualDiskId) {
+		return body
+	}
+	vmRef, key, ok := strings.Cut(req.Entity.Key, ":")
+	device, err := strconv.Atoi(key)
+	if !ok || err != nil {
+		body.Fault_ = simulator.Fault("", &types.InvalidArgument{InvalidProperty: "entity.key"})
+		return body
+	}
+	vm, ok := simulator.Map.Get(types.ManagedObjectReference{Type: "VirtualMachine", Value: vmRef}).(*simulator.VirtualMachine)
+	if !ok {
+		body.Fault_ = simulator.Fault("", &types.ManagedObjectNotFound{Obj: types.ManagedObjectReference{Type: "VirtualMachine", Value: vmRef}})
+		return body
+	}
+	simulator.Map.WithLock(vm, func() {
+		for _, dev := range vm.Config.Hardware.Device {
+			disk, ok := dev.(*types.VirtualDisk)
+			if !ok || disk.Key != int32(device) {
+				continue
+			}
+			if b, ok := disk.Backing.(types.BaseVirtualDeviceFileBackingInfo); ok {
+				for _, id := range diskProfiles.get(b.GetVirtualDeviceFileBackingInfo().FileName) {
+					body.Res.Returnval = append(body.Res.Returnval, pbmtypes.PbmProfileId{UniqueId: id})
+				}
+			}
+		}
+	})
+	return body
+}
+
+// reconfigRequest is what recordDeviceProfiles reads of a ReconfigVM_Task
+// request (element names match in any namespace).
+type reconfigRequest struct {
+	Body struct {
+		Reconfig *struct {
+			Spec struct {
+				DeviceChange []struct {
+					Operation string `xml:"operation"`
+					Device    struct {
+						Backing struct {
+							FileName string `xml:"fileName"`
+						} `xml:"backing"`
+					} `xml:"device"`
+					Profile []struct {
+						ProfileID string `xml:"profileId"`
+					} `xml:"profile"`
+				} `xml:"deviceChange"`
+			} `xml:"spec"`
+		} `xml:"ReconfigVM_Task"`
+	} `xml:"Body"`
+}
+
+// taskResponse is the task a ReconfigVM_Task response names.
+type taskResponse struct {
+	Body struct {
+		Response *struct {
+			Returnval string `xml:"returnval"`
+		} `xml:"ReconfigVM_TaskResponse"`
+	} `xml:"Body"`
+}
+
+// heldResponse keeps a whole response (headers, status, body) until it is
+// sent with send.
+type heldResponse struct {
+	header http.Header
+	status int
+	body   bytes.Buffer
+}
+
+func (h *heldResponse) Header() http.Header { return h.header }
+
+func (h *heldResponse) WriteHeader(code int) { h.status = code }
+
+func (h *heldResponse) Write(p []byte) (int, error) { return h.body.Write(p) }
+
+func (h *heldResponse) send(w http.ResponseWriter) {
+	for k, v := range h.header {
+		w.Header()[k] = v
+	}
+	w.WriteHeader(h.status)
+	_, _ = w.Write(h.body.Bytes())
+}
+
+// soapMethod is the first of `methods` whose element a request body holds.
+func soapMethod(body []byte, methods map[string]int) (string, bool) {
+	for m := range methods {
+		if bytes.Contains(body, []byte("<"+m+">")) || bytes.Contains(body, []byte("<"+m+" ")) {
+			return m, true
+		}
+	}
+	return "", false
+}
+
+// wrapSDK wraps the SOAP handler:
+//
+//   - a ReconfigVM_Task whose task succeeded records the profiles its device
+//     changes gave disks (see diskProfiles);
+//   - a call to a method in `stalls` is carried out, then "vcsim: executed
+//     METHOD" is written to stderr and the response held back for the
+//     method's milliseconds (-response-delay), so a test can kill the
+//     simulator after the work is done and before the client knows.
+func wrapSDK(next http.Handler, stalls map[string]int) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method != http.MethodPost || r.URL.Path != "/sdk" {
+			next.ServeHTTP(w, r)
+			return
+		}
+		raw, err := io.ReadAll(io.LimitReader(r.Body, 64<<20))
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		r.Body = io.NopCloser(bytes.NewReader(raw))
+		resp := &heldResponse{header: http.Header{}, status: http.StatusOK}
+		next.ServeHTTP(resp, r)
+		if bytes.Contains(raw, []byte("ReconfigVM_Task")) {
+			recordDeviceProfiles(raw, resp)
+		}
+		if m, ok := soapMethod(raw, stalls); ok {
+			fmt.Fprintf(os.Stderr, "vcsim: executed %s\n", m)
+			time.Sleep(time.Duration(stalls[m]) * time.Millisecond)
+		}
+		resp.send(w)
+	})
+}
+
+// recordDeviceProfiles records the profiles a successful ReconfigVM_Task
+// gave disks.
+func recordDeviceProfiles(raw []byte, resp *heldResponse) {
+	var req reconfigRequest
+	if xml.Unmarshal(raw, &req) != nil || req.Body.Reconfig == nil {
+		return
+	}
+	var task taskResponse
+	if resp.status != http.StatusOK || xml.Unmarshal(resp.body.Bytes(), &task) != nil || task.Body.Response == nil {
+		return
+	}
+	t, ok := simulator.Map.Get(types.ManagedObjectReference{Type: "Task", Value: strings.TrimSpace(task.Body.Response.Returnval)}).(*simulator.Task)
+	if !ok {
+		return
+	}
+	succeeded := false
+	simulator.Map.WithLock(t, func() { succeeded = t.Info.State == types.TaskInfoStateSuccess })
+	if !succeeded {
+		return
+	}
+	for _, c := range req.Body.Reconfig.Spec.DeviceChange {
+		if (c.Operation != "add" && c.Operation != "edit") || len(c.Profile) == 0 || c.Device.Backing.FileName == "" {
+			continue
+		}
+		var ids []string
+		for _, p := range c.Profile {
+			ids = append(ids, strings.TrimSpace(p.ProfileID))
+		}
+		diskProfiles.set(c.Device.Backing.FileName, ids)
+	}
+}
+
+// ---------------------------------------------------------------------------
+// A simulator that can be killed and started again
+//
+// With -state-dir, the datastores are directories under it (kept when the
+// simulator exits) and the TLS certificates are kept there too, so a
+// simulator started again with the same -state-dir and -listen port is, to
+// a client, the same server with the same files (its inventory, being the
+// same model, has the same VMs with the same UUIDs; what was changed in
+// memory, such as devices added to a VM, is gone, as after a vCenter that
+// lost its database).
+
+// tlsState is the certificates kept in <state-dir>/tls.json.
+type tlsState struct {
+	Cert []byte `json:"cert"`
+	Key  []byte `json:"key"`
+	CA   []byte `json:"ca"`
+}
+
+// stateCertificates loads the certificates kept in dir, or makes them and
+// keeps them there.
+func stateCertificates(dir string) (tls.Certificate, []byte, []byte, error) {
+	file := filepath.Join(dir, "tls.json")
+	if raw, err := os.ReadFile(file); err == nil {
+		var st tlsState
+		if err := json.Unmarshal(raw, &st); err != nil {
+			return tls.Certificate{}, nil, nil, fmt.Errorf("%s: %w", file, err)
+		}
+		key, err := x509.ParsePKCS1PrivateKey(st.Key)
+		if err != nil {
+			return tls.Certificate{}, nil, nil, fmt.Errorf("%s: %w", file, err)
+		}
+		return tls.Certificate{Certificate: [][]byte{st.Cert}, PrivateKey: key}, st.Cert, st.CA, nil
+	}
+	cert, der, ca, err := certificates()
+	if err != nil {
+		return cert, der, ca, err
+	}
+	st := tlsState{Cert: der, Key: x509.MarshalPKCS1PrivateKey(cert.PrivateKey.(*rsa.PrivateKey)), CA: ca}
+	raw, err := json.Marshal(st)
+	if err == nil {
+		err = os.WriteFile(file, raw, 0600)
+	}
+	return cert, der, ca, err
+}
+
+// stateDatastores moves every datastore to <dir>/ds-<name>: the first time,
+// the model's files are moved there; later, the files there are used as
+// they are.
+func stateDatastores(dir string) error {
+	for _, e := range simulator.Map.All("Datastore") {
+		ds := e.(*simulator.Datastore)
+		info := ds.Info.GetDatastoreInfo()
+		kept := filepath.Join(dir, "ds-"+ds.Name)
+		if _, err := os.Stat(kept); os.IsNotExist(err) {
+			if err := os.Rename(info.Url, kept); err != nil {
+				return err
+			}
+			if err := os.Mkdir(info.Url, 0700); err != nil { // model.Remove removes it
+				return err
+			}
+		} else if err != nil {
+			return err
+		}
+		info.Url = kept
+		ds.Summary.Url = kept
+	}
+	return nil
+}
+
 func main() {
 	listen := flag.String("listen", "127.0.0.1:0", "address to listen on (port 0 picks a free port)")
 	esx := flag.Bool("esx", false, "simulate a standalone ESX host (default: vCenter, VPX)")
@@ -677,6 +1006,9 @@ func main() {
 	delay := flag.String("method-delay", "", "per-method delays, Method:milliseconds[,Method:milliseconds]")
 	impostor := flag.Bool("impostor", false, "present the certificate but sign the TLS handshake with another key (a server replaying a pinned certificate it has no key for)")
 	announce := flag.String("announce", "", "methods whose arrival is written to stderr as \"vcsim: received METHOD\" (comma-separated), before any -method-delay")
+	responseDelay := flag.String("response-delay", "", "per-method delays after the call was carried out, Method:milliseconds[,...]; \"vcsim: executed METHOD\" is written to stderr when the delay starts")
+	vsan := flag.Int("vsan", 0, "the first N datastores (by name) report summary.type vsan")
+	stateDir := flag.String("state-dir", "", "keep the datastores and the TLS certificates in this directory, so a simulator started again with it (and the same -listen) serves the same files")
 	flag.Parse()
 	log.SetPrefix("vcsim: ")
 	log.SetFlags(0)
@@ -687,6 +1019,10 @@ func main() {
 	delays, err := methodDelays(*delay)
 	if err != nil {
 		log.Fatal(err)
+	}
+	stalls, err := methodDelays(*responseDelay)
+	if err != nil {
+		log.Fatal(strings.Replace(err.Error(), "-method-delay", "-response-delay", 1))
 	}
 
 	var model *simulator.Model
@@ -717,7 +1053,25 @@ func main() {
 		log.Fatalf(format, args...)
 	}
 
-	cert, der, caDER, err := certificates()
+	names := []*simulator.Datastore{}
+	for _, e := range simulator.Map.All("Datastore") {
+		names = append(names, e.(*simulator.Datastore))
+	}
+	sort.Slice(names, func(i, j int) bool { return names[i].Name < names[j].Name })
+	for i := 0; i < *vsan && i < len(names); i++ {
+		names[i].Summary.Type = "vsan"
+	}
+
+	var cert tls.Certificate
+	var der, caDER []byte
+	if *stateDir != "" {
+		if err := stateDatastores(*stateDir); err != nil {
+			fail("-state-dir: %s", err)
+		}
+		cert, der, caDER, err = stateCertificates(*stateDir)
+	} else {
+		cert, der, caDER, err = certificates()
+	}
 	if err != nil {
 		fail("generating a certificate: %s", err)
 	}
@@ -729,12 +1083,15 @@ func main() {
 		cert.PrivateKey = other
 	}
 	model.Service.TLS = &tls.Config{Certificates: []tls.Certificate{cert}}
-	model.Service.RegisterEndpoints = true // PBM at /pbm (VPX only)
+	installPBM(model.Service) // PBM at /pbm (VPX only)
 	model.Service.Listen = &url.URL{Host: *listen}
 	if *username != "" {
 		model.Service.Listen.User = url.UserPassword(*username, *password)
 	}
 	server := model.Service.NewServer()
+	// No client knows the address before the inventory line below, so no
+	// request is being served while the handler is wrapped.
+	server.Config.Handler = wrapSDK(server.Config.Handler, stalls)
 
 	user := server.URL.User.Username()
 	pass, _ := server.URL.User.Password()

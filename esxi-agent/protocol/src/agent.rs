@@ -135,6 +135,11 @@ pub struct VolumeInfo {
     /// eagerzeroedthick or clone create), or when it failed after that.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub creating: Option<CreateProgress>,
+    /// Whether the storage follows [`VolumeInfo::vsan_policy`] or the
+    /// policy is only recorded; absent without a policy (and from agents
+    /// that predate it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsan_policy_state: Option<PolicyState>,
 }
 
 /// A create that runs on after its answer (see [`VolumeInfo::creating`]).
@@ -150,6 +155,45 @@ pub struct CreateProgress {
     /// removing it clears this record.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failed: Option<String>,
+}
+
+/// How a volume's VSAN policy took effect.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum PolicyState {
+    /// The disk carries the policy as a vCenter (SPBM) storage profile.
+    Applied {
+        /// The profile's name.
+        profile: String,
+        /// The profile's id.
+        profile_id: String,
+    },
+    /// The profile exists; the disk gets it when it is next attached (a
+    /// clone, or a `policy update` of a detached volume: vSphere sets a
+    /// disk's profile only when creating it or through a VM).
+    Pending {
+        /// The profile's name.
+        profile: String,
+        /// The profile's id.
+        profile_id: String,
+    },
+    /// Only recorded in the volume's metadata: the storage does not follow
+    /// it (no vCenter, or a backend without storage policies).
+    Recorded {
+        /// Why it was not applied.
+        reason: String,
+    },
+}
+
+impl PolicyState {
+    /// `applied`, `pending`, `recorded`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Applied { .. } => "applied",
+            Self::Pending { .. } => "pending",
+            Self::Recorded { .. } => "recorded",
+        }
+    }
 }
 
 /// The record that a volume's disk holds a filesystem (see

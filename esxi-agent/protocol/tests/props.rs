@@ -206,6 +206,10 @@ fn volume_info() -> impl Strategy<Value = VolumeInfo> {
                 started: s[5].clone(),
                 failed: o.1.clone(),
             }),
+            vsan_policy_state: o
+                .0
+                .clone()
+                .map(|reason| vmdk_protocol::PolicyState::Recorded { reason }),
         },
     )
 }

@@ -89,10 +89,13 @@ impl Column {
             Self::Capacity => human_size(info.capacity_bytes),
             Self::Used => human_size(info.allocated_bytes),
             Self::Filesystem => na(&info.fstype),
-            Self::Policy => match &info.vsan_policy {
-                Some(p) => p.clone(),
-                None if vsan => "[VSAN default]".into(),
-                None => "N/A".into(),
+            Self::Policy => match (&info.vsan_policy, &info.vsan_policy_state) {
+                // Said plainly when the storage does not follow it (yet).
+                (Some(p), Some(vmdk_protocol::PolicyState::Recorded { .. })) => format!("{p} (recorded, not applied)"),
+                (Some(p), Some(vmdk_protocol::PolicyState::Pending { .. })) => format!("{p} (applied at next attach)"),
+                (Some(p), _) => p.clone(),
+                (None, _) if vsan => "[VSAN default]".into(),
+                (None, _) => "N/A".into(),
             },
             Self::DiskFormat => info.disk_format.to_string(),
             Self::AttachedTo => match &info.creating {

@@ -18,10 +18,10 @@ use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use vmdk_protocol::{AttachAs, DiskFormat, DiskLocation};
+use vmdk_protocol::{AttachAs, DiskFormat, DiskLocation, PolicyState};
 
 use super::loopdev::LoopDevices;
-use super::{Attachment, BackendError, DiskBackend, DiskInfo, DiskRef};
+use super::{Attachment, BackendError, DiskBackend, DiskInfo, DiskRef, PolicySpec};
 use crate::datastore::{Datastore, LocalFolder, VolumeFiles, VolumeFolder};
 use crate::fsutil::sparse_copy_reporting;
 use crate::progress::Progress;
@@ -393,7 +393,7 @@ impl LocalBackend {
         Ok(())
     }
 
-    fn apply_policy_blocking(&self, disk: &DiskRef<'_>, name: &str, _content: &str) -> Result<(), BackendError> {
+    fn apply_policy_blocking(&self, disk: &DiskRef<'_>, name: &str) -> Result<Option<PolicyState>, BackendError> {
         // A directory datastore has no storage policy to set: the policy is
         // recorded in the volume's metadata by the service. The disk must
         // still be there, as it must be for a real backend.
@@ -408,7 +408,7 @@ impl LocalBackend {
             }
         }
         tracing::debug!(disk = %disk.shown(&files.descriptor), policy = name, "policy recorded (local backend)");
-        Ok(())
+        Ok(None)
     }
 
     fn attached_extents_blocking(&self) -> Result<Vec<(PathBuf, Attachment)>, BackendError> {
@@ -531,7 +531,13 @@ impl DiskBackend for LocalBackend {
         self.blocking(move |b| b.disk_info_blocking(&d.r())).await
     }
 
-    async fn attach(&self, _vm: &str, disk: &DiskRef<'_>, _attach_as: AttachAs) -> Result<Attachment, BackendError> {
+    async fn attach(
+        &self,
+        _vm: &str,
+        disk: &DiskRef<'_>,
+        _attach_as: AttachAs,
+        _policy: Option<PolicySpec<'_>>,
+    ) -> Result<Attachment, BackendError> {
         // A loop device has no disk mode: independent or not, writes go to
         // the extent.
         let d = OwnedDisk::of(disk);
@@ -566,11 +572,15 @@ impl DiskBackend for LocalBackend {
             .map(|f| f.map(|f| Box::new(f) as Box<dyn VolumeFolder>))
     }
 
-    async fn apply_policy(&self, disk: &DiskRef<'_>, name: &str, content: &str) -> Result<(), BackendError> {
+    async fn apply_policy(
+        &self,
+        disk: &DiskRef<'_>,
+        policy: PolicySpec<'_>,
+        _holder: Option<&str>,
+    ) -> Result<Option<PolicyState>, BackendError> {
         let d = OwnedDisk::of(disk);
-        let (name, content) = (name.to_owned(), content.to_owned());
-        self.blocking(move |b| b.apply_policy_blocking(&d.r(), &name, &content))
-            .await
+        let name = policy.name.to_owned();
+        self.blocking(move |b| b.apply_policy_blocking(&d.r(), &name)).await
     }
 
     async fn attached_extents(&self) -> Result<Vec<(PathBuf, Attachment)>, BackendError> {

@@ -15,8 +15,9 @@ pub mod vsphere;
 use std::fmt;
 use std::io;
 use std::path::PathBuf;
+use std::sync::Arc;
 
-use vmdk_protocol::{AttachAs, DiskFormat, DiskLocation, ErrorCode};
+use vmdk_protocol::{AttachAs, DiskFormat, DiskLocation, ErrorCode, PolicyState};
 
 use crate::datastore::{Datastore, VolumeFiles, VolumeFolder};
 use crate::progress::Progress;
@@ -47,6 +48,28 @@ impl DiskRef<'_> {
             &format!("{}/{}/{file}", crate::datastore::DOCKVOLS, self.vmgroup),
         )
     }
+}
+
+/// A VSAN policy as a backend applies it: its name and its expression
+/// (`(("stripeWidth" i2))`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PolicySpec<'a> {
+    /// The policy's name (`SW=2`).
+    pub name: &'a str,
+    /// Its expression, as stored.
+    pub content: &'a str,
+}
+
+/// What [`DiskBackend::release_if_powered_off`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PowerRelease {
+    /// The VM is powered off: the disk is no longer in its configuration
+    /// (it was removed now, or was not there). The file is untouched.
+    Released,
+    /// The VM is running (or suspended): nothing was changed.
+    Running,
+    /// The backend knows no power states (`local`).
+    Unknown,
 }
 
 /// What a backend knows about a disk.
@@ -249,13 +272,51 @@ pub trait DiskBackend: Send + Sync + fmt::Debug {
     async fn delete_disk(&self, disk: &DiskRef<'_>) -> Result<(), BackendError>;
     /// What is known about the disk; an error when it is not whole.
     async fn disk_info(&self, disk: &DiskRef<'_>) -> Result<DiskInfo, BackendError>;
-    /// Attaches the disk to `vm` (or returns the existing attachment).
-    async fn attach(&self, vm: &str, disk: &DiskRef<'_>, attach_as: AttachAs) -> Result<Attachment, BackendError>;
+    /// Creates a new disk that follows VSAN policy `policy` from the start;
+    /// returns how the policy took effect (see `apply_policy`). Like
+    /// `create_disk`, it leaves nothing behind when it fails. By default:
+    /// `create_disk`, then `apply_policy` (the service deletes the disk when
+    /// that fails).
+    async fn create_disk_with_policy(
+        &self,
+        disk: &DiskRef<'_>,
+        capacity_bytes: u64,
+        format: DiskFormat,
+        policy: PolicySpec<'_>,
+        progress: &Progress,
+    ) -> Result<(DiskInfo, Option<PolicyState>), BackendError> {
+        let info = self.create_disk(disk, capacity_bytes, format, progress).await?;
+        let state = self.apply_policy(disk, policy, None).await?;
+        Ok((info, state))
+    }
+    /// Attaches the disk to `vm` (or returns the existing attachment). With
+    /// `policy`, a backend with storage policies gives the disk that policy
+    /// as it attaches it (vSphere: the device's SPBM profile, on vCenter).
+    async fn attach(
+        &self,
+        vm: &str,
+        disk: &DiskRef<'_>,
+        attach_as: AttachAs,
+        policy: Option<PolicySpec<'_>>,
+    ) -> Result<Attachment, BackendError>;
     /// Detaches the disk from `vm`.
     async fn detach(&self, vm: &str, disk: &DiskRef<'_>) -> Result<(), BackendError>;
     /// The live attachment, if any. `vm_hint` is the VM the records say
     /// holds the disk; a hypervisor backend looks there.
     async fn attachment(&self, disk: &DiskRef<'_>, vm_hint: Option<&str>) -> Result<Option<Attachment>, BackendError>;
+    /// Whether `vm` is powered off, for a backend that knows VMs' power
+    /// states (`vsphere`); `None` when it does not, or does not know the VM.
+    async fn powered_off(&self, _vm: &str) -> Result<Option<bool>, BackendError> {
+        Ok(None)
+    }
+    /// Releases the disk from `vm` when, and only when, the hypervisor says
+    /// `vm` is powered off (what the original's power-state listener did):
+    /// the disk leaves the VM's configuration and its file stays. The power
+    /// state is read together with the VM's devices, right before the
+    /// change; a running or suspended VM is never touched.
+    async fn release_if_powered_off(&self, _vm: &str, _disk: &DiskRef<'_>) -> Result<PowerRelease, BackendError> {
+        Ok(PowerRelease::Unknown)
+    }
     /// The vmgroup folder `vmgroup` of `datastore`, where the service keeps
     /// volumes' sidecars, markers and locks (created when `create`); `None`
     /// when it does not exist.
@@ -270,14 +331,29 @@ pub trait DiskBackend: Send + Sync + fmt::Debug {
     async fn home_datastore(&self, _vm: &str) -> Result<Option<String>, BackendError> {
         Ok(None)
     }
-    /// Applies VSAN policy `name`, whose expression is `content`, to an
-    /// existing disk (at create, and again for each volume using the policy
-    /// when `vmdk-agent policy update` changes it). The service records the
-    /// policy name in the volume's metadata; a backend makes the storage
-    /// follow it (`vsphere`: set the policy of the disk's vSAN object;
-    /// `local`: there is nothing to apply to a file, so applying means only
-    /// that recording). Fails when the disk does not exist.
-    async fn apply_policy(&self, disk: &DiskRef<'_>, name: &str, content: &str) -> Result<(), BackendError>;
+    /// Applies VSAN policy `policy` to an existing disk (after a clone, and
+    /// for each volume using the policy when `vmdk-agent policy update`
+    /// changes it); `holder` is the VM the disk is attached to, if any. The
+    /// service records the policy name in the volume's metadata, with the
+    /// state returned: `vsphere` on vCenter gives an attached disk the
+    /// policy's SPBM profile now, and a detached one at its next attach
+    /// (`Pending`); without vCenter the policy is only `Recorded`. `None`:
+    /// the backend has no storage under a hypervisor at all (`local`: a
+    /// directory stands in for a VSAN datastore, and its policies are
+    /// records by definition). Fails when the disk does not exist or the
+    /// hypervisor refuses the policy.
+    async fn apply_policy(
+        &self,
+        disk: &DiskRef<'_>,
+        policy: PolicySpec<'_>,
+        holder: Option<&str>,
+    ) -> Result<Option<PolicyState>, BackendError>;
+    /// Where the policy files of datastore `ds` are, when the backend
+    /// reaches them its own way (`vsphere`: the datastore file API); `None`:
+    /// a directory on this host ([`crate::policy::PolicyStore`]).
+    fn policy_files(&self, _ds: &Datastore) -> Option<Arc<dyn crate::policy::PolicyFiles>> {
+        None
+    }
     /// Every disk this backend currently has attached on this host, by the
     /// host path the kernel shows, with its attachment. The service uses it
     /// at start to release attachments no metadata records (an agent killed

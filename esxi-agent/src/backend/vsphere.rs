@@ -16,6 +16,14 @@
 //!   the file;
 //! * sidecars, markers: files next to the disk, through the datastore file
 //!   API ([`VsphereFolder`]), so one volume format serves both backends;
+//! * VSAN policies (vCenter): each vmdk policy becomes an SPBM storage
+//!   profile vmdk creates and owns ([`profile_identity`]), given to the disk
+//!   when it is created (`FileBackedVirtualDiskSpec.profile`) and whenever it
+//!   is attached (`VirtualDeviceConfigSpec.profile`); without vCenter the
+//!   policy is only recorded. The policy files themselves live in
+//!   `[vsan ds] dockvols/policies` ([`VspherePolicies`]);
+//! * a powered-off VM releases its volumes when the records are next used
+//!   ([`DiskBackend::release_if_powered_off`]); there is no listener;
 //! * locks: within this agent process (one agent serves a datastore until
 //!   shared-datastore leases come).
 
@@ -23,18 +31,20 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use vmdk_protocol::{AttachAs, DiskFormat, DiskLocation};
+use vmdk_protocol::{AttachAs, DiskFormat, DiskLocation, PolicyState};
 use vmdk_vsphere::{
     AdapterType, BiosUuid, Client, Config, Datacenter, DatastorePath, DeviceChange, DiskMode, DiskSpec, DiskType,
-    Error as VsError, Moref, Password, ScsiControllerKind, TlsTrust, VmInfo,
+    Error as VsError, Moref, Password, PowerState, Profile, ProfileId, RuleValue, ScsiControllerKind, TlsTrust, VmInfo,
+    VsanRule,
 };
 
 use super::slots::{self, Controller, ControllerKind, Slot};
-use super::{Attachment, BackendError, DiskBackend, DiskInfo, DiskRef};
+use super::{Attachment, BackendError, DiskBackend, DiskInfo, DiskRef, PolicySpec, PowerRelease};
 use crate::config::{DatastoreConfig, VsphereConfig};
 use crate::datastore::{Datastore, Marker, VolumeFiles, VolumeFolder, DOCKVOLS};
 use crate::lock::VolumeLock;
 use crate::meta::{MetaError, VolumeMeta, MAX_META_BYTES};
+use crate::policy::{self as policies, PolicyError, PolicyExpr, PolicyFiles, PolicyLock};
 use crate::progress::Progress;
 use crate::store::{DsPath, Entry, FileId, FileKind, Stat, StoreError};
 use crate::vmdk::{Descriptor, MAX_DESCRIPTOR_BYTES};
@@ -53,6 +63,11 @@ pub struct VsphereBackend {
     client: Client,
     dc: Datacenter,
     locks: Arc<LockMap>,
+    /// The policy folder's lock (within this process).
+    policy_lock: Arc<tokio::sync::RwLock<()>>,
+    /// Serializes finding-or-creating storage profiles, so two creates with
+    /// one policy make one profile.
+    profile_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// What went wrong with a vSphere call, as a backend error.
@@ -70,6 +85,13 @@ fn vs_err(method: &str) -> impl FnOnce(VsError) -> BackendError + '_ {
         },
         VsError::NotFound { what } => BackendError::NotFound { what },
         VsError::Timeout { what, after } => BackendError::Timeout { what, after },
+        // The server is down, restarting or unreachable: the call may or may
+        // not have been carried out, and a retry finds out.
+        VsError::Http { what, message } => BackendError::Fault {
+            method: method.to_owned(),
+            fault: "Unreachable".into(),
+            message: format!("{what}: {message}"),
+        },
         other => BackendError::Fault {
             method: method.to_owned(),
             fault: "vSphere".into(),
@@ -87,6 +109,69 @@ fn fault_is(e: &VsError, ty: &str) -> bool {
 fn uuid_hex(u: &str) -> Option<String> {
     let hex: String = u.chars().filter(|c| !matches!(c, ' ' | '-')).collect();
     (hex.len() == 32 && hex.bytes().all(|b| b.is_ascii_hexdigit())).then(|| hex.to_ascii_lowercase())
+}
+
+/// Why a policy is only recorded on this server.
+fn no_spbm_reason(client: &Client) -> String {
+    format!(
+        "{} is a standalone ESXi host ({}), not vCenter: storage policies (SPBM profiles) need vCenter, so vmdk recorded the policy and the disk has the datastore's default policy",
+        client.url(),
+        client.about().full_name
+    )
+}
+
+/// The SPBM profile vmdk makes for a policy: its name and its description.
+///
+/// The name is `vmdk:<policy name>:<12 hex digits>`, the digits a SHA-256
+/// of the policy's name and canonical expression, so a changed expression
+/// gets a new profile and no profile is ever changed. A profile is taken
+/// for vmdk's only when its name, its description and its rules are all
+/// exactly these; anything else under such a name is somebody else's, and
+/// vmdk neither uses nor changes it.
+pub fn profile_identity(policy: &str, expr: &PolicyExpr) -> (String, String) {
+    let canonical = expr.to_string();
+    let digest = ring::digest::digest(&ring::digest::SHA256, format!("{policy}\n{canonical}").as_bytes());
+    let hex: String = digest.as_ref()[..6].iter().map(|b| format!("{b:02x}")).collect();
+    // Long policy names are cut (profile names have a length limit); the
+    // digest tells such policies apart.
+    let short: String = policy.chars().take(48).collect();
+    (
+        format!("vmdk:{short}:{hex}"),
+        format!("Created by vmdk for its VSAN policy {policy:?} = {canonical}. vmdk never changes it."),
+    )
+}
+
+/// The PBM rules of a policy expression (namespace `VSAN`): booleans as
+/// `xsd:boolean`, `i` as `xsd:int`, `l` as `xsd:long`, strings as strings.
+pub fn vsan_rules(expr: &PolicyExpr) -> Vec<VsanRule> {
+    use policies::expr::{Accepts, Value, CAPABILITIES};
+    expr.rules
+        .iter()
+        .map(|r| {
+            let boolean = CAPABILITIES
+                .iter()
+                .any(|(n, a)| *n == r.capability && *a == Accepts::Bool);
+            VsanRule {
+                capability: r.capability.clone(),
+                value: match &r.value {
+                    Value::Int(v) if boolean => RuleValue::Bool(*v != 0),
+                    Value::Int(v) => RuleValue::Int(*v),
+                    Value::Long(v) => RuleValue::Long(*v),
+                    Value::Str(s) => RuleValue::String(s.clone()),
+                },
+            }
+        })
+        .collect()
+}
+
+/// Whether `profile` is the one vmdk made for these rules (see
+/// [`profile_identity`]).
+fn is_our_profile(profile: &Profile, description: &str, rules: &[VsanRule]) -> bool {
+    profile.description.as_deref() == Some(description)
+        && profile.rules.len() == rules.len()
+        && profile.rules.iter().zip(rules).all(|(have, want)| {
+            have.namespace == "VSAN" && have.capability == want.capability && have.value.as_ref() == Some(&want.value)
+        })
 }
 
 impl VsphereBackend {
@@ -117,6 +202,8 @@ impl VsphereBackend {
             client,
             dc,
             locks: Arc::default(),
+            policy_lock: Arc::default(),
+            profile_lock: Arc::default(),
         })
     }
 
@@ -199,6 +286,122 @@ impl VsphereBackend {
         })
     }
 
+    /// The SPBM profile vmdk owns for `policy`, created when missing;
+    /// `None` without vCenter. Never uses or changes a profile vmdk did not
+    /// create.
+    async fn profile_for(&self, policy: PolicySpec<'_>) -> Result<Option<Profile>, BackendError> {
+        if !self.client.is_vcenter() {
+            return Ok(None);
+        }
+        let expr = PolicyExpr::parse(policy.content).map_err(|e| BackendError::Fault {
+            method: "read VSAN policy".into(),
+            fault: "InvalidPolicy".into(),
+            message: format!("policy {}: {e}", policy.name),
+        })?;
+        let (name, description) = profile_identity(policy.name, &expr);
+        let rules = vsan_rules(&expr);
+        let _one_at_a_time = self.profile_lock.lock().await;
+        let check = |found: Option<Profile>| -> Result<Option<Profile>, BackendError> {
+            match found {
+                Some(p) if is_our_profile(&p, &description, &rules) => Ok(Some(p)),
+                Some(p) => Err(BackendError::Fault {
+                    method: "find the VSAN policy's storage profile".into(),
+                    fault: "ProfileNotOurs".into(),
+                    message: format!(
+                        "vCenter has a storage profile named {name:?} (id {}) that vmdk did not create for VSAN policy {:?}: its description or rules differ. vmdk neither uses nor changes profiles it did not create; rename or delete that profile",
+                        p.id, policy.name
+                    ),
+                }),
+                None => Ok(None),
+            }
+        };
+        let by_name = || async {
+            self.client
+                .pbm_profile_by_name(&name)
+                .await
+                .map_err(vs_err("PbmQueryProfile"))
+        };
+        if let Some(p) = check(by_name().await?)? {
+            return Ok(Some(p));
+        }
+        match self.client.pbm_create_vsan_profile(&name, &description, &rules).await {
+            Ok(id) => {
+                tracing::info!(policy = policy.name, profile = %name, %id, "created a storage profile for the VSAN policy");
+                Ok(Some(Profile {
+                    id,
+                    name,
+                    description: Some(description),
+                    rules: Vec::new(),
+                }))
+            }
+            // Another agent made it in between.
+            Err(e) if e.fault_type().is_some_and(|t| t.contains("DuplicateName")) => {
+                check(by_name().await?)?.map(Some).ok_or_else(|| BackendError::Fault {
+                    method: "PbmCreate".into(),
+                    fault: "PbmDuplicateName".into(),
+                    message: format!("vCenter says storage profile {name:?} exists but does not list it"),
+                })
+            }
+            Err(e) => Err(vs_err("PbmCreate")(e)),
+        }
+    }
+
+    /// `CreateVirtualDisk_Task`, with an SPBM profile when given. Leftovers
+    /// of a create of ours that was cut off (only those reach here: the
+    /// service refuses files it did not mark) are deleted and the create
+    /// made again.
+    async fn create_with(
+        &self,
+        disk: &DiskRef<'_>,
+        capacity_bytes: u64,
+        format: DiskFormat,
+        profile: Option<ProfileId>,
+        progress: &Progress,
+    ) -> Result<DiskInfo, BackendError> {
+        // The server does the work in one task; its progress is not
+        // followed yet, so a long create shows 0% until it is done.
+        progress.start(capacity_bytes);
+        let path = Self::disk_path(disk)?;
+        let spec = DiskSpec {
+            disk_type: match format {
+                DiskFormat::Thin => DiskType::Thin,
+                DiskFormat::ZeroedThick => DiskType::Preallocated,
+                DiskFormat::EagerZeroedThick => DiskType::EagerZeroedThick,
+            },
+            adapter_type: AdapterType::LsiLogic,
+            capacity_kb: capacity_bytes.div_ceil(1024),
+            profile,
+        };
+        match self.client.create_virtual_disk(&self.dc, &path, &spec).await {
+            Ok(_) => {}
+            Err(e) if fault_is(&e, "FileAlreadyExists") => {
+                tracing::info!(disk = %path, "deleting what a cut-off create left, then creating again");
+                self.delete_leftovers(disk).await?;
+                self.client
+                    .create_virtual_disk(&self.dc, &path, &spec)
+                    .await
+                    .map_err(vs_err("CreateVirtualDisk_Task"))?;
+            }
+            Err(e) => return Err(vs_err("CreateVirtualDisk_Task")(e)),
+        }
+        self.disk_info(disk).await
+    }
+
+    /// Deletes the descriptor and extent of a disk one file at a time (a
+    /// cut-off create may have left only one of them).
+    async fn delete_leftovers(&self, disk: &DiskRef<'_>) -> Result<(), BackendError> {
+        let files = disk.files();
+        for f in [&files.descriptor, &files.flat] {
+            let path = Self::file_path(&disk.datastore.name, disk.vmgroup, f)?;
+            match self.client.delete_datastore_file(&self.dc, &path).await {
+                Ok(()) | Err(VsError::NotFound { .. }) => {}
+                Err(e) if fault_is(&e, "FileNotFound") => {}
+                Err(e) => return Err(vs_err("DeleteDatastoreFile_Task")(e)),
+            }
+        }
+        Ok(())
+    }
+
     async fn descriptor(&self, disk: &DiskRef<'_>) -> Result<Descriptor, BackendError> {
         let path = Self::disk_path(disk)?;
         let bytes = match self
@@ -234,30 +437,40 @@ impl DiskBackend for VsphereBackend {
         format: DiskFormat,
         progress: &Progress,
     ) -> Result<DiskInfo, BackendError> {
-        // The server does the work in one task; its progress is not
-        // followed yet, so a long create shows 0% until it is done.
-        progress.start(capacity_bytes);
-        let path = Self::disk_path(disk)?;
-        let spec = DiskSpec {
-            disk_type: match format {
-                DiskFormat::Thin => DiskType::Thin,
-                DiskFormat::ZeroedThick => DiskType::Preallocated,
-                DiskFormat::EagerZeroedThick => DiskType::EagerZeroedThick,
-            },
-            adapter_type: AdapterType::LsiLogic,
-            capacity_kb: capacity_bytes.div_ceil(1024),
-            profile: None,
-        };
-        match self.client.create_virtual_disk(&self.dc, &path, &spec).await {
-            Ok(_) => {}
-            Err(e) if fault_is(&e, "FileAlreadyExists") => {
-                return Err(BackendError::Conflict {
-                    what: format!("{path} already exists on the datastore; vmdk does not overwrite it"),
-                })
+        self.create_with(disk, capacity_bytes, format, None, progress).await
+    }
+
+    async fn create_disk_with_policy(
+        &self,
+        disk: &DiskRef<'_>,
+        capacity_bytes: u64,
+        format: DiskFormat,
+        policy: PolicySpec<'_>,
+        progress: &Progress,
+    ) -> Result<(DiskInfo, Option<PolicyState>), BackendError> {
+        match self.profile_for(policy).await? {
+            Some(profile) => {
+                let info = self
+                    .create_with(disk, capacity_bytes, format, Some(profile.id.clone()), progress)
+                    .await?;
+                Ok((
+                    info,
+                    Some(PolicyState::Applied {
+                        profile: profile.name,
+                        profile_id: profile.id.0,
+                    }),
+                ))
             }
-            Err(e) => return Err(vs_err("CreateVirtualDisk_Task")(e)),
+            None => {
+                let info = self.create_with(disk, capacity_bytes, format, None, progress).await?;
+                Ok((
+                    info,
+                    Some(PolicyState::Recorded {
+                        reason: no_spbm_reason(&self.client),
+                    }),
+                ))
+            }
         }
-        self.disk_info(disk).await
     }
 
     async fn clone_disk(
@@ -273,10 +486,18 @@ impl DiskBackend for VsphereBackend {
         // destination spec is refused by vCenter for plain files.
         let _ = format;
         let (from, to) = (Self::disk_path(src)?, Self::disk_path(dst)?);
-        self.client
-            .copy_virtual_disk(&self.dc, &from, &to, false)
-            .await
-            .map_err(vs_err("CopyVirtualDisk_Task"))?;
+        match self.client.copy_virtual_disk(&self.dc, &from, &to, false).await {
+            Ok(()) => {}
+            Err(e) if fault_is(&e, "FileAlreadyExists") => {
+                // What a cut-off clone of ours left (see create_with).
+                self.delete_leftovers(dst).await?;
+                self.client
+                    .copy_virtual_disk(&self.dc, &from, &to, false)
+                    .await
+                    .map_err(vs_err("CopyVirtualDisk_Task"))?;
+            }
+            Err(e) => return Err(vs_err("CopyVirtualDisk_Task")(e)),
+        }
         self.disk_info(dst).await
     }
 
@@ -301,7 +522,13 @@ impl DiskBackend for VsphereBackend {
         })
     }
 
-    async fn attach(&self, vm: &str, disk: &DiskRef<'_>, attach_as: AttachAs) -> Result<Attachment, BackendError> {
+    async fn attach(
+        &self,
+        vm: &str,
+        disk: &DiskRef<'_>,
+        attach_as: AttachAs,
+        policy: Option<PolicySpec<'_>>,
+    ) -> Result<Attachment, BackendError> {
         let path = Self::disk_path(disk)?;
         let fallback = self.descriptor(disk).await?.uuid().map(str::to_owned);
         let (moref, info) = self.vm(vm).await?;
@@ -346,12 +573,20 @@ impl DiskBackend for VsphereBackend {
             AttachAs::IndependentPersistent => DiskMode::IndependentPersistent,
             AttachAs::Persistent => DiskMode::Persistent,
         };
+        // The volume's policy comes with the disk (vCenter): this is how a
+        // clone, or a volume whose policy changed while it was detached,
+        // gets its profile.
+        let profile = match policy {
+            Some(p) => self.profile_for(p).await?.map(|p| p.id),
+            None => None,
+        };
         let attach = |controller_key: i32, unit: u32| DeviceChange::AttachDisk {
             temp_key: NEW_DISK_KEY,
             controller_key,
             unit_number: unit as i32,
             file: path.clone(),
             disk_mode: disk_mode.clone(),
+            profile: profile.clone(),
         };
         let changes = match slot {
             Slot::Existing {
@@ -436,15 +671,100 @@ impl DiskBackend for VsphereBackend {
         }))
     }
 
-    async fn apply_policy(&self, disk: &DiskRef<'_>, name: &str, _content: &str) -> Result<(), BackendError> {
-        Err(BackendError::Fault {
-            method: "apply storage policy".into(),
-            fault: "NotImplemented".into(),
-            message: format!(
-                "the vsphere backend does not apply VSAN policies yet (policy {name}, volume {}); create the volume without vsan-policy-name",
-                disk.volume
-            ),
-        })
+    async fn powered_off(&self, vm: &str) -> Result<Option<bool>, BackendError> {
+        match self.vm(vm).await {
+            Ok((_, info)) => Ok(Some(info.power_state == PowerState::PoweredOff)),
+            Err(BackendError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn release_if_powered_off(&self, vm: &str, disk: &DiskRef<'_>) -> Result<PowerRelease, BackendError> {
+        let path = Self::disk_path(disk)?.to_string();
+        let (moref, info) = match self.vm(vm).await {
+            Ok(v) => v,
+            // A VM vSphere does not know is for the live check to judge.
+            Err(BackendError::NotFound { .. }) => return Ok(PowerRelease::Unknown),
+            Err(e) => return Err(e),
+        };
+        // Read together with the devices, right before the change. (A VM
+        // powered on in the moment between this read and the
+        // reconfiguration would lose the disk: the original's listener had
+        // the same window; vSphere offers no conditional reconfiguration.)
+        if info.power_state != PowerState::PoweredOff {
+            return Ok(PowerRelease::Running);
+        }
+        if let Some(device) = info
+            .disks
+            .iter()
+            .find(|d| d.file_name.as_deref() == Some(path.as_str()))
+        {
+            self.client
+                .reconfigure_vm(&moref, &[DeviceChange::RemoveDisk(device.clone())], &[])
+                .await
+                .map_err(vs_err("ReconfigVM_Task"))?;
+            tracing::info!(vm, vm_name = %info.name, disk = %path, "removed the disk from the powered-off VM's configuration");
+        }
+        Ok(PowerRelease::Released)
+    }
+
+    async fn apply_policy(
+        &self,
+        disk: &DiskRef<'_>,
+        policy: PolicySpec<'_>,
+        holder: Option<&str>,
+    ) -> Result<Option<PolicyState>, BackendError> {
+        // The disk must be there, whatever happens to the policy.
+        self.descriptor(disk).await?;
+        let Some(profile) = self.profile_for(policy).await? else {
+            return Ok(Some(PolicyState::Recorded {
+                reason: no_spbm_reason(&self.client),
+            }));
+        };
+        let pending = Some(PolicyState::Pending {
+            profile: profile.name.clone(),
+            profile_id: profile.id.0.clone(),
+        });
+        // vSphere changes an existing disk's profile only through a VM that
+        // has it: now if one does, else at the disk's next attach.
+        let Some(vm) = holder else { return Ok(pending) };
+        let (moref, info) = match self.vm(vm).await {
+            Ok(v) => v,
+            Err(BackendError::NotFound { .. }) => return Ok(pending),
+            Err(e) => return Err(e),
+        };
+        let path = Self::disk_path(disk)?.to_string();
+        let Some(device) = info
+            .disks
+            .iter()
+            .find(|d| d.file_name.as_deref() == Some(path.as_str()))
+        else {
+            return Ok(pending);
+        };
+        self.client
+            .reconfigure_vm(
+                &moref,
+                &[DeviceChange::SetDiskProfile {
+                    disk: device.clone(),
+                    profile: profile.id.clone(),
+                }],
+                &[],
+            )
+            .await
+            .map_err(vs_err("ReconfigVM_Task"))?;
+        Ok(Some(PolicyState::Applied {
+            profile: profile.name,
+            profile_id: profile.id.0,
+        }))
+    }
+
+    fn policy_files(&self, ds: &Datastore) -> Option<Arc<dyn PolicyFiles>> {
+        Some(Arc::new(VspherePolicies {
+            client: self.client.clone(),
+            dc: self.dc.clone(),
+            datastore: ds.name.clone(),
+            lock: self.policy_lock.clone(),
+        }))
     }
 
     async fn attached_extents(&self) -> Result<Vec<(PathBuf, Attachment)>, BackendError> {
@@ -666,9 +986,242 @@ impl VolumeFolder for VsphereFolder {
     }
 }
 
+/// The policy folder `[vsan ds] dockvols/policies` through the datastore
+/// file API. Its lock is within this process (the file API has none): run
+/// `vmdk-agent policy` commands against the agent that serves the
+/// datastore's volumes, not beside it.
+#[derive(Debug)]
+pub struct VspherePolicies {
+    client: Client,
+    dc: Datacenter,
+    datastore: String,
+    lock: Arc<tokio::sync::RwLock<()>>,
+}
+
+impl VspherePolicies {
+    fn rel(sub: Option<&str>, name: &str) -> String {
+        let mut p = format!("{DOCKVOLS}/{}", policies::POLICIES_DIR);
+        for part in sub.into_iter().chain((!name.is_empty()).then_some(name)) {
+            p.push('/');
+            p.push_str(part);
+        }
+        p
+    }
+
+    fn path(&self, sub: Option<&str>, name: &str) -> Result<DatastorePath, PolicyError> {
+        DatastorePath::new(&self.datastore, Self::rel(sub, name)).map_err(|e| self.io("name", sub, name, e))
+    }
+
+    fn io(&self, op: &'static str, sub: Option<&str>, name: &str, e: VsError) -> PolicyError {
+        PolicyError::Io {
+            op,
+            path: DsPath::new(&self.datastore, &Self::rel(sub, name)).to_string(),
+            source: std::io::Error::other(vmdk_common::error_chain(&e)),
+        }
+    }
+
+    async fn mkdir(&self, sub: Option<&str>) -> Result<(), PolicyError> {
+        match self.client.make_directory(&self.dc, &self.path(sub, "")?, true).await {
+            Ok(()) => Ok(()),
+            Err(e) if fault_is(&e, "FileAlreadyExists") => Ok(()),
+            Err(e) => Err(self.io("create folder", sub, "", e)),
+        }
+    }
+
+    async fn get(&self, sub: Option<&str>, name: &str, limit: u64) -> Result<Option<Vec<u8>>, PolicyError> {
+        match self
+            .client
+            .read_datastore_file(&self.dc, &self.path(sub, name)?, limit)
+            .await
+        {
+            Ok(b) => Ok(Some(b)),
+            Err(VsError::NotFound { .. }) => Ok(None),
+            Err(VsError::TooLarge { .. }) => Err(PolicyError::Store(StoreError::TooLarge {
+                file: DsPath::new(&self.datastore, &Self::rel(sub, name)),
+                limit,
+            })),
+            Err(e) => Err(self.io("read", sub, name, e)),
+        }
+    }
+
+    async fn put(&self, sub: Option<&str>, name: &str, bytes: &[u8]) -> Result<(), PolicyError> {
+        self.client
+            .write_datastore_file(&self.dc, &self.path(sub, name)?, bytes)
+            .await
+            .map_err(|e| self.io("write", sub, name, e))
+    }
+
+    async fn delete(&self, sub: Option<&str>, name: &str) -> Result<(), PolicyError> {
+        match self
+            .client
+            .delete_datastore_file(&self.dc, &self.path(sub, name)?)
+            .await
+        {
+            Ok(()) | Err(VsError::NotFound { .. }) => Ok(()),
+            Err(e) if fault_is(&e, "FileNotFound") => Ok(()),
+            Err(e) => Err(self.io("delete", sub, name, e)),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl PolicyFiles for VspherePolicies {
+    fn datastore(&self) -> &str {
+        &self.datastore
+    }
+
+    async fn lock_shared(&self) -> Result<Option<PolicyLock>, PolicyError> {
+        // Nothing to create; a missing folder reads as no policies.
+        Ok(Some(PolicyLock::in_process_shared(
+            self.lock.clone().read_owned().await,
+        )))
+    }
+
+    async fn lock_exclusive(&self) -> Result<PolicyLock, PolicyError> {
+        let guard = self.lock.clone().write_owned().await;
+        self.mkdir(None).await?;
+        Ok(PolicyLock::in_process_exclusive(guard))
+    }
+
+    async fn read(&self, name: &str) -> Result<Option<String>, PolicyError> {
+        match self.get(None, name, policies::MAX_POLICY_BYTES).await? {
+            Some(bytes) => policies::decode_policy(bytes, &PolicyFiles::path(self, name)).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    async fn list(&self) -> Result<Vec<(String, String)>, PolicyError> {
+        let entries = match self.client.list_datastore_folder(&self.dc, &self.path(None, "")?).await {
+            Ok(e) => e,
+            Err(VsError::NotFound { .. }) => return Ok(Vec::new()),
+            Err(e) => return Err(self.io("list", None, "", e)),
+        };
+        let mut out = Vec::new();
+        for e in entries {
+            if e.is_folder || policies::validate_name(&e.name).is_err() {
+                continue;
+            }
+            if let Some(content) = self.read(&e.name).await? {
+                out.push((e.name, content));
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    async fn write(&self, name: &str, content: &str) -> Result<(), PolicyError> {
+        self.put(None, name, format!("{content}\n").as_bytes()).await
+    }
+
+    async fn remove(&self, name: &str) -> Result<(), PolicyError> {
+        self.delete(None, name).await?;
+        self.clear_failed_updates(name).await
+    }
+
+    async fn failed_updates(&self, name: &str) -> Result<Option<policies::FailedUpdates>, PolicyError> {
+        let sub = Some(policies::FAILED_UPDATES_DIR);
+        match self.get(sub, name, policies::MAX_FAILED_UPDATES_BYTES).await? {
+            Some(bytes) => {
+                policies::decode_failed_updates(&bytes, &DsPath::new(&self.datastore, &Self::rel(sub, name))).map(Some)
+            }
+            None => Ok(None),
+        }
+    }
+
+    async fn record_failed_updates(&self, name: &str, record: &policies::FailedUpdates) -> Result<(), PolicyError> {
+        let sub = Some(policies::FAILED_UPDATES_DIR);
+        self.mkdir(sub).await?;
+        self.put(sub, name, &policies::encode_failed_updates(record)).await
+    }
+
+    async fn clear_failed_updates(&self, name: &str) -> Result<(), PolicyError> {
+        self.delete(Some(policies::FAILED_UPDATES_DIR), name).await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn expr(s: &str) -> PolicyExpr {
+        PolicyExpr::parse(s).unwrap()
+    }
+
+    #[test]
+    fn profile_names_are_ours_stable_and_change_with_the_expression() {
+        let (name, description) = profile_identity("SW=2", &expr(r#"(("stripeWidth" i2))"#));
+        assert!(
+            name.starts_with("vmdk:SW=2:") && name.len() == "vmdk:SW=2:".len() + 12,
+            "{name}"
+        );
+        assert!(
+            description.contains("\"SW=2\"") && description.contains("vmdk"),
+            "{description}"
+        );
+        // Spacing does not matter; the expression and the policy's name do.
+        assert_eq!(profile_identity("SW=2", &expr(r#"( ("stripeWidth"   i2) )"#)).0, name);
+        assert_ne!(profile_identity("SW=2", &expr(r#"(("stripeWidth" i3))"#)).0, name);
+        assert_ne!(profile_identity("gold", &expr(r#"(("stripeWidth" i2))"#)).0, name);
+        // A long policy name is cut; the digest still tells them apart.
+        let long = "p".repeat(100);
+        let (a, _) = profile_identity(&long, &expr(r#"(("stripeWidth" i2))"#));
+        let (b, _) = profile_identity(&format!("{long}x"), &expr(r#"(("stripeWidth" i2))"#));
+        assert!(a.len() < 80 && a != b, "{a} {b}");
+    }
+
+    #[test]
+    fn vsan_rules_type_booleans_integers_longs_and_strings() {
+        let rules = vsan_rules(&expr(
+            r#"(("stripeWidth" i2) ("forceProvisioning" i1) ("checksumDisabled" i0) ("iopsLimit" l500) ("replicaPreference" "RAID-1 (Mirroring) - Performance"))"#,
+        ));
+        let values: Vec<(&str, RuleValue)> = rules.iter().map(|r| (r.capability.as_str(), r.value.clone())).collect();
+        assert_eq!(
+            values,
+            vec![
+                ("stripeWidth", RuleValue::Int(2)),
+                ("forceProvisioning", RuleValue::Bool(true)),
+                ("checksumDisabled", RuleValue::Bool(false)),
+                ("iopsLimit", RuleValue::Long(500)),
+                (
+                    "replicaPreference",
+                    RuleValue::String("RAID-1 (Mirroring) - Performance".into())
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn only_a_profile_with_our_description_and_rules_is_ours() {
+        let e = expr(r#"(("stripeWidth" i2))"#);
+        let (name, description) = profile_identity("SW=2", &e);
+        let rules = vsan_rules(&e);
+        let rule = |namespace: &str, value: i64| vmdk_vsphere::ProfileRule {
+            namespace: namespace.into(),
+            capability: "stripeWidth".into(),
+            value: Some(RuleValue::Int(value)),
+        };
+        let profile = |description: Option<&str>, rules: Vec<vmdk_vsphere::ProfileRule>| Profile {
+            id: ProfileId("p".into()),
+            name: name.clone(),
+            description: description.map(str::to_owned),
+            rules,
+        };
+        assert!(is_our_profile(
+            &profile(Some(&description), vec![rule("VSAN", 2)]),
+            &description,
+            &rules
+        ));
+        for theirs in [
+            profile(None, vec![rule("VSAN", 2)]),
+            profile(Some("made by someone else"), vec![rule("VSAN", 2)]),
+            profile(Some(&description), vec![rule("VSAN", 3)]),
+            profile(Some(&description), vec![rule("vSANDirect", 2)]),
+            profile(Some(&description), vec![rule("VSAN", 2), rule("VSAN", 2)]),
+            profile(Some(&description), vec![]),
+        ] {
+            assert!(!is_our_profile(&theirs, &description, &rules), "{theirs:?}");
+        }
+    }
 
     #[test]
     fn disk_uuids_in_every_written_form() {

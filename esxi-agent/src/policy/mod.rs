@@ -19,6 +19,7 @@
 
 pub mod expr;
 
+use std::fmt;
 use std::io;
 use std::path::PathBuf;
 
@@ -91,10 +92,10 @@ pub enum PolicyError {
         source: ContentError,
     },
     /// No datastore is marked VSAN.
-    #[error("VSAN datastore does not exist: policies live in dockvols/policies on a datastore marked `vsan = true` in the agent configuration (or --datastore NAME=DIR,vsan)")]
+    #[error("VSAN datastore does not exist: policies live in dockvols/policies on a VSAN datastore (with the vsphere backend, one whose type vSphere reports as vsan; with the local backend, one marked `vsan = true` in the agent configuration or --datastore NAME=DIR,vsan)")]
     NoVsanDatastore,
     /// A policy was used for a volume on a datastore that is not VSAN.
-    #[error("Cannot use a VSAN policy on a non-VSAN datastore (datastore {datastore} is not marked vsan in the agent configuration)")]
+    #[error("Cannot use a VSAN policy on a non-VSAN datastore (datastore {datastore} is not VSAN: vSphere does not report it as vsan, or, with the local backend, it is not marked vsan in the agent configuration)")]
     NotVsan {
         /// The volume's datastore.
         datastore: String,
@@ -243,7 +244,120 @@ pub fn parse_content(name: &str, content: &str) -> Result<PolicyExpr, PolicyErro
 /// A held policy-folder lock, released on drop.
 #[derive(Debug)]
 pub struct PolicyLock {
-    _lock: FileLock,
+    _lock: LockGuard,
+}
+
+/// What holds a [`PolicyLock`]: a file lock (a directory datastore, shared
+/// with other processes) or a lock within this process (a datastore reached
+/// over the vSphere datastore file API, which has no locks).
+#[derive(Debug)]
+enum LockGuard {
+    File(#[allow(dead_code)] FileLock),
+    Shared(#[allow(dead_code)] tokio::sync::OwnedRwLockReadGuard<()>),
+    Exclusive(#[allow(dead_code)] tokio::sync::OwnedRwLockWriteGuard<()>),
+}
+
+impl PolicyLock {
+    /// A shared lock held within this process.
+    pub fn in_process_shared(guard: tokio::sync::OwnedRwLockReadGuard<()>) -> Self {
+        Self {
+            _lock: LockGuard::Shared(guard),
+        }
+    }
+
+    /// An exclusive lock held within this process.
+    pub fn in_process_exclusive(guard: tokio::sync::OwnedRwLockWriteGuard<()>) -> Self {
+        Self {
+            _lock: LockGuard::Exclusive(guard),
+        }
+    }
+}
+
+/// The policy folder `dockvols/policies` of the first VSAN datastore,
+/// wherever that datastore is: a directory on this host ([`PolicyStore`],
+/// through the datastore door) or the vSphere datastore file API (the
+/// `vsphere` backend's). The policy operations of [`crate::VolumeService`]
+/// work on this.
+///
+/// Contract: names are validated by the caller ([`validate_name`]); reads
+/// are bounded; `lock_shared` creates nothing and answers `None` when no
+/// policy was ever created; writes create the folders they need.
+#[async_trait::async_trait]
+pub trait PolicyFiles: Send + Sync + fmt::Debug {
+    /// The datastore holding the policies.
+    fn datastore(&self) -> &str;
+    /// `[datastore] dockvols/policies`, for messages.
+    fn shown(&self) -> DsPath {
+        DsPath::new(
+            self.datastore(),
+            &format!("{}/{POLICIES_DIR}", crate::datastore::DOCKVOLS),
+        )
+    }
+    /// How a policy's file is named in messages.
+    fn path(&self, name: &str) -> DsPath {
+        self.shown().join(name)
+    }
+    /// Shared lock for using a policy; `None` when the folder does not
+    /// exist (no policy was ever created).
+    async fn lock_shared(&self) -> Result<Option<PolicyLock>, PolicyError>;
+    /// Exclusive lock for changing policies; creates the folder.
+    async fn lock_exclusive(&self) -> Result<PolicyLock, PolicyError>;
+    /// A policy's content (without the trailing newline).
+    async fn read(&self, name: &str) -> Result<Option<String>, PolicyError>;
+    /// Every policy as (name, content), sorted by name; entries that cannot
+    /// be policies are skipped.
+    async fn list(&self) -> Result<Vec<(String, String)>, PolicyError>;
+    /// The policy names, sorted.
+    async fn names(&self) -> Result<Vec<String>, PolicyError> {
+        Ok(self.list().await?.into_iter().map(|(n, _)| n).collect())
+    }
+    /// Writes a policy (content plus a newline).
+    async fn write(&self, name: &str, content: &str) -> Result<(), PolicyError>;
+    /// Removes a policy and its failed-updates record.
+    async fn remove(&self, name: &str) -> Result<(), PolicyError>;
+    /// The volumes a policy's last update could not reach, if any.
+    async fn failed_updates(&self, name: &str) -> Result<Option<FailedUpdates>, PolicyError>;
+    /// Records the volumes an update could not reach.
+    async fn record_failed_updates(&self, name: &str, record: &FailedUpdates) -> Result<(), PolicyError>;
+    /// Drops the failed-updates record of a policy, if there is one.
+    async fn clear_failed_updates(&self, name: &str) -> Result<(), PolicyError>;
+}
+
+/// A policy file's bytes as its content: UTF-8 text without the trailing
+/// newline.
+pub fn decode_policy(bytes: Vec<u8>, file: &DsPath) -> Result<String, PolicyError> {
+    let text = String::from_utf8(bytes).map_err(|_| PolicyError::Io {
+        op: "read policy",
+        path: file.to_string(),
+        source: io::Error::new(io::ErrorKind::InvalidData, "not UTF-8 text"),
+    })?;
+    Ok(text.trim_end_matches(['\n', '\r']).to_owned())
+}
+
+/// A failed-updates record's bytes, checked for its version. An unreadable
+/// record is an error, never ignored: it is the administrator's only list
+/// of volumes left on old settings.
+pub fn decode_failed_updates(bytes: &[u8], file: &DsPath) -> Result<FailedUpdates, PolicyError> {
+    let bad = |what: String| PolicyError::Io {
+        op: "read failed policy updates",
+        path: file.to_string(),
+        source: io::Error::new(io::ErrorKind::InvalidData, what),
+    };
+    let record: FailedUpdates = serde_json::from_slice(bytes).map_err(|e| bad(e.to_string()))?;
+    if record.version != FAILED_UPDATES_VERSION {
+        return Err(bad(format!(
+            "unsupported version {} (this agent reads {FAILED_UPDATES_VERSION})",
+            record.version
+        )));
+    }
+    Ok(record)
+}
+
+/// The bytes of a failed-updates record.
+pub fn encode_failed_updates(record: &FailedUpdates) -> Vec<u8> {
+    let mut json = serde_json::to_vec_pretty(record).expect("plain data serializes");
+    json.push(b'\n');
+    json
 }
 
 /// Largest policy file read (an expression is a line of text).
@@ -297,7 +411,7 @@ impl PolicyStore {
     fn lock(&self, dir: &Dir, exclusive: bool) -> Result<PolicyLock, PolicyError> {
         let l = dir.lock_file(LOCK_FILE, exclusive, true)?;
         Ok(PolicyLock {
-            _lock: l.expect("a blocking lock is always taken"),
+            _lock: LockGuard::File(l.expect("a blocking lock is always taken")),
         })
     }
 
@@ -329,12 +443,7 @@ impl PolicyStore {
         let Some(bytes) = dir.read_bounded(name, MAX_POLICY_BYTES)? else {
             return Ok(None);
         };
-        let text = String::from_utf8(bytes).map_err(|_| PolicyError::Io {
-            op: "read policy",
-            path: dir.file(name).to_string(),
-            source: io::Error::new(io::ErrorKind::InvalidData, "not UTF-8 text"),
-        })?;
-        Ok(Some(text.trim_end_matches(['\n', '\r']).to_owned()))
+        decode_policy(bytes, &dir.file(name)).map(Some)
     }
 
     /// Every policy as (name, content), sorted by name. Entries that cannot
@@ -397,27 +506,13 @@ impl PolicyStore {
         let Some(text) = dir.read_bounded(name, MAX_FAILED_UPDATES_BYTES)? else {
             return Ok(None);
         };
-        let bad = |what: String| PolicyError::Io {
-            op: "read failed policy updates",
-            path: dir.file(name).to_string(),
-            source: io::Error::new(io::ErrorKind::InvalidData, what),
-        };
-        let record: FailedUpdates = serde_json::from_slice(&text).map_err(|e| bad(e.to_string()))?;
-        if record.version != FAILED_UPDATES_VERSION {
-            return Err(bad(format!(
-                "unsupported version {} (this agent reads {FAILED_UPDATES_VERSION})",
-                record.version
-            )));
-        }
-        Ok(Some(record))
+        decode_failed_updates(&text, &dir.file(name)).map(Some)
     }
 
     /// Records (atomically) the volumes an update could not reach.
     pub fn record_failed_updates(&self, name: &str, record: &FailedUpdates) -> Result<(), PolicyError> {
         let dir = self.failed_dir(true)?.expect("created");
-        let mut json = serde_json::to_vec_pretty(record).expect("plain data serializes");
-        json.push(b'\n');
-        Ok(dir.write_atomic(name, &json)?)
+        Ok(dir.write_atomic(name, &encode_failed_updates(record))?)
     }
 
     /// Drops the failed-updates record of a policy, if there is one.
@@ -433,6 +528,74 @@ impl PolicyStore {
 
 /// Largest failed-updates record read.
 pub const MAX_FAILED_UPDATES_BYTES: u64 = 16 << 20;
+
+impl PolicyStore {
+    /// Runs a blocking store call on tokio's blocking pool (file locks
+    /// wait, and file calls block).
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&PolicyStore) -> Result<T, PolicyError> + Send + 'static,
+    ) -> Result<T, PolicyError> {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || f(&store))
+            .await
+            .map_err(|e| PolicyError::Io {
+                op: "run policy worker for",
+                path: self.shown().to_string(),
+                source: io::Error::other(e.to_string()),
+            })?
+    }
+}
+
+/// The directory implementation: every call runs on the blocking pool.
+#[async_trait::async_trait]
+impl PolicyFiles for PolicyStore {
+    fn datastore(&self) -> &str {
+        &self.ds.name
+    }
+
+    async fn lock_shared(&self) -> Result<Option<PolicyLock>, PolicyError> {
+        self.blocking(|s| s.lock_shared()).await
+    }
+
+    async fn lock_exclusive(&self) -> Result<PolicyLock, PolicyError> {
+        self.blocking(|s| s.lock_exclusive()).await
+    }
+
+    async fn read(&self, name: &str) -> Result<Option<String>, PolicyError> {
+        let name = name.to_owned();
+        self.blocking(move |s| s.read(&name)).await
+    }
+
+    async fn list(&self) -> Result<Vec<(String, String)>, PolicyError> {
+        self.blocking(|s| s.list()).await
+    }
+
+    async fn write(&self, name: &str, content: &str) -> Result<(), PolicyError> {
+        let (name, content) = (name.to_owned(), content.to_owned());
+        self.blocking(move |s| s.write(&name, &content)).await
+    }
+
+    async fn remove(&self, name: &str) -> Result<(), PolicyError> {
+        let name = name.to_owned();
+        self.blocking(move |s| s.remove(&name)).await
+    }
+
+    async fn failed_updates(&self, name: &str) -> Result<Option<FailedUpdates>, PolicyError> {
+        let name = name.to_owned();
+        self.blocking(move |s| s.failed_updates(&name)).await
+    }
+
+    async fn record_failed_updates(&self, name: &str, record: &FailedUpdates) -> Result<(), PolicyError> {
+        let (name, record) = (name.to_owned(), record.clone());
+        self.blocking(move |s| s.record_failed_updates(&name, &record)).await
+    }
+
+    async fn clear_failed_updates(&self, name: &str) -> Result<(), PolicyError> {
+        let name = name.to_owned();
+        self.blocking(move |s| s.clear_failed_updates(&name)).await
+    }
+}
 
 #[cfg(test)]
 mod tests {

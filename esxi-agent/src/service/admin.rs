@@ -12,13 +12,14 @@ use std::sync::Arc;
 use futures_util::stream::{self, StreamExt};
 use serde::Serialize;
 use vmdk_protocol::options::{self as opt, VolumeOptions};
-use vmdk_protocol::{AccessMode, AttachAs, VolumeInfo};
+use vmdk_protocol::{AccessMode, AttachAs, AttachStatus, PolicyState, VolumeInfo};
 
 use super::{Caller, Target, VolumeService};
+use crate::backend::PolicySpec;
 use crate::datastore::{Datastore, VolumeFolder, DEFAULT_VMGROUP};
 use crate::error::AgentError;
 use crate::meta::VolumeMeta;
-use crate::policy::{self, PolicyError, PolicyExpr, PolicyLock, PolicyStore};
+use crate::policy::{self, PolicyError, PolicyExpr, PolicyFiles, PolicyLock, PolicyStore};
 
 /// Keys `vmdk-agent set` may change.
 pub const EDITABLE_OPTIONS: &[&str] = &[opt::ACCESS, opt::ATTACH_AS];
@@ -72,55 +73,85 @@ pub struct DatastoreUsage {
 /// files (or requests to a hypervisor) overlap well.
 const LIST_CONCURRENCY: usize = 16;
 
-/// Checks that policy `name` may be used for a new volume on `ds` and
-/// returns the shared policy lock to hold until the volume's metadata is
-/// written. Blocking (policy files).
-pub(super) fn use_policy(
-    datastores: &[Datastore],
-    ds: &Datastore,
-    name: &str,
-) -> Result<Option<PolicyLock>, AgentError> {
-    if !ds.vsan {
-        return Err(PolicyError::NotVsan {
-            datastore: ds.name.clone(),
-        }
-        .into());
-    }
-    policy::validate_name(name)?;
-    let store = PolicyStore::of(datastores)?;
-    let lock = store.lock_shared()?;
-    if lock.is_none() || store.read(name)?.is_none() {
-        return Err(PolicyError::NotFound {
-            name: name.to_owned(),
-            available: store.names()?,
-        }
-        .into());
-    }
-    Ok(lock)
-}
-
 impl VolumeService {
-    /// The policy folder (on the first VSAN datastore).
+    /// The policy folder (on the first VSAN datastore), as a directory on
+    /// this host. Errors when no datastore is VSAN.
     pub fn policy_store(&self) -> Result<PolicyStore, AgentError> {
         Ok(PolicyStore::of(&self.datastores)?)
     }
 
-    /// Applies the create options' policy to a just-created disk; on
-    /// failure the disk is deleted, so the create leaves nothing behind.
-    pub(super) async fn apply_new_policy(&self, t: &Target<'_>, opts: &VolumeOptions) -> Result<(), AgentError> {
-        let Some(name) = &opts.vsan_policy else {
-            return Ok(());
-        };
-        // On failure, create deletes the new disk.
+    /// The policy folder wherever it is: the backend's (`vsphere`: the
+    /// datastore file API) or a directory on this host. Errors when no
+    /// datastore is VSAN.
+    pub fn policy_files(&self) -> Result<Arc<dyn PolicyFiles>, AgentError> {
         let store = self.policy_store()?;
-        let content = store.read(name)?.ok_or_else(|| PolicyError::NotFound {
-            name: name.clone(),
-            available: Vec::new(),
-        })?;
-        self.backend
-            .apply_policy(&t.disk(), name, &content)
-            .await
-            .map_err(Self::backend_err(t))
+        let ds = self
+            .datastores
+            .iter()
+            .find(|d| d.name == store.datastore())
+            .expect("the store is on one of the datastores");
+        Ok(self.backend.policy_files(ds).unwrap_or_else(|| Arc::new(store)))
+    }
+
+    /// Checks that policy `name` may be used for a new volume on `ds` and
+    /// returns the shared policy lock to hold until the volume's metadata is
+    /// written.
+    pub(super) async fn use_policy(&self, ds: &Datastore, name: &str) -> Result<Option<PolicyLock>, AgentError> {
+        if !ds.vsan {
+            return Err(PolicyError::NotVsan {
+                datastore: ds.name.clone(),
+            }
+            .into());
+        }
+        policy::validate_name(name)?;
+        let files = self.policy_files()?;
+        let lock = files.lock_shared().await?;
+        if lock.is_none() || files.read(name).await?.is_none() {
+            return Err(PolicyError::NotFound {
+                name: name.to_owned(),
+                available: files.names().await?,
+            }
+            .into());
+        }
+        Ok(lock)
+    }
+
+    /// The create options' policy with its content, if they name one.
+    pub(super) async fn new_policy(&self, opts: &VolumeOptions) -> Result<Option<(String, String)>, AgentError> {
+        let Some(name) = &opts.vsan_policy else {
+            return Ok(None);
+        };
+        let content = self
+            .policy_files()?
+            .read(name)
+            .await?
+            .ok_or_else(|| PolicyError::NotFound {
+                name: name.clone(),
+                available: Vec::new(),
+            })?;
+        Ok(Some((name.clone(), content)))
+    }
+
+    /// The policy an attach hands to the backend: the volume's, unless it
+    /// is only recorded (the backend cannot apply it). A policy that cannot
+    /// be read is logged and left out: the disk keeps the profile it has.
+    pub(super) async fn attach_policy(&self, t: &Target<'_>, meta: &VolumeMeta) -> Option<(String, String)> {
+        let name = meta.opt(opt::VSAN_POLICY_NAME)?;
+        if matches!(meta.policy_state, Some(PolicyState::Recorded { .. })) {
+            return None;
+        }
+        let read = async { self.policy_files()?.read(name).await.map_err(AgentError::from) };
+        match read.await {
+            Ok(Some(content)) => Some((name.to_owned(), content)),
+            Ok(None) => {
+                tracing::warn!(volume = %t.full, policy = name, "the volume's VSAN policy no longer exists; attaching without it");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(volume = %t.full, policy = name, error = %crate::error::error_chain(&e), "cannot read the volume's VSAN policy; attaching without it");
+                None
+            }
+        }
     }
 
     /// Every volume on every datastore: a target per `<vol>.vmfd` entry,
@@ -227,6 +258,7 @@ impl VolumeService {
             disk_uuid: String::new(),
             options: Default::default(),
             formatted: None,
+            vsan_policy_state: None,
             creating: Some(vmdk_protocol::CreateProgress {
                 step,
                 percent,
@@ -256,14 +288,6 @@ impl VolumeService {
             .collect())
     }
 
-    /// One volume's info, `None` when it has no sidecar (any more).
-    async fn volume_info(&self, t: &Target<'_>, f: &dyn VolumeFolder) -> Result<Option<VolumeInfo>, AgentError> {
-        match Self::load_meta(t, f).await? {
-            Some(m) => self.info(t, &m).await.map(Some),
-            None => Ok(None),
-        }
-    }
-
     /// Volumes whose metadata names each policy.
     async fn policy_users(&self) -> Result<BTreeMap<String, Vec<String>>, AgentError> {
         let mut users: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -280,16 +304,52 @@ impl VolumeService {
 
     /// Like [`VolumeService::list`], reading the volumes in parallel; what
     /// `vmdk-agent ls` shows. Sorted by name; unreadable volumes are logged
-    /// and skipped.
+    /// and skipped. Volumes whose holder the hypervisor reports powered off
+    /// are released first (see [`VolumeService::get`]); each holder's power
+    /// state is read once.
     pub async fn inventory(&self) -> Result<Vec<VolumeInfo>, AgentError> {
         let (targets, creating) = self.folder_scan().await?;
-        let reads: Vec<_> = targets.iter().map(|(t, f)| self.volume_info(t, &**f)).collect();
+        let reads: Vec<_> = targets.iter().map(|(t, f)| Self::load_meta(t, &**f)).collect();
+        let metas: Vec<_> = stream::iter(reads).buffered(LIST_CONCURRENCY).collect().await;
+        let mut power: BTreeMap<String, Option<bool>> = BTreeMap::new();
+        let mut loaded = Vec::with_capacity(targets.len());
+        for ((t, f), m) in targets.iter().zip(metas) {
+            let meta = match m {
+                Ok(Some(m)) => m,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::warn!(volume = %t.full, error = %crate::error::error_chain(&e), "skipping unreadable volume");
+                    continue;
+                }
+            };
+            // Only a powered-off holder costs more than its one lookup: a
+            // list does not check every attachment (a get does).
+            let meta = match super::attached_vm(&meta).map(str::to_owned) {
+                Some(holder) => {
+                    let off = match power.get(&holder) {
+                        Some(off) => *off,
+                        None => {
+                            let off = self.holder_powered_off(t, &holder).await;
+                            power.insert(holder, off);
+                            off
+                        }
+                    };
+                    match off {
+                        Some(true) => self.recheck_unlocked(t, &**f, true).await.unwrap_or(meta),
+                        _ => meta,
+                    }
+                }
+                None => meta,
+            };
+            loaded.push((t, meta));
+        }
+        let reads: Vec<_> = loaded.iter().map(|(t, m)| self.info(t, m)).collect();
         let infos: Vec<_> = stream::iter(reads).buffered(LIST_CONCURRENCY).collect().await;
-        let mut out: Vec<VolumeInfo> = targets
+        let mut out: Vec<VolumeInfo> = loaded
             .iter()
             .zip(infos)
             .filter_map(|((t, _), r)| match r {
-                Ok(info) => info,
+                Ok(info) => Some(info),
                 Err(e) => {
                     tracing::warn!(volume = %t.full, error = %crate::error::error_chain(&e), "skipping unreadable volume");
                     None
@@ -309,9 +369,9 @@ impl VolumeService {
         policy::validate_name(name)?;
         let content = content.trim();
         let expr = policy::parse_content(name, content)?;
-        let store = self.policy_store()?;
-        let _lock = store.lock_exclusive()?;
-        if store.read(name)?.is_some() {
+        let store = self.policy_files()?;
+        let _lock = store.lock_exclusive().await?;
+        if store.read(name).await?.is_some() {
             return Err(PolicyError::AlreadyExists {
                 name: name.to_owned(),
                 path: store.path(name).to_string(),
@@ -320,32 +380,32 @@ impl VolumeService {
         }
         // A record left by a policy of this name that is gone (a crash in
         // `policy rm`) is not about this one.
-        store.clear_failed_updates(name)?;
-        store.write(name, content)?;
+        store.clear_failed_updates(name).await?;
+        store.write(name, content).await?;
         tracing::info!(policy = name, content, "created policy");
         Ok(expr)
     }
 
     /// The store after checking that policy `name` exists in it; errors
     /// name the available policies. Creates nothing.
-    fn existing_policy(&self, name: &str) -> Result<(PolicyStore, PolicyLock, String), AgentError> {
+    async fn existing_policy(&self, name: &str) -> Result<(Arc<dyn PolicyFiles>, PolicyLock, String), AgentError> {
         policy::validate_name(name)?;
-        let store = self.policy_store()?;
-        let not_found = |store: &PolicyStore| -> Result<AgentError, AgentError> {
-            Ok(PolicyError::NotFound {
+        let store = self.policy_files()?;
+        let not_found = |available: Vec<String>| -> AgentError {
+            PolicyError::NotFound {
                 name: name.to_owned(),
-                available: store.names()?,
+                available,
             }
-            .into())
+            .into()
         };
-        if store.lock_shared()?.is_none() {
+        if store.lock_shared().await?.is_none() {
             // No policy folder: nothing to find, and nothing is created.
-            return Err(not_found(&store)?);
+            return Err(not_found(store.names().await?));
         }
-        let lock = store.lock_exclusive()?;
-        match store.read(name)? {
+        let lock = store.lock_exclusive().await?;
+        match store.read(name).await? {
             Some(old) => Ok((store, lock, old)),
-            None => Err(not_found(&store)?),
+            None => Err(not_found(store.names().await?)),
         }
     }
 
@@ -359,13 +419,13 @@ impl VolumeService {
         policy::validate_name(name)?;
         let content = content.trim();
         let expr = policy::parse_content(name, content)?;
-        let (store, _lock, old) = self.existing_policy(name)?;
+        let (store, _lock, old) = self.existing_policy(name).await?;
         let same = match PolicyExpr::parse(&old) {
             Ok(old_expr) => old_expr == expr,
             Err(_) => old.trim() == content,
         };
         let retry = if same {
-            match store.failed_updates(name)? {
+            match store.failed_updates(name).await? {
                 Some(previous) => Some(previous.failed.into_iter().map(|f| f.volume).collect::<Vec<_>>()),
                 None => return Err(PolicyError::Identical { name: name.to_owned() }.into()),
             }
@@ -376,7 +436,7 @@ impl VolumeService {
         // in spacing only.
         let content = if same { old.trim() } else { content };
         if retry.is_none() {
-            store.write(name, content)?;
+            store.write(name, content).await?;
         }
         let users: Vec<Target<'_>> = self
             .all_metadata()
@@ -397,14 +457,24 @@ impl VolumeService {
             let applied = async {
                 let folder = self.existing_folder(t).await?;
                 let _lock = Self::lock(t, &*folder).await?;
-                let meta = Self::existing_meta(t, &*folder).await?;
+                let mut meta = Self::existing_meta(t, &*folder).await?;
                 if meta.opt(opt::VSAN_POLICY_NAME) != Some(name) {
                     return Ok(false);
                 }
-                self.backend
-                    .apply_policy(&t.disk(), name, content)
+                let holder = match meta.status {
+                    AttachStatus::Attached => meta.attached_vm.clone(),
+                    AttachStatus::Detached => None,
+                };
+                let state = self
+                    .backend
+                    .apply_policy(&t.disk(), PolicySpec { name, content }, holder.as_deref())
                     .await
                     .map_err(Self::backend_err(t))?;
+                super::log_policy_state(t, name, state.as_ref());
+                if meta.policy_state != state {
+                    meta.policy_state = state;
+                    Self::store_meta(t, &*folder, &meta).await?;
+                }
                 Ok::<_, AgentError>(true)
             }
             .await;
@@ -419,7 +489,7 @@ impl VolumeService {
         if retry.is_none() && report.updated.is_empty() && !report.failed.is_empty() {
             // Nothing took the new content: put the old one back. A record
             // of earlier failures stays, because it is about that content.
-            store.write(name, &old)?;
+            store.write(name, &old).await?;
             tracing::warn!(
                 policy = name,
                 "policy update failed on every volume; old content restored"
@@ -431,7 +501,7 @@ impl VolumeService {
             .into());
         }
         if report.failed.is_empty() {
-            store.clear_failed_updates(name)?;
+            store.clear_failed_updates(name).await?;
         } else {
             let record = policy::FailedUpdates {
                 version: policy::FAILED_UPDATES_VERSION,
@@ -446,7 +516,7 @@ impl VolumeService {
                     })
                     .collect(),
             };
-            store.record_failed_updates(name, &record)?;
+            store.record_failed_updates(name, &record).await?;
         }
         tracing::info!(
             policy = name,
@@ -461,7 +531,7 @@ impl VolumeService {
 
     /// `policy rm`: refused while any volume uses the policy.
     pub async fn policy_remove(&self, name: &str) -> Result<(), AgentError> {
-        let (store, _lock, _) = self.existing_policy(name)?;
+        let (store, _lock, _) = self.existing_policy(name).await?;
         if let Some(volumes) = self.policy_users().await?.remove(name) {
             return Err(PolicyError::InUse {
                 name: name.to_owned(),
@@ -469,43 +539,44 @@ impl VolumeService {
             }
             .into());
         }
-        store.remove(name)?;
+        store.remove(name).await?;
         tracing::info!(policy = name, "removed policy");
         Ok(())
     }
 
     /// `policy ls`: every policy with the volumes using it.
     pub async fn policies(&self) -> Result<Vec<PolicyInfo>, AgentError> {
-        let store = self.policy_store()?;
-        let list = store.list()?;
+        let store = self.policy_files()?;
+        let list = store.list().await?;
         let mut users = if list.is_empty() {
             BTreeMap::new()
         } else {
             self.policy_users().await?
         };
-        list.into_iter()
-            .map(|(name, content)| {
-                let volumes = users.remove(&name).unwrap_or_default();
-                // Volumes removed or moved to another policy since are
-                // no longer behind.
-                let failed_updates = store
-                    .failed_updates(&name)?
-                    .map(|r| {
-                        r.failed
-                            .into_iter()
-                            .map(|f| f.volume)
-                            .filter(|v| volumes.contains(v))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                Ok(PolicyInfo {
-                    volumes,
-                    failed_updates,
-                    name,
-                    content,
+        let mut out = Vec::with_capacity(list.len());
+        for (name, content) in list {
+            let volumes = users.remove(&name).unwrap_or_default();
+            // Volumes removed or moved to another policy since are no
+            // longer behind.
+            let failed_updates = store
+                .failed_updates(&name)
+                .await?
+                .map(|r| {
+                    r.failed
+                        .into_iter()
+                        .map(|f| f.volume)
+                        .filter(|v| volumes.contains(v))
+                        .collect()
                 })
-            })
-            .collect()
+                .unwrap_or_default();
+            out.push(PolicyInfo {
+                volumes,
+                failed_updates,
+                name,
+                content,
+            });
+        }
+        Ok(out)
     }
 
     /// `vmdk-agent set`: changes `access` and `attach-as` of a volume, under

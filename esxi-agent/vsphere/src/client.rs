@@ -744,7 +744,7 @@ impl Client {
                         ));
                     }
                 }
-                DeviceChange::RemoveDisk(_) => {}
+                DeviceChange::SetDiskProfile { .. } | DeviceChange::RemoveDisk(_) => {}
             }
         }
         let body = vim::reconfig_vm(vm, changes, extra_config);

@@ -29,6 +29,6 @@ pub use error::{Error, Result, TlsFailure};
 pub use tls::{Thumbprint, ThumbprintAlgorithm, TlsTrust};
 pub use types::{
     About, AdapterType, ApiType, BiosUuid, Datacenter, Datastore, DatastorePath, DeviceChange, DiskMode, DiskSpec,
-    DiskType, FolderEntry, Moref, OtherDevice, PowerState, Profile, ProfileId, RuleValue, ScsiController,
+    DiskType, FolderEntry, Moref, OtherDevice, PowerState, Profile, ProfileId, ProfileRule, RuleValue, ScsiController,
     ScsiControllerKind, VirtualDisk, VmInfo, VsanRule,
 };

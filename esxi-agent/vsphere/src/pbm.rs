@@ -1,7 +1,7 @@
 //! SPBM (the PBM API at `/pbm`, vCenter only): request bodies and response
 //! parsers for the four calls the backend needs.
 
-use crate::types::{Moref, Profile, ProfileId, RuleValue, VsanRule};
+use crate::types::{Moref, Profile, ProfileId, ProfileRule, RuleValue, VsanRule};
 use crate::xml::{Node, Writer};
 
 pub(crate) const PBM_NS: &str = "urn:pbm";
@@ -84,9 +84,51 @@ pub(crate) fn parse_profiles(resp: &Node) -> Result<Vec<Profile>, String> {
                     .child_text("description")
                     .filter(|d| !d.is_empty())
                     .map(str::to_owned),
+                rules: parse_rules(rv),
             })
         })
         .collect()
+}
+
+/// The capabilities of a profile's `PbmCapabilitySubProfileConstraints`:
+/// `constraints/subProfiles/capability{id{namespace,id}, constraint/propertyInstance/value}`.
+fn parse_rules(profile: &Node) -> Vec<ProfileRule> {
+    let Some(constraints) = profile.child("constraints") else {
+        return Vec::new();
+    };
+    constraints
+        .children_named("subProfiles")
+        .flat_map(|sub| sub.children_named("capability"))
+        .map(|cap| ProfileRule {
+            namespace: cap
+                .path(&["id", "namespace"])
+                .map(|n| n.trimmed().to_owned())
+                .unwrap_or_default(),
+            capability: cap
+                .path(&["id", "id"])
+                .map(|n| n.trimmed().to_owned())
+                .unwrap_or_default(),
+            value: cap
+                .path(&["constraint", "propertyInstance", "value"])
+                .and_then(parse_value),
+        })
+        .collect()
+}
+
+/// A scalar `value` by its `xsi:type`.
+fn parse_value(v: &Node) -> Option<RuleValue> {
+    let text = v.trimmed();
+    match v.xsi_type.as_deref()? {
+        "int" | "short" | "byte" => text.parse().ok().map(RuleValue::Int),
+        "long" => text.parse().ok().map(RuleValue::Long),
+        "boolean" => match text {
+            "true" | "1" => Some(RuleValue::Bool(true)),
+            "false" | "0" => Some(RuleValue::Bool(false)),
+            _ => None,
+        },
+        "string" => Some(RuleValue::String(v.text.clone())),
+        _ => None,
+    }
 }
 
 /// `PbmCreate` of a requirement profile with one VSAN sub-profile holding
@@ -118,6 +160,7 @@ pub(crate) fn create(pm: &Moref, name: &str, description: &str, rules: &[VsanRul
             .text("id", &rule.capability);
         match &rule.value {
             RuleValue::Int(i) => w.typed_text("value", "xsd:int", &i.to_string()),
+            RuleValue::Long(i) => w.typed_text("value", "xsd:long", &i.to_string()),
             RuleValue::Bool(b) => w.typed_text("value", "xsd:boolean", &b.to_string()),
             RuleValue::String(s) => w.typed_text("value", "xsd:string", s),
         };
@@ -192,6 +235,19 @@ mod tests {
         assert_eq!(profiles[0].name, "SW=2");
         assert_eq!(profiles[1].name, "vSAN Default Storage Policy");
         assert_eq!(profiles[1].id, ids[0]);
+        let vsan = |capability: &str, value: RuleValue| ProfileRule {
+            namespace: "VSAN".into(),
+            capability: capability.into(),
+            value: Some(value),
+        };
+        assert_eq!(
+            profiles[0].rules,
+            vec![
+                vsan("stripeWidth", RuleValue::Int(2)),
+                vsan("forceProvisioning", RuleValue::Bool(true))
+            ]
+        );
+        assert_eq!(profiles[1].rules.len(), 5);
         assert_eq!(
             parse_created(&response("pbm_create.xml")).unwrap(),
             ProfileId("410fb86a-26d2-4c02-966b-0857acd1952b".into())

@@ -347,6 +347,10 @@ impl DiskMode {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VirtualDisk {
     pub key: i32,
+    /// `deviceInfo.label` and `deviceInfo.summary` as the server wrote them
+    /// (an edit sends them back unchanged).
+    pub label: Option<String>,
+    pub summary: Option<String>,
     pub controller_key: Option<i32>,
     pub unit_number: Option<i32>,
     /// The backing's `fileName` (`[ds] dockvols/_DEFAULT/v.vmdk`), as the
@@ -450,7 +454,13 @@ pub enum DeviceChange {
         unit_number: i32,
         file: DatastorePath,
         disk_mode: DiskMode,
+        /// The SPBM profile the disk gets (`VirtualDeviceConfigSpec.profile`,
+        /// vCenter only); `None` leaves the disk's own.
+        profile: Option<ProfileId>,
     },
+    /// Gives a disk of the VM an SPBM profile (`operation` edit with a
+    /// `profile`; vCenter only). The disk stays where it is.
+    SetDiskProfile { disk: VirtualDisk, profile: ProfileId },
     /// Removes a disk from the VM (no `fileOperation`: the file stays).
     RemoveDisk(VirtualDisk),
 }
@@ -482,12 +492,30 @@ pub struct Profile {
     pub id: ProfileId,
     pub name: String,
     pub description: Option<String>,
+    /// Every capability of every sub-profile, in document order. Empty for
+    /// a profile whose constraints are not capability sub-profiles.
+    pub rules: Vec<ProfileRule>,
+}
+
+/// One capability of a profile as the server holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProfileRule {
+    /// `VSAN`, `vSANDirect`, `com.vmware.storage.tag`...
+    pub namespace: String,
+    /// `stripeWidth`...
+    pub capability: String,
+    /// The value of its (first) property, when it is one of the scalar
+    /// types below; `None` for anything else (ranges, lists...).
+    pub value: Option<RuleValue>,
 }
 
 /// A typed capability value.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RuleValue {
+    /// `xsd:int`.
     Int(i64),
+    /// `xsd:long`.
+    Long(i64),
     Bool(bool),
     String(String),
 }

@@ -6,7 +6,7 @@
 
 use crate::types::{
     About, ApiType, Datacenter, Datastore, DatastorePath, DeviceChange, DiskMode, DiskSpec, Moref, OtherDevice,
-    PowerState, ScsiController, ScsiControllerKind, VirtualDisk,
+    PowerState, ProfileId, ScsiController, ScsiControllerKind, VirtualDisk,
 };
 use crate::xml::{Node, Writer};
 
@@ -270,6 +270,7 @@ pub(crate) fn reconfig_vm(vm: &Moref, changes: &[DeviceChange], extra_config: &[
                 unit_number,
                 file,
                 disk_mode,
+                profile,
             } => {
                 w.text("operation", "add");
                 w.open_typed("device", "VirtualDisk").value("key", temp_key);
@@ -284,26 +285,18 @@ pub(crate) fn reconfig_vm(vm: &Moref, changes: &[DeviceChange], extra_config: &[
                     // VirtualDisk: capacityInKB (required; ignored for an existing file).
                     .value("capacityInKB", 0)
                     .close("device");
+                if let Some(profile) = profile {
+                    device_profile(&mut w, profile);
+                }
+            }
+            DeviceChange::SetDiskProfile { disk, profile } => {
+                w.text("operation", "edit");
+                existing_disk(&mut w, disk);
+                device_profile(&mut w, profile);
             }
             DeviceChange::RemoveDisk(disk) => {
                 w.text("operation", "remove");
-                w.open_typed("device", "VirtualDisk").value("key", disk.key);
-                if let Some(file) = &disk.file_name {
-                    let backing = disk.backing_type.as_deref().unwrap_or("VirtualDiskFlatVer2BackingInfo");
-                    w.open_typed("backing", backing).text("fileName", file);
-                    if let Some(mode) = &disk.disk_mode {
-                        w.text("diskMode", mode.as_str());
-                    }
-                    w.close("backing");
-                }
-                if let Some(c) = disk.controller_key {
-                    w.value("controllerKey", c);
-                }
-                if let Some(u) = disk.unit_number {
-                    w.value("unitNumber", u);
-                }
-                w.value("capacityInKB", disk.capacity_kb.unwrap_or(0));
-                w.close("device");
+                existing_disk(&mut w, disk);
             }
         }
         w.close("deviceChange");
@@ -316,6 +309,42 @@ pub(crate) fn reconfig_vm(vm: &Moref, changes: &[DeviceChange], extra_config: &[
     }
     w.close("spec");
     finish(w, "ReconfigVM_Task")
+}
+
+/// A disk the VM has, as read back (the key is what matters to the server).
+fn existing_disk(w: &mut Writer, disk: &VirtualDisk) {
+    w.open_typed("device", "VirtualDisk").value("key", disk.key);
+    // Description: label, summary (both required when deviceInfo is sent).
+    if let Some(label) = &disk.label {
+        w.open("deviceInfo")
+            .text("label", label)
+            .text("summary", disk.summary.as_deref().unwrap_or_default())
+            .close("deviceInfo");
+    }
+    if let Some(file) = &disk.file_name {
+        let backing = disk.backing_type.as_deref().unwrap_or("VirtualDiskFlatVer2BackingInfo");
+        w.open_typed("backing", backing).text("fileName", file);
+        if let Some(mode) = &disk.disk_mode {
+            w.text("diskMode", mode.as_str());
+        }
+        w.close("backing");
+    }
+    if let Some(c) = disk.controller_key {
+        w.value("controllerKey", c);
+    }
+    if let Some(u) = disk.unit_number {
+        w.value("unitNumber", u);
+    }
+    w.value("capacityInKB", disk.capacity_kb.unwrap_or(0));
+    w.close("device");
+}
+
+/// `VirtualDeviceConfigSpec.profile` (after `device`): a
+/// `VirtualMachineDefinedProfileSpec` with the profile's id.
+fn device_profile(w: &mut Writer, profile: &ProfileId) {
+    w.open_typed("profile", "VirtualMachineDefinedProfileSpec")
+        .text("profileId", &profile.0)
+        .close("profile");
 }
 
 // ---------------------------------------------------------------------------
@@ -689,8 +718,11 @@ pub(crate) fn parse_devices(val: &Node) -> Result<Devices, String> {
             });
         } else if ty == "VirtualDisk" {
             let backing = dev.child("backing");
+            let info = dev.child("deviceInfo");
             disks.push(VirtualDisk {
                 key,
+                label: info.and_then(|i| i.child_text("label")).map(str::to_owned),
+                summary: info.and_then(|i| i.child_text("summary")).map(str::to_owned),
                 controller_key: parse_num(dev, "controllerKey")?,
                 unit_number: parse_num(dev, "unitNumber")?,
                 file_name: backing.and_then(|b| b.child_text("fileName")).map(str::to_owned),
@@ -867,6 +899,8 @@ mod tests {
             disks,
             vec![VirtualDisk {
                 key: 255511522,
+                label: Some("disk-202-0".into()),
+                summary: Some("1,024 KB".into()),
                 controller_key: Some(202),
                 unit_number: Some(0),
                 file_name: Some("[LocalDS_0] DC0_H0_VM0/disk1.vmdk".into()),
@@ -991,9 +1025,27 @@ mod tests {
                     unit_number: 0,
                     file: ds("[LocalDS_0] dockvols/_DEFAULT/v.vmdk"),
                     disk_mode: DiskMode::IndependentPersistent,
+                    profile: Some(ProfileId("p-1".into())),
+                },
+                DeviceChange::SetDiskProfile {
+                    disk: VirtualDisk {
+                        key: 2002,
+                        label: Some("Hard disk 3".into()),
+                        summary: Some("4,096 KB".into()),
+                        controller_key: Some(1000),
+                        unit_number: Some(2),
+                        file_name: Some("[LocalDS_0] dockvols/_DEFAULT/x.vmdk".into()),
+                        backing_type: None,
+                        disk_mode: None,
+                        uuid: None,
+                        capacity_kb: None,
+                    },
+                    profile: ProfileId("p-2".into()),
                 },
                 DeviceChange::RemoveDisk(VirtualDisk {
                     key: 2001,
+                    label: None,
+                    summary: None,
                     controller_key: Some(1000),
                     unit_number: Some(1),
                     file_name: Some("[LocalDS_0] dockvols/_DEFAULT/w.vmdk".into()),
@@ -1013,7 +1065,12 @@ mod tests {
              <deviceChange><operation>add</operation><device xsi:type=\"VirtualDisk\"><key>-101</key>\
              <backing xsi:type=\"VirtualDiskFlatVer2BackingInfo\"><fileName>[LocalDS_0] dockvols/_DEFAULT/v.vmdk</fileName>\
              <diskMode>independent_persistent</diskMode></backing><controllerKey>-100</controllerKey>\
-             <unitNumber>0</unitNumber><capacityInKB>0</capacityInKB></device></deviceChange>\
+             <unitNumber>0</unitNumber><capacityInKB>0</capacityInKB></device>\
+             <profile xsi:type=\"VirtualMachineDefinedProfileSpec\"><profileId>p-1</profileId></profile></deviceChange>\
+             <deviceChange><operation>edit</operation><device xsi:type=\"VirtualDisk\"><key>2002</key>\
+             <deviceInfo><label>Hard disk 3</label><summary>4,096 KB</summary></deviceInfo><backing xsi:type=\"VirtualDiskFlatVer2BackingInfo\"><fileName>[LocalDS_0] dockvols/_DEFAULT/x.vmdk</fileName></backing>\
+             <controllerKey>1000</controllerKey><unitNumber>2</unitNumber><capacityInKB>0</capacityInKB></device>\
+             <profile xsi:type=\"VirtualMachineDefinedProfileSpec\"><profileId>p-2</profileId></profile></deviceChange>\
              <deviceChange><operation>remove</operation><device xsi:type=\"VirtualDisk\"><key>2001</key>\
              <backing xsi:type=\"VirtualDiskFlatVer2BackingInfo\"><fileName>[LocalDS_0] dockvols/_DEFAULT/w.vmdk</fileName>\
              <diskMode>persistent</diskMode></backing><controllerKey>1000</controllerKey><unitNumber>1</unitNumber>\

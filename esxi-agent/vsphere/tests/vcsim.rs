@@ -410,6 +410,7 @@ async fn attach_and_detach(model: Model) {
                     unit_number: 0,
                     file: disk.clone(),
                     disk_mode: DiskMode::IndependentPersistent,
+                    profile: None,
                 },
             ],
             &[],
@@ -458,6 +459,7 @@ async fn attach_and_detach(model: Model) {
                 unit_number: 1,
                 file: folder.join("missing.vmdk").unwrap(),
                 disk_mode: DiskMode::Persistent,
+                profile: None,
             }],
             &[],
         )
@@ -553,6 +555,7 @@ async fn attach_and_detach(model: Model) {
                 unit_number: 7,
                 file: disk.clone(),
                 disk_mode: DiskMode::Persistent,
+                profile: None,
             }],
             &[],
         )
