@@ -779,6 +779,7 @@ fn spawn_tied(mut cmd: Command) -> Result<(Child, mpsc::Sender<()>), GuestError>
 /// `-lp<name>`).
 fn kill_socats(tag: &str) {
     let Ok(procs) = fs::read_dir("/proc") else { return };
+    let mut killed = Vec::new();
     for p in procs.flatten() {
         let Ok(pid) = p.file_name().to_string_lossy().parse::<i32>() else {
             continue;
@@ -797,7 +798,19 @@ fn kill_socats(tag: &str) {
             unsafe {
                 libc::kill(pid, libc::SIGKILL);
             }
+            killed.push(pid);
         }
+    }
+    // SIGKILL is delivered asynchronously: wait until each one has died
+    // (its /proc entry is gone, or it is a zombie with an empty command
+    // line), so callers see no socat of this guest afterwards.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while killed
+        .iter()
+        .any(|pid| fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| !c.is_empty()))
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(5));
     }
 }
 
