@@ -652,6 +652,9 @@ impl VolumeService {
         let vm = caller.vm_id()?;
         let t = self.resolve(caller, &req.name).await?;
         let opts = VolumeOptions::parse(&req.opts)?;
+        if let Caller::Vm(id) = caller {
+            self.backend.check_vm(id).await.map_err(Self::backend_err(&t))?;
+        }
         // Held until the volume's metadata is written, so the policy cannot
         // be removed in between.
         let _policy_lock = match &opts.vsan_policy {

@@ -229,6 +229,17 @@ async fn every_operation(model: Model) {
         message(&e)
     );
     assert_eq!(svc.get(&Caller::Admin, "v2").await.unwrap().attached_to, None);
+    // It cannot create volumes it could never attach either.
+    let e = svc.create(&stranger, &req("v4", &[])).await.unwrap_err();
+    assert!(
+        message(&e).contains("11111111-2222-3333-4444-555555555555"),
+        "{}",
+        message(&e)
+    );
+    assert_eq!(
+        svc.get(&Caller::Admin, "v4").await.unwrap_err().code(),
+        ErrorCode::NotFound
+    );
     // A datastore that does not exist.
     let e = svc.create(&a, &req("v3@nowhere", &[])).await.unwrap_err();
     assert_eq!(e.code(), ErrorCode::UnknownDatastore, "{}", message(&e));

@@ -331,6 +331,12 @@ pub trait DiskBackend: Send + Sync + fmt::Debug {
     async fn home_datastore(&self, _vm: &str) -> Result<Option<String>, BackendError> {
         Ok(None)
     }
+    /// Refuses a caller the hypervisor does not know (`vsphere`: no VM with
+    /// that BIOS UUID), so that no volume is created for a VM that could
+    /// never attach it. `local` knows no VMs and accepts every caller.
+    async fn check_vm(&self, _vm: &str) -> Result<(), BackendError> {
+        Ok(())
+    }
     /// Applies VSAN policy `policy` to an existing disk (after a clone, and
     /// for each volume using the policy when `vmdk-agent policy update`
     /// changes it); `holder` is the VM the disk is attached to, if any. The

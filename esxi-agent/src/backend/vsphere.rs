@@ -798,6 +798,10 @@ impl DiskBackend for VsphereBackend {
         Ok(Some(Box::new(folder)))
     }
 
+    async fn check_vm(&self, vm: &str) -> Result<(), BackendError> {
+        self.vm(vm).await.map(|_| ())
+    }
+
     async fn home_datastore(&self, vm: &str) -> Result<Option<String>, BackendError> {
         let (_, info) = match self.vm(vm).await {
             Ok(v) => v,
