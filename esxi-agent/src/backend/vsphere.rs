@@ -358,9 +358,13 @@ impl VsphereBackend {
         profile: Option<ProfileId>,
         progress: &Progress,
     ) -> Result<DiskInfo, BackendError> {
-        // The server does the work in one task; its progress is not
-        // followed yet, so a long create shows 0% until it is done.
-        progress.start(capacity_bytes);
+        // The server does the work in one task: its `info.progress`
+        // (percent) is the create's progress. A cancel (the volume's
+        // remove) cannot stop the server's task; the remove waits for it.
+        progress.start(100);
+        let report = |pct: u8| {
+            let _ = progress.set_done(u64::from(pct));
+        };
         let path = Self::disk_path(disk)?;
         let spec = DiskSpec {
             disk_type: match format {
@@ -372,13 +376,17 @@ impl VsphereBackend {
             capacity_kb: capacity_bytes.div_ceil(1024),
             profile,
         };
-        match self.client.create_virtual_disk(&self.dc, &path, &spec).await {
+        match self
+            .client
+            .create_virtual_disk_reporting(&self.dc, &path, &spec, &report)
+            .await
+        {
             Ok(_) => {}
             Err(e) if fault_is(&e, "FileAlreadyExists") => {
                 tracing::info!(disk = %path, "deleting what a cut-off create left, then creating again");
                 self.delete_leftovers(disk).await?;
                 self.client
-                    .create_virtual_disk(&self.dc, &path, &spec)
+                    .create_virtual_disk_reporting(&self.dc, &path, &spec, &report)
                     .await
                     .map_err(vs_err("CreateVirtualDisk_Task"))?;
             }
@@ -480,19 +488,26 @@ impl DiskBackend for VsphereBackend {
         format: DiskFormat,
         progress: &Progress,
     ) -> Result<DiskInfo, BackendError> {
-        // Not followed yet either: 0% until done.
-        progress.start(1);
+        // The copy task's `info.progress`, as for a create.
+        progress.start(100);
+        let report = |pct: u8| {
+            let _ = progress.set_done(u64::from(pct));
+        };
         // The copy keeps the source's allocation: CopyVirtualDisk_Task's
         // destination spec is refused by vCenter for plain files.
         let _ = format;
         let (from, to) = (Self::disk_path(src)?, Self::disk_path(dst)?);
-        match self.client.copy_virtual_disk(&self.dc, &from, &to, false).await {
+        match self
+            .client
+            .copy_virtual_disk_reporting(&self.dc, &from, &to, false, &report)
+            .await
+        {
             Ok(()) => {}
             Err(e) if fault_is(&e, "FileAlreadyExists") => {
                 // What a cut-off clone of ours left (see create_with).
                 self.delete_leftovers(dst).await?;
                 self.client
-                    .copy_virtual_disk(&self.dc, &from, &to, false)
+                    .copy_virtual_disk_reporting(&self.dc, &from, &to, false, &report)
                     .await
                     .map_err(vs_err("CopyVirtualDisk_Task"))?;
             }

@@ -27,6 +27,10 @@ const MAX_RESPONSE: u64 = 64 << 20;
 /// The longest a task poll waits before asking again.
 const MAX_POLL_INTERVAL: Duration = Duration::from_secs(1);
 
+/// Called with a running task's percentage done (0–100) each time a poll
+/// reads one.
+pub type OnProgress<'a> = &'a (dyn Fn(u8) + Send + Sync);
+
 /// A password that never shows in `Debug` output, errors or logs.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Password(String);
@@ -447,7 +451,13 @@ impl Client {
     /// Waits for a task by polling `info.state` (backing off up to 1 s
     /// between polls) until it succeeds, fails or the task timeout passes.
     /// Returns `info.result`.
-    async fn wait_task(&self, task: &Moref, method: &str, object: &str) -> Result<Option<Node>> {
+    async fn wait_task(
+        &self,
+        task: &Moref,
+        method: &str,
+        object: &str,
+        on_progress: OnProgress<'_>,
+    ) -> Result<Option<Node>> {
         let timeout = self.inner.task_timeout;
         let deadline = Instant::now() + timeout;
         let timed_out = || Error::Timeout {
@@ -463,14 +473,15 @@ impl Client {
             }
             let poll = self.retrieve(
                 &task.value,
-                &[("Task", &["info.state", "info.error", "info.result"])],
+                &[("Task", &["info.state", "info.error", "info.result", "info.progress"])],
                 Objects::List(&tasks),
             );
             let objs = tokio::time::timeout(remaining, poll).await.map_err(|_| timed_out())??;
             let obj = objs.first().ok_or_else(|| Error::NotFound {
                 what: format!("task {} of {method} on {object}", task.value),
             })?;
-            match vim::parse_task(obj).map_err(|m| Error::xml(format!("task {}", task.value), m))? {
+            let state = vim::parse_task(obj).map_err(|m| Error::xml(format!("task {}", task.value), m))?;
+            match state {
                 TaskState::Success { result } => return Ok(result),
                 TaskState::Error { fault_type, message } => {
                     return Err(Error::Fault {
@@ -480,7 +491,10 @@ impl Client {
                         message,
                     })
                 }
-                TaskState::Queued | TaskState::Running => {
+                TaskState::Queued | TaskState::Running { .. } => {
+                    if let TaskState::Running { progress: Some(p) } = state {
+                        on_progress(p);
+                    }
                     let remaining = deadline.saturating_duration_since(Instant::now());
                     tokio::time::sleep(interval.min(remaining)).await;
                     interval = (interval * 2).min(MAX_POLL_INTERVAL);
@@ -491,12 +505,24 @@ impl Client {
 
     /// Starts a task method and waits for it.
     async fn run_task(&self, method: &str, object: &str, body: String) -> Result<Option<Node>> {
+        self.run_task_reporting(method, object, body, &|_| {}).await
+    }
+
+    /// [`Client::run_task`], calling `on_progress` with each percentage the
+    /// server reports while the task runs.
+    async fn run_task_reporting(
+        &self,
+        method: &str,
+        object: &str,
+        body: String,
+        on_progress: OnProgress<'_>,
+    ) -> Result<Option<Node>> {
         let task = self
             .vim(method, object, body, |resp| {
                 vim::parse_moref_returnval(resp).map_err(|m| Error::xml(method, m))
             })
             .await?;
-        self.wait_task(&task, method, object).await
+        self.wait_task(&task, method, object, on_progress).await
     }
 
     /// The datacenter argument of FileManager and VirtualDiskManager calls:
@@ -769,11 +795,26 @@ impl Client {
         path: &DatastorePath,
         spec: &DiskSpec,
     ) -> Result<DatastorePath> {
+        self.create_virtual_disk_reporting(dc, path, spec, &|_| {}).await
+    }
+
+    /// [`Client::create_virtual_disk`], calling `on_progress` with the
+    /// task's percentage done whenever a poll reads one (an eagerZeroedThick
+    /// disk is zeroed by that task, which may take minutes).
+    pub async fn create_virtual_disk_reporting(
+        &self,
+        dc: &Datacenter,
+        path: &DatastorePath,
+        spec: &DiskSpec,
+        on_progress: OnProgress<'_>,
+    ) -> Result<DatastorePath> {
         if spec.capacity_kb == 0 {
             return Err(Error::invalid("disk capacity 0 KB", "a disk has at least 1 KB"));
         }
         let body = vim::create_virtual_disk(self.disk_manager()?, path, self.dc_arg(dc), spec);
-        let result = self.run_task("CreateVirtualDisk_Task", &path.to_string(), body).await?;
+        let result = self
+            .run_task_reporting("CreateVirtualDisk_Task", &path.to_string(), body, on_progress)
+            .await?;
         match result.as_ref().map(|r| r.trimmed()).filter(|r| !r.is_empty()) {
             Some(r) => r.parse(),
             None => Ok(path.clone()),
@@ -797,10 +838,28 @@ impl Client {
         dest: &DatastorePath,
         force: bool,
     ) -> Result<()> {
+        self.copy_virtual_disk_reporting(dc, source, dest, force, &|_| {}).await
+    }
+
+    /// [`Client::copy_virtual_disk`], calling `on_progress` with the task's
+    /// percentage done whenever a poll reads one.
+    pub async fn copy_virtual_disk_reporting(
+        &self,
+        dc: &Datacenter,
+        source: &DatastorePath,
+        dest: &DatastorePath,
+        force: bool,
+        on_progress: OnProgress<'_>,
+    ) -> Result<()> {
         let body = vim::copy_virtual_disk(self.disk_manager()?, source, dest, self.dc_arg(dc), force);
-        self.run_task("CopyVirtualDisk_Task", &format!("{source} -> {dest}"), body)
-            .await
-            .map(drop)
+        self.run_task_reporting(
+            "CopyVirtualDisk_Task",
+            &format!("{source} -> {dest}"),
+            body,
+            on_progress,
+        )
+        .await
+        .map(drop)
     }
 
     /// `VirtualDiskManager.QueryVirtualDiskUuid`.

@@ -24,7 +24,7 @@ mod types;
 mod vim;
 mod xml;
 
-pub use client::{Client, Config, Password};
+pub use client::{Client, Config, OnProgress, Password};
 pub use error::{Error, Result, TlsFailure};
 pub use tls::{Thumbprint, ThumbprintAlgorithm, TlsTrust};
 pub use types::{

@@ -580,9 +580,17 @@ pub(crate) fn parse_object_contents(resp: &Node) -> Result<Vec<ObjectContent>, S
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum TaskState {
     Queued,
-    Running,
-    Success { result: Option<Node> },
-    Error { fault_type: String, message: String },
+    /// `info.progress`: the percentage done, when the server reports it.
+    Running {
+        progress: Option<u8>,
+    },
+    Success {
+        result: Option<Node>,
+    },
+    Error {
+        fault_type: String,
+        message: String,
+    },
 }
 
 pub(crate) fn parse_task(obj: &ObjectContent) -> Result<TaskState, String> {
@@ -592,7 +600,14 @@ pub(crate) fn parse_task(obj: &ObjectContent) -> Result<TaskState, String> {
         .ok_or("no info.state")?;
     Ok(match state.as_str() {
         "queued" => TaskState::Queued,
-        "running" => TaskState::Running,
+        "running" => TaskState::Running {
+            // Bounded: a hostile or odd server's value is clamped to 0..=100,
+            // and anything that is not a number is no progress at all.
+            progress: obj
+                .prop("info.progress")
+                .and_then(|n| n.trimmed().parse::<i64>().ok())
+                .map(|p| p.clamp(0, 100) as u8),
+        },
         "success" => TaskState::Success {
             result: obj.prop("info.result").cloned(),
         },
@@ -854,6 +869,11 @@ mod tests {
                     "{message}"
                 );
             }
+            other => panic!("{other:?}"),
+        }
+        let objs = parse_object_contents(&response("task_running.xml")).unwrap();
+        match parse_task(&objs[0]).unwrap() {
+            TaskState::Running { progress } => assert_eq!(progress, Some(42)),
             other => panic!("{other:?}"),
         }
         let objs = parse_object_contents(&response("task_success.xml")).unwrap();
