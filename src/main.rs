@@ -9,6 +9,17 @@ use vmdk_plugin::config::{self, ServeConfig};
 #[derive(Debug, Parser)]
 #[command(name = "vmdk-plugin", version, about)]
 struct Cli {
+    /// Where logs go: auto (the systemd journal when systemd started the
+    /// plugin, else text on stderr), text, json (one object per line on
+    /// stderr) or journald. The filter is VMDK_LOG (default info).
+    #[arg(
+        long,
+        global = true,
+        env = "VMDK_LOG_FORMAT",
+        default_value = "auto",
+        value_name = "FORMAT"
+    )]
+    log_format: vmdk_common::logging::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -65,6 +76,11 @@ enum Command {
         /// header-timeout=10s,body-timeout=10s,send-timeout=30s,max-connections=256,max-requests=64,max-body-bytes=65536.
         #[arg(long, env = "VMDK_SERVE_LIMITS", value_name = "KEY=VALUE,...")]
         limits: Option<vmdk_common::server::ServeLimits>,
+        /// Local HTTP listener for /healthz, /readyz and /metrics
+        /// (Prometheus), apart from the plugin socket; "off" disables it.
+        /// Port 0 picks a free port, logged at start.
+        #[arg(long, env = "VMDK_ADMIN_LISTEN", default_value = vmdk_common::admin::PLUGIN_ADMIN_DEFAULT, value_name = "ADDR|off")]
+        admin_listen: vmdk_common::admin::AdminListen,
     },
     /// Show what the plugin on this VM holds (volumes, devices, Docker
     /// mount IDs), checked against the live mounts. Changes nothing.
@@ -105,11 +121,12 @@ async fn shutdown_signal() {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("VMDK_LOG").unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    vmdk_common::logging::init(&vmdk_common::logging::LogOptions {
+        format: cli.log_format,
+        default_filter: "info".into(),
+        command: !matches!(cli.command, Command::Serve { .. }),
+        identifier: "vmdk-plugin",
+    });
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -133,6 +150,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             reconcile_interval,
             detach_grace,
             limits,
+            admin_listen,
         } => {
             // An empty value (an unset setting of the managed plugin, an
             // empty line in an environment file) means "not given".
@@ -163,6 +181,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 reconcile_interval,
                 detach_grace,
                 limits: limits.unwrap_or_default(),
+                admin_listen,
             };
             match vmdk_common::server::raise_fd_limit() {
                 Ok((before, after)) if after > before => {
