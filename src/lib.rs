@@ -11,6 +11,7 @@ pub mod admin_http;
 pub mod agent_client;
 pub mod config;
 pub mod docker_api;
+pub mod doctor;
 pub mod http1;
 pub mod locate;
 pub mod obs;
