@@ -101,7 +101,10 @@ pub fn render(checks: &[Check]) -> String {
             Status::Warn => "WARN",
             Status::Fail => "FAIL",
         };
-        s.push_str(&format!("{tag}  {}: {}\n", c.name, c.detail));
+        // A multi-line detail (a TOML error with its caret) stays
+        // indented under its check.
+        let detail = c.detail.trim_end().replace('\n', "\n      ");
+        s.push_str(&format!("{tag}  {}: {detail}\n", c.name));
         if let Some(fix) = &c.fix {
             s.push_str(&format!("      fix: {fix}\n"));
         }
