@@ -283,3 +283,66 @@ async fn a_taken_admin_port_is_a_warning_and_the_plugin_serves() {
     assert!(warning.contains("--admin-listen"), "{warning}");
     drop(taken);
 }
+
+/// Under systemd (`JOURNAL_STREAM` names the daemon's stderr) the plugin
+/// logs to the journal: with a journal socket nothing more reaches stderr;
+/// without one it says so on stderr and logs there. A `JOURNAL_STREAM`
+/// that names another file is not systemd's: text on stderr, no attempt.
+#[test]
+fn journal_stream_on_stderr_selects_the_journal() {
+    let journal_socket = Path::new("/run/systemd/journal/socket").exists();
+    let run = |matching: bool| -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let (rd, wr) = nix::unistd::pipe().unwrap();
+        let st = nix::sys::stat::fstat(&wr).unwrap();
+        let stream = if matching {
+            format!("{}:{}", st.st_dev, st.st_ino)
+        } else {
+            format!("{}:{}", st.st_dev, st.st_ino + 1)
+        };
+        // `serve` with its socket below a regular file logs its start, then
+        // fails to bind and exits.
+        let blocker = dir.path().join("file");
+        std::fs::write(&blocker, "").unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_vmdk-plugin"))
+            .args(["serve", "--admin-listen", "off", "--vm-id", "j-vm"])
+            .arg("--socket")
+            .arg(blocker.join("vmdk.sock"))
+            .arg("--datastore")
+            .arg(format!("local={}", dir.path().join("ds").display()))
+            .arg("--mount-root")
+            .arg(dir.path().join("mnt"))
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .env("JOURNAL_STREAM", stream)
+            .env_remove("INVOCATION_ID")
+            .env_remove("VMDK_LOG_FORMAT")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(wr))
+            .spawn()
+            .unwrap();
+        let mut text = String::new();
+        std::fs::File::from(rd).read_to_string(&mut text).unwrap();
+        child.wait().unwrap();
+        text
+    };
+    let other = run(false);
+    assert!(
+        other.contains("INFO") && other.contains("embedded agent configuration"),
+        "{other}"
+    );
+    assert!(!other.contains("systemd journal"), "{other}");
+    let journal = run(true);
+    if journal_socket {
+        assert!(
+            !journal.contains("embedded agent configuration"),
+            "logged to stderr, not the journal: {journal}"
+        );
+    } else {
+        assert!(
+            journal.contains("cannot connect to the systemd journal; logging to stderr instead")
+                && journal.contains("embedded agent configuration"),
+            "{journal}"
+        );
+    }
+}
