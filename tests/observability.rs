@@ -119,19 +119,15 @@ async fn call(sock: &Path, endpoint: &str, body: Value) -> Value {
     v
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn metrics_health_and_logs_follow_the_docker_calls() {
-    require_root();
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().to_owned();
-    let _cleanup = KernelCleanup(root.clone());
-    let sock = root.join("vmdk-obs.sock");
-    let mut plugin = Daemon::spawn(
+/// `vmdk-plugin serve` in `root` (embedded agent, no Docker), JSON logs,
+/// admin listener on a free port.
+fn start_plugin(root: &Path, sock: &Path) -> Daemon {
+    Daemon::spawn(
         Command::new(env!("CARGO_BIN_EXE_vmdk-plugin"))
             .args(["--log-format", "json", "serve", "--admin-listen", "127.0.0.1:0"])
             .args(["--vm-id", "obs-vm", "--reconcile-interval", "0"])
             .arg("--socket")
-            .arg(&sock)
+            .arg(sock)
             .arg("--datastore")
             .arg(format!("local={}", root.join("ds").display()))
             .arg("--mount-root")
@@ -143,7 +139,17 @@ async fn metrics_health_and_logs_follow_the_docker_calls() {
             .env_remove("VMDK_LOG")
             .env_remove("JOURNAL_STREAM")
             .env_remove("INVOCATION_ID"),
-    );
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_health_and_logs_follow_the_docker_calls() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_owned();
+    let _cleanup = KernelCleanup(root.clone());
+    let sock = root.join("vmdk-obs.sock");
+    let mut plugin = start_plugin(&root, &sock);
     let admin = plugin.admin_addr();
     assert_eq!(http_get(&admin, "/healthz"), (200, "ok\n".to_owned()));
     wait_for("/readyz to answer 200", 60, || {
@@ -345,4 +351,59 @@ fn journal_stream_on_stderr_selects_the_journal() {
             "{journal}"
         );
     }
+}
+
+/// After a crash (SIGKILL while a volume was mounted) and the volume
+/// unmounted behind the plugin's back, start-up recovery repairs the state,
+/// and `vmdk_plugin_reconcile_actions_total` counts what it did.
+#[tokio::test(flavor = "multi_thread")]
+async fn recovery_actions_are_counted() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_owned();
+    let _cleanup = KernelCleanup(root.clone());
+    let sock = root.join("vmdk-obs3.sock");
+    let mut plugin = start_plugin(&root, &sock);
+    let admin = plugin.admin_addr();
+    wait_for("/readyz to answer 200", 60, || {
+        (http_get(&admin, "/readyz").0 == 200).then_some(())
+    });
+    call(
+        &sock,
+        "VolumeDriver.Create",
+        serde_json::json!({"Name": "crashvol", "Opts": {"size": "20mb"}}),
+    )
+    .await;
+    call(
+        &sock,
+        "VolumeDriver.Mount",
+        serde_json::json!({"Name": "crashvol", "ID": "m1"}),
+    )
+    .await;
+    plugin.child.kill().unwrap();
+    plugin.child.wait().unwrap();
+    use vmdk_plugin::sys::System;
+    let mounted: Vec<_> = vmdk_plugin::sys::LinuxSystem
+        .mounts()
+        .unwrap()
+        .into_iter()
+        .filter(|m| m.target.starts_with(&root))
+        .collect();
+    assert_eq!(mounted.len(), 1, "{mounted:?}");
+    nix::mount::umount2(&mounted[0].target, nix::mount::MntFlags::empty()).unwrap();
+
+    let mut plugin = start_plugin(&root, &sock);
+    let admin = plugin.admin_addr();
+    wait_for("/readyz to answer 200 after recovery", 60, || {
+        (http_get(&admin, "/readyz").0 == 200).then_some(())
+    });
+    let m = http_get(&admin, "/metrics").1;
+    let action = |a: &str| sample(&m, &format!("vmdk_plugin_reconcile_actions_total{{action=\"{a}\"}}"));
+    assert_eq!(action("drop_record"), 1.0, "{m}");
+    assert_eq!(action("detach_stray"), 1.0, "{m}");
+    assert_eq!(action("remove_dir"), 1.0, "{m}");
+    assert_eq!(action("adopt"), 0.0, "{m}");
+    assert_eq!(sample(&m, "vmdk_plugin_active_mounts"), 0.0, "{m}");
+    assert_eq!(sample(&m, "vmdk_volumes{state=\"attached\"}"), 0.0, "{m}");
+    call(&sock, "VolumeDriver.Remove", serde_json::json!({"Name": "crashvol"})).await;
 }
