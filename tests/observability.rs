@@ -218,6 +218,17 @@ async fn metrics_health_and_logs_follow_the_docker_calls() {
     let attach = "vmdk_agent_operation_duration_seconds_count{op=\"attach\",result=\"ok\"}";
     assert_eq!(sample(&after, attach), sample(&before, attach) + 1.0, "{after}");
 
+    // The Remove's audit line was written before its answer, but the
+    // thread collecting stderr may not have read it yet.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !plugin
+        .log()
+        .iter()
+        .any(|l| l.contains("\"audit\"") && l.contains("VolumeDriver.Remove"))
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     // The logs: JSON lines; the Mount's lines carry the span's volume,
     // operation and mount ID; each mutating call has its audit line; the
     // Get before Create is no refusal or warning.

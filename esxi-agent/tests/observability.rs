@@ -145,6 +145,16 @@ fn the_agent_admin_listener_shows_its_operations() {
     let removed = http_get(&admin, "/metrics").1;
     assert_eq!(sample(&removed, detached), sample(&before, detached), "{removed}");
 
+    // The remove's audit line was written before its answer, but the
+    // thread collecting stderr may not have read it yet.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !log()
+        .iter()
+        .any(|l| l.contains("\"audit\"") && l.contains("\"remove\""))
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let log: Vec<Value> = log().iter().filter_map(|l| serde_json::from_str(l).ok()).collect();
     let all = || log.iter().map(|v| v.to_string()).collect::<Vec<_>>().join("\n");
     for op in ["create", "remove"] {
