@@ -79,7 +79,7 @@ enum Command {
         /// Local HTTP listener for /healthz, /readyz and /metrics
         /// (Prometheus), apart from the plugin socket; "off" disables it.
         /// Port 0 picks a free port, logged at start.
-        #[arg(long, env = "VMDK_ADMIN_LISTEN", default_value = vmdk_common::admin::PLUGIN_ADMIN_DEFAULT, value_name = "ADDR|off")]
+        #[arg(long, env = "VMDK_ADMIN_LISTEN", default_value = vmdk_common::admin::PLUGIN_ADMIN_DEFAULT, value_name = "ADDR|off", value_parser = |v: &str| vmdk_common::admin::AdminListen::parse_or(v, vmdk_common::admin::PLUGIN_ADMIN_DEFAULT))]
         admin_listen: vmdk_common::admin::AdminListen,
     },
     /// Check what the plugin needs on this VM (socket directory, mount

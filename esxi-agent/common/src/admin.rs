@@ -33,6 +33,18 @@ pub enum AdminListen {
     At(SocketAddr),
 }
 
+impl AdminListen {
+    /// Parses a flag value; empty (an unset setting in an environment file
+    /// or a managed plugin's settings) means `default`.
+    pub fn parse_or(value: &str, default: &str) -> Result<Self, AdminListenError> {
+        if value.trim().is_empty() {
+            default.parse()
+        } else {
+            value.parse()
+        }
+    }
+}
+
 /// An `--admin-listen` value that is neither `off` nor an address.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid admin address {0:?}; expected IP:PORT such as 127.0.0.1:9581, or off")]
@@ -228,6 +240,10 @@ mod tests {
         assert_eq!("off".parse::<AdminListen>().unwrap(), AdminListen::Off);
         assert_eq!(
             "127.0.0.1:9581".parse::<AdminListen>().unwrap(),
+            AdminListen::At("127.0.0.1:9581".parse().unwrap())
+        );
+        assert_eq!(
+            AdminListen::parse_or(" ", PLUGIN_ADMIN_DEFAULT).unwrap(),
             AdminListen::At("127.0.0.1:9581".parse().unwrap())
         );
         let e = "localhost".parse::<AdminListen>().unwrap_err().to_string();
