@@ -60,6 +60,19 @@ impl AgentClient {
         AgentCallError::Api(e.to_body())
     }
 
+    /// An embedded agent's operation, timed for
+    /// `vmdk_agent_operation_duration_seconds` (a separate agent times its
+    /// own).
+    async fn timed<T>(
+        op: &'static str,
+        f: impl std::future::Future<Output = Result<T, vmdk_agent::AgentError>>,
+    ) -> Result<T, AgentCallError> {
+        let start = std::time::Instant::now();
+        let r = f.await;
+        vmdk_common::metrics::agent_operation(op, r.is_ok(), start.elapsed().as_secs_f64());
+        r.map_err(Self::api)
+    }
+
     async fn call<T: DeserializeOwned>(
         ep: &Endpoint,
         method: Method,
@@ -106,7 +119,7 @@ impl AgentClient {
     /// `GET /v1/volumes`.
     pub async fn list(&self, vm: &str) -> Result<Vec<VolumeInfo>, AgentCallError> {
         match self {
-            Self::Embedded(s) => s.list(&Self::caller(vm)?).await.map_err(Self::api),
+            Self::Embedded(s) => Self::timed("list", s.list(&Self::caller(vm)?)).await,
             Self::Http(ep) => Self::must(
                 Self::call::<VolumeList>(ep, Method::GET, paths::PATH_VOLUMES, vm, None, QUERY_TIMEOUT).await?,
                 "list",
@@ -118,7 +131,7 @@ impl AgentClient {
     /// `GET /v1/volumes/{name}`.
     pub async fn get(&self, vm: &str, name: &str) -> Result<VolumeInfo, AgentCallError> {
         match self {
-            Self::Embedded(s) => s.get(&Self::caller(vm)?, name).await.map_err(Self::api),
+            Self::Embedded(s) => Self::timed("get", s.get(&Self::caller(vm)?, name)).await,
             Self::Http(ep) => Self::must(
                 Self::call(ep, Method::GET, &paths::volume_path(name), vm, None, QUERY_TIMEOUT).await?,
                 "get",
@@ -129,7 +142,7 @@ impl AgentClient {
     /// `POST /v1/volumes`.
     pub async fn create(&self, vm: &str, req: CreateRequest) -> Result<VolumeInfo, AgentCallError> {
         match self {
-            Self::Embedded(s) => s.create(&Self::caller(vm)?, &req).await.map_err(Self::api),
+            Self::Embedded(s) => Self::timed("create", s.create(&Self::caller(vm)?, &req)).await,
             Self::Http(ep) => {
                 let body = serde_json::to_vec(&req).expect("request serializes");
                 Self::must(
@@ -143,7 +156,7 @@ impl AgentClient {
     /// `DELETE /v1/volumes/{name}`.
     pub async fn remove(&self, vm: &str, name: &str) -> Result<(), AgentCallError> {
         match self {
-            Self::Embedded(s) => s.remove(&Self::caller(vm)?, name).await.map_err(Self::api),
+            Self::Embedded(s) => Self::timed("remove", s.remove(&Self::caller(vm)?, name)).await,
             Self::Http(ep) => {
                 Self::call::<serde_json::Value>(ep, Method::DELETE, &paths::volume_path(name), vm, None, MUTATE_TIMEOUT)
                     .await
@@ -155,7 +168,7 @@ impl AgentClient {
     /// `POST /v1/volumes/{name}/attach`.
     pub async fn attach(&self, vm: &str, name: &str) -> Result<AttachInfo, AgentCallError> {
         match self {
-            Self::Embedded(s) => s.attach(&Self::caller(vm)?, name).await.map_err(Self::api),
+            Self::Embedded(s) => Self::timed("attach", s.attach(&Self::caller(vm)?, name)).await,
             Self::Http(ep) => Self::must(
                 Self::call(
                     ep,
@@ -174,7 +187,7 @@ impl AgentClient {
     /// `POST /v1/volumes/{name}/detach`.
     pub async fn detach(&self, vm: &str, name: &str) -> Result<(), AgentCallError> {
         match self {
-            Self::Embedded(s) => s.detach(&Self::caller(vm)?, name).await.map_err(Self::api),
+            Self::Embedded(s) => Self::timed("detach", s.detach(&Self::caller(vm)?, name)).await,
             Self::Http(ep) => Self::call::<serde_json::Value>(
                 ep,
                 Method::POST,
@@ -192,10 +205,7 @@ impl AgentClient {
     /// found) a filesystem of `fstype` on the attached disk.
     pub async fn mark_formatted(&self, vm: &str, name: &str, fstype: &str) -> Result<VolumeInfo, AgentCallError> {
         match self {
-            Self::Embedded(s) => s
-                .mark_formatted(&Self::caller(vm)?, name, fstype)
-                .await
-                .map_err(Self::api),
+            Self::Embedded(s) => Self::timed("formatted", s.mark_formatted(&Self::caller(vm)?, name, fstype)).await,
             Self::Http(ep) => {
                 let body = serde_json::to_vec(&FormattedRequest {
                     fstype: fstype.to_owned(),

@@ -86,6 +86,8 @@ pub struct ServeConfig {
     pub detach_grace: u64,
     /// Limits of the plugin socket (timeouts, connections, body size).
     pub limits: vmdk_common::server::ServeLimits,
+    /// The admin listener (`/healthz`, `/readyz`, `/metrics`), or off.
+    pub admin_listen: vmdk_common::admin::AdminListen,
 }
 
 #[cfg(test)]

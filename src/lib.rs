@@ -7,11 +7,14 @@
 //! with the live system after a restart. Kernel calls live in [`sys`].
 #![warn(missing_docs)]
 
+pub mod admin_http;
 pub mod agent_client;
 pub mod config;
 pub mod docker_api;
+pub mod doctor;
 pub mod http1;
 pub mod locate;
+pub mod obs;
 pub mod plugin;
 pub mod serve;
 pub mod state;

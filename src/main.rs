@@ -9,6 +9,17 @@ use vmdk_plugin::config::{self, ServeConfig};
 #[derive(Debug, Parser)]
 #[command(name = "vmdk-plugin", version, about)]
 struct Cli {
+    /// Where logs go: auto (the systemd journal when systemd started the
+    /// plugin, else text on stderr), text, json (one object per line on
+    /// stderr) or journald. The filter is VMDK_LOG (default info).
+    #[arg(
+        long,
+        global = true,
+        env = "VMDK_LOG_FORMAT",
+        default_value = "auto",
+        value_name = "FORMAT"
+    )]
+    log_format: vmdk_common::logging::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -65,7 +76,17 @@ enum Command {
         /// header-timeout=10s,body-timeout=10s,send-timeout=30s,max-connections=256,max-requests=64,max-body-bytes=65536.
         #[arg(long, env = "VMDK_SERVE_LIMITS", value_name = "KEY=VALUE,...")]
         limits: Option<vmdk_common::server::ServeLimits>,
+        /// Local HTTP listener for /healthz, /readyz and /metrics
+        /// (Prometheus), apart from the plugin socket; "off" disables it.
+        /// Port 0 picks a free port, logged at start.
+        #[arg(long, env = "VMDK_ADMIN_LISTEN", default_value = vmdk_common::admin::PLUGIN_ADMIN_DEFAULT, value_name = "ADDR|off", value_parser = |v: &str| vmdk_common::admin::AdminListen::parse_or(v, vmdk_common::admin::PLUGIN_ADMIN_DEFAULT))]
+        admin_listen: vmdk_common::admin::AdminListen,
     },
+    /// Check what the plugin needs on this VM (socket directory, mount
+    /// propagation, agent, mkfs tools, Docker API, configuration) and say
+    /// what to do about each problem. Changes nothing. Exit status 1 when
+    /// a check fails.
+    Doctor(DoctorArgs),
     /// Show what the plugin on this VM holds (volumes, devices, Docker
     /// mount IDs), checked against the live mounts. Changes nothing.
     Status {
@@ -82,6 +103,34 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
     },
+}
+
+#[derive(Debug, clap::Args)]
+struct DoctorArgs {
+    /// Plugin socket.
+    #[arg(long, default_value = config::DEFAULT_SOCKET, env = "VMDK_PLUGIN_SOCKET")]
+    socket: PathBuf,
+    /// Where volumes are mounted.
+    #[arg(long, default_value = config::DEFAULT_MOUNT_ROOT)]
+    mount_root: PathBuf,
+    /// The separate agent the plugin uses, if any (unix:///path or
+    /// http://host:port).
+    #[arg(long, env = "VMDK_AGENT_URL")]
+    agent: Option<String>,
+    /// The embedded agent's configuration file.
+    #[arg(long, env = "VMDK_AGENT_CONFIG", value_name = "FILE")]
+    agent_config: Option<PathBuf>,
+    /// The embedded agent's datastores, as given to `serve`.
+    #[arg(long = "datastore", value_name = "NAME=DIR[,vsan]")]
+    datastores: Vec<String>,
+    /// Docker API socket. Default: DOCKER_HOST when it is unix://PATH,
+    /// else /var/run/docker.sock.
+    #[arg(long)]
+    docker_socket: Option<PathBuf>,
+    /// Directories searched for mkfs.ext4, mkfs.xfs and blkid, ':'-separated
+    /// (the plugin's own search path by default).
+    #[arg(long, value_name = "DIR:DIR")]
+    tool_path: Option<String>,
 }
 
 /// How `status` prints.
@@ -105,11 +154,17 @@ async fn shutdown_signal() {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("VMDK_LOG").unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    vmdk_common::logging::init(&vmdk_common::logging::LogOptions {
+        format: cli.log_format,
+        default_filter: if matches!(cli.command, Command::Doctor(_)) {
+            "warn"
+        } else {
+            "info"
+        }
+        .into(),
+        command: !matches!(cli.command, Command::Serve { .. }),
+        identifier: "vmdk-plugin",
+    });
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -133,6 +188,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             reconcile_interval,
             detach_grace,
             limits,
+            admin_listen,
         } => {
             // An empty value (an unset setting of the managed plugin, an
             // empty line in an environment file) means "not given".
@@ -163,6 +219,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 reconcile_interval,
                 detach_grace,
                 limits: limits.unwrap_or_default(),
+                admin_listen,
             };
             match vmdk_common::server::raise_fd_limit() {
                 Ok((before, after)) if after > before => {
@@ -181,7 +238,39 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             state_dir,
             format,
         } => status(&socket, &mount_root, &state_dir, format),
+        Command::Doctor(args) => doctor(args),
     }
+}
+
+fn doctor(args: DoctorArgs) -> anyhow::Result<()> {
+    let given = |v: Option<String>| v.filter(|s| !s.trim().is_empty());
+    let docker_socket = args.docker_socket.unwrap_or_else(|| {
+        std::env::var("DOCKER_HOST")
+            .ok()
+            .and_then(|h| h.strip_prefix("unix://").map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from(vmdk_plugin::docker_api::DOCKER_SOCKET))
+    });
+    let tool_path = match args.tool_path {
+        Some(p) => std::env::split_paths(&p).collect(),
+        None => vmdk_plugin::sys::SEARCH_PATH.iter().map(PathBuf::from).collect(),
+    };
+    let cfg = vmdk_plugin::doctor::DoctorConfig {
+        socket: args.socket,
+        mount_root: args.mount_root,
+        agent: given(args.agent),
+        agent_config: args.agent_config.filter(|p| !p.as_os_str().is_empty()),
+        datastores: args.datastores,
+        docker_socket,
+        tool_path,
+        default_config: PathBuf::from(vmdk_agent::config::DEFAULT_CONFIG),
+    };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let checks = rt.block_on(vmdk_plugin::doctor::run(&cfg));
+    emit(&vmdk_plugin::doctor::render(&checks))?;
+    if checks.iter().any(|c| c.status == vmdk_plugin::doctor::Status::Fail) {
+        std::process::exit(1);
+    }
+    Ok(())
 }
 
 /// Writes `text` to stdout. A reader that went away (`status | head`)

@@ -88,6 +88,7 @@ pub fn decode_request(body: &[u8]) -> Result<DockerRequest, String> {
 /// arrive with its body already consumed.
 fn decode(method: &str, body: &Bytes, needs_name: bool) -> Result<DockerRequest, Response> {
     let req = decode_request(body).map_err(|e| err(method, format!("malformed request body for {method}: {e}")))?;
+    vmdk_common::logging::record_request(&req.name, &req.id);
     if needs_name && req.name.is_empty() {
         return Err(err(
             method,
@@ -114,7 +115,9 @@ async fn create(State(m): Mgr, body: Bytes) -> Response {
         Err(e) => return e,
     };
     tracing::info!(volume = %req.name, opts = ?req.opts, "{M}");
-    match m.create(&req.name, req.opts.unwrap_or_default()).await {
+    let res = m.create(&req.name, req.opts.unwrap_or_default()).await;
+    crate::obs::audit(M, &req.name, &res);
+    match res {
         Ok(()) => ok(json!({"Err": ""})),
         Err(e) => err(M, crate::error_chain(&e)),
     }
@@ -127,7 +130,9 @@ async fn remove(State(m): Mgr, body: Bytes) -> Response {
         Err(e) => return e,
     };
     tracing::info!(volume = %req.name, "{M}");
-    match m.remove(&req.name).await {
+    let res = m.remove(&req.name).await;
+    crate::obs::audit(M, &req.name, &res);
+    match res {
         Ok(()) => ok(json!({"Err": ""})),
         Err(e) => err(M, crate::error_chain(&e)),
     }
@@ -143,7 +148,9 @@ async fn mount(State(m): Mgr, body: Bytes) -> Response {
         return err(M, "VolumeDriver.Mount request has no \"ID\"".into());
     }
     tracing::info!(volume = %req.name, id = %req.id, "{M}");
-    match m.mount(&req.name, &req.id).await {
+    let res = m.mount(&req.name, &req.id).await;
+    crate::obs::audit(M, &req.name, &res);
+    match res {
         Ok(mp) => ok(json!({"Mountpoint": mp, "Err": ""})),
         Err(e) => err(M, crate::error_chain(&e)),
     }
@@ -156,7 +163,9 @@ async fn unmount(State(m): Mgr, body: Bytes) -> Response {
         Err(e) => return e,
     };
     tracing::info!(volume = %req.name, id = %req.id, "{M}");
-    match m.unmount(&req.name, &req.id).await {
+    let res = m.unmount(&req.name, &req.id).await;
+    crate::obs::audit(M, &req.name, &res);
+    match res {
         Ok(()) => ok(json!({"Err": ""})),
         Err(e) => err(M, crate::error_chain(&e)),
     }
@@ -291,6 +300,7 @@ pub fn router(manager: Arc<VolumeManager>) -> Router {
         .route(vmdk_protocol::PATH_VERSION, axum::routing::get(agent_version))
         .fallback(unknown)
         .with_state(manager)
+        .layer(axum::middleware::from_fn(crate::obs::track))
 }
 
 #[cfg(test)]

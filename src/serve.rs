@@ -117,6 +117,8 @@ pub async fn run_with(
         path: format!("{} and {}", cfg.mount_root.display(), cfg.state_dir.display()),
         source,
     })?;
+    let readiness = vmdk_common::admin::Readiness::new("the plugin socket is not bound yet");
+    let _admin = crate::admin_http::start(cfg.admin_listen, manager.clone(), readiness.clone()).await;
     let listener = vmdk_common::server::bind_unix(&cfg.socket, 0o660)
         .await
         .map_err(|source| ServeError::Io {
@@ -127,9 +129,11 @@ pub async fn run_with(
     tracing::info!(socket = %cfg.socket.display(), vm = %cfg.vm_id, "vmdk plugin listening");
     let m = manager.clone();
     let interval = cfg.reconcile_interval;
+    readiness.set_not_ready("start-up recovery is running");
     let recovery = manager.spawn_recovery().await;
     let background = tokio::spawn(async move {
         let _ = recovery.await;
+        readiness.set_ready();
         if interval == 0 {
             return;
         }

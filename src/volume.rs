@@ -284,6 +284,11 @@ fn now_secs() -> u64 {
 }
 
 impl VolumeManager {
+    /// The agent this manager talks to.
+    pub fn agent(&self) -> &AgentClient {
+        &self.agent
+    }
+
     /// The agent running in this process, if it is embedded.
     pub fn embedded_agent(&self) -> Option<&Arc<vmdk_agent::VolumeService>> {
         match &self.agent {
@@ -1012,6 +1017,7 @@ impl VolumeManager {
             Ok(_) => true,
             Err(e) => {
                 tracing::error!(name = ?name, error = %e, "dropping a state record with an invalid volume name");
+                crate::obs::reconcile_action("drop_record");
                 false
             }
         });
@@ -1023,6 +1029,7 @@ impl VolumeManager {
             }
             state.mounts.entry(name.clone()).or_insert_with(|| {
                 tracing::warn!(volume = %name, "found mounted without state; adopting");
+                crate::obs::reconcile_action("adopt");
                 MountRecord {
                     ids: BTreeMap::new(),
                     nested: BTreeMap::new(),
@@ -1090,6 +1097,7 @@ impl VolumeManager {
             .collect();
         for name in gone {
             tracing::warn!(volume = %name, "recorded as mounted, but nothing is mounted at its mount directory (VM rebooted, or the plugin was killed during an Unmount); dropping the record");
+            crate::obs::reconcile_action("drop_record");
             if let Err(e) = self.update(&name, |s| {
                 s.mounts.remove(&name);
             }) {
@@ -1148,12 +1156,14 @@ impl VolumeManager {
             match res {
                 Ok(Some((0, _))) => {
                     tracing::info!(volume = %full, "no running container uses it; releasing");
+                    crate::obs::reconcile_action("release");
                     if let Err(e) = self.deactivate(&full).await {
                         tracing::error!(volume = %full, error = %crate::error_chain(&e), "release failed");
                     }
                 }
                 Ok(Some((_, rec))) if !is_mounted => {
                     tracing::warn!(volume = %full, "in use but not mounted (VM rebooted?); mounting again");
+                    crate::obs::reconcile_action("remount");
                     if let Err(e) = self.remount(&full, rec).await {
                         tracing::error!(volume = %full, error = %crate::error_chain(&e), "recovery mount failed");
                     }
@@ -1204,6 +1214,7 @@ impl VolumeManager {
                 continue;
             }
             tracing::warn!(volume = %v.name, "attached to this VM but not mounted; detaching");
+            crate::obs::reconcile_action("detach_stray");
             if let Err(e) = self.agent.detach(&self.cfg.vm_id, &v.name).await {
                 tracing::error!(volume = %v.name, error = %e, "detach of stray attachment failed");
             }
@@ -1221,6 +1232,7 @@ impl VolumeManager {
                 // remove_dir refuses non-empty directories: only leftovers go.
                 if std::fs::remove_dir(e.path()).is_ok() {
                     tracing::info!(dir = %e.path().display(), "removed leftover mount directory");
+                    crate::obs::reconcile_action("remove_dir");
                 }
             }
         }

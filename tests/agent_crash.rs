@@ -58,7 +58,14 @@ impl Drop for Agent {
 
 async fn start_agent(ds: &Path, sock: &Path) -> (Agent, AgentClient) {
     let child = Command::new(agent_bin())
-        .args(["--datastore", &format!("local={}", ds.display()), "serve", "--socket"])
+        .args([
+            "--datastore",
+            &format!("local={}", ds.display()),
+            "serve",
+            "--admin-listen",
+            "off",
+            "--socket",
+        ])
         .arg(sock)
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -36,7 +36,7 @@ impl Drop for Served {
 fn serve(dir: &Path, args: &[String]) -> Served {
     let socket = dir.join("plugin.sock");
     let child = Command::new(PLUGIN)
-        .arg("serve")
+        .args(["serve", "--admin-listen", "off"])
         .arg("--socket")
         .arg(&socket)
         .args(["--vm-id", "vm-1", "--reconcile-interval", "0"])

@@ -152,6 +152,8 @@ async fn start_plugin(d: &Dirs) -> Daemons {
                 "--datastore",
                 &format!("local={}", d.ds().display()),
                 "serve",
+                "--admin-listen",
+                "off",
                 "--socket",
             ])
             .arg(d.agent_sock())
@@ -169,7 +171,9 @@ async fn start_plugin(d: &Dirs) -> Daemons {
         }
     }
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmdk-plugin"));
-    cmd.arg("serve").arg("--socket").arg(d.sock());
+    cmd.args(["serve", "--admin-listen", "off"])
+        .arg("--socket")
+        .arg(d.sock());
     if d.remote {
         cmd.arg("--agent").arg(format!("unix://{}", d.agent_sock().display()));
     } else {

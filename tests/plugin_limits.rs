@@ -162,6 +162,8 @@ async fn start_plugin() -> Plugin {
             "sh",
             env!("CARGO_BIN_EXE_vmdk-plugin"),
             "serve",
+            "--admin-listen",
+            "off",
         ])
         .arg("--socket")
         .arg(&sock)

@@ -405,6 +405,7 @@ async fn a_remote_agent_over_http_behaves_like_the_embedded_one() {
             socket: sock.clone(),
             tcp: None,
             limits: Default::default(),
+            admin: vmdk_common::admin::AdminListen::Off,
         },
         async move {
             let _ = rx.await;
@@ -561,6 +562,7 @@ async fn the_served_socket_answers_dockers_exact_bytes_on_one_connection() {
         reconcile_interval: 0,
         detach_grace: 0,
         limits: Default::default(),
+        admin_listen: vmdk_common::admin::AdminListen::Off,
     };
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(vmdk_plugin::serve::run_with(

@@ -51,6 +51,10 @@ impl IntoResponse for ApiError {
         let status = status_of(self.0.code);
         if status.is_server_error() {
             tracing::error!(code = %self.0.code, message = %self.0.message, "request failed");
+        } else if self.0.code == ErrorCode::NotFound {
+            // Docker looks up every volume before creating it: "no such
+            // volume" is the expected answer there, not a refusal.
+            tracing::debug!(code = %self.0.code, message = %self.0.message, "not found");
         } else {
             tracing::info!(code = %self.0.code, message = %self.0.message, "request refused");
         }
@@ -115,26 +119,38 @@ async fn list(State(svc): Svc, headers: HeaderMap) -> ApiResult<impl IntoRespons
 
 async fn create(State(svc): Svc, caller: Caller, body: Bytes) -> ApiResult<impl IntoResponse> {
     let req: CreateRequest = json_body(&body)?;
-    let info = svc.create(&caller, &req).await?;
-    Ok((StatusCode::CREATED, Json(info)))
+    vmdk_common::logging::record_request(&req.name, "");
+    let res = svc.create(&caller, &req).await;
+    crate::obs::audit(&caller, "create", &req.name, &res);
+    Ok((StatusCode::CREATED, Json(res?)))
 }
 
 async fn get_one(State(svc): Svc, headers: HeaderMap, Path(name): Path<String>) -> ApiResult<impl IntoResponse> {
+    vmdk_common::logging::record_request(&name, "");
     let caller = reader(&headers)?;
     Ok(Json(svc.get(&caller, &name).await?))
 }
 
 async fn remove(State(svc): Svc, caller: Caller, Path(name): Path<String>) -> ApiResult<impl IntoResponse> {
-    svc.remove(&caller, &name).await?;
+    vmdk_common::logging::record_request(&name, "");
+    let res = svc.remove(&caller, &name).await;
+    crate::obs::audit(&caller, "remove", &name, &res);
+    res?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 async fn attach(State(svc): Svc, caller: Caller, Path(name): Path<String>) -> ApiResult<impl IntoResponse> {
-    Ok(Json(svc.attach(&caller, &name).await?))
+    vmdk_common::logging::record_request(&name, "");
+    let res = svc.attach(&caller, &name).await;
+    crate::obs::audit(&caller, "attach", &name, &res);
+    Ok(Json(res?))
 }
 
 async fn detach(State(svc): Svc, caller: Caller, Path(name): Path<String>) -> ApiResult<impl IntoResponse> {
-    svc.detach(&caller, &name).await?;
+    vmdk_common::logging::record_request(&name, "");
+    let res = svc.detach(&caller, &name).await;
+    crate::obs::audit(&caller, "detach", &name, &res);
+    res?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -144,8 +160,11 @@ async fn formatted(
     Path(name): Path<String>,
     body: Bytes,
 ) -> ApiResult<impl IntoResponse> {
+    vmdk_common::logging::record_request(&name, "");
     let req: FormattedRequest = json_body(&body)?;
-    Ok(Json(svc.mark_formatted(&caller, &name, &req.fstype).await?))
+    let res = svc.mark_formatted(&caller, &name, &req.fstype).await;
+    crate::obs::audit(&caller, "formatted", &name, &res);
+    Ok(Json(res?))
 }
 
 async fn no_route() -> ApiError {
@@ -166,4 +185,5 @@ pub fn router(svc: Arc<VolumeService>) -> Router {
         .route("/v1/volumes/{name}/formatted", post(formatted))
         .fallback(no_route)
         .with_state(svc)
+        .layer(axum::middleware::from_fn(crate::obs::track))
 }

@@ -24,6 +24,7 @@ pub mod error;
 pub mod fsutil;
 pub mod lock;
 pub mod meta;
+pub mod obs;
 pub mod policy;
 pub mod progress;
 pub mod server;

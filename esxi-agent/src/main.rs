@@ -44,6 +44,17 @@ struct Cli {
     /// repeatable. Added after those in --config.
     #[arg(long = "datastore", value_name = "NAME=DIR[,vsan]", global = true)]
     datastores: Vec<String>,
+    /// Where logs go: auto (the systemd journal when systemd started the
+    /// agent, else text on stderr), text, json (one object per line on
+    /// stderr) or journald. The filter is VMDK_LOG.
+    #[arg(
+        long,
+        global = true,
+        env = "VMDK_LOG_FORMAT",
+        default_value = "auto",
+        value_name = "FORMAT"
+    )]
+    log_format: vmdk_common::logging::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -66,6 +77,11 @@ enum Command {
         /// header-timeout=10s,body-timeout=10s,send-timeout=30s,max-connections=256,max-requests=64,max-body-bytes=65536.
         #[arg(long, env = "VMDK_SERVE_LIMITS", value_name = "KEY=VALUE,...")]
         limits: Option<ServeLimits>,
+        /// Local HTTP listener for /healthz, /readyz and /metrics
+        /// (Prometheus), apart from the API sockets; "off" disables it.
+        /// Port 0 picks a free port, logged at start.
+        #[arg(long, env = "VMDK_ADMIN_LISTEN", default_value = vmdk_common::admin::AGENT_ADMIN_DEFAULT, value_name = "ADDR|off", value_parser = |v: &str| vmdk_common::admin::AdminListen::parse_or(v, vmdk_common::admin::AGENT_ADMIN_DEFAULT))]
+        admin_listen: vmdk_common::admin::AdminListen,
     },
     /// List volumes on every configured datastore.
     Ls(LsArgs),
@@ -201,18 +217,12 @@ fn main() -> ExitCode {
     // The service logs at info; admin commands print their own results and
     // log only warnings, so their output stays clean.
     let serving = matches!(cli.command, Command::Serve { .. });
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("VMDK_LOG")
-                .unwrap_or_else(|_| if serving { "info" } else { "warn" }.into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    if serving {
-        logs.init();
-    } else {
-        logs.without_time().with_target(false).init();
-    }
+    vmdk_common::logging::init(&vmdk_common::logging::LogOptions {
+        format: cli.log_format,
+        default_filter: if serving { "info" } else { "warn" }.into(),
+        command: !serving,
+        identifier: "vmdk-agent",
+    });
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -233,7 +243,12 @@ fn admin_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn run(cli: Cli) -> anyhow::Result<()> {
     let cfg = || load_config(cli.config.as_ref(), &cli.datastores, None).map(|(c, _)| c);
     match cli.command {
-        Command::Serve { socket, tcp, limits } => {
+        Command::Serve {
+            socket,
+            tcp,
+            limits,
+            admin_listen,
+        } => {
             let (cfg, source) = load_config(cli.config.as_ref(), &cli.datastores, tcp)?;
             tracing::info!(config = %source, "configuration");
             let rt = tokio::runtime::Runtime::new().context("start runtime")?;
@@ -251,6 +266,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET)),
                 tcp: cfg.tcp,
                 limits: limits.unwrap_or_default(),
+                admin: admin_listen,
             };
             rt.block_on(serve(svc, listeners, shutdown_signal()))
                 .context("serve agent API")
@@ -290,11 +306,9 @@ fn print_out(text: &str) -> anyhow::Result<()> {
 async fn set(svc: &VolumeService, args: &SetArgs) -> anyhow::Result<()> {
     let failed = || format!("Failed to update {} for {}", args.options, args.volume);
     let opts = admin::parse_options_arg(&args.options).with_context(failed)?;
-    let info = svc
-        .set_options(&args.volume, &opts)
-        .await
-        .map_err(chain)
-        .with_context(failed)?;
+    let res = svc.set_options(&args.volume, &opts).await;
+    vmdk_agent::obs::audit(&vmdk_agent::service::Caller::Admin, "set", &args.volume, &res);
+    let info = res.map_err(chain).with_context(failed)?;
     println!("Successfully updated settings for {}", info.name);
     Ok(())
 }
@@ -313,16 +327,22 @@ fn warn_unknown(expr: &PolicyExpr) {
 async fn policy(svc: &VolumeService, cmd: PolicyCommand) -> anyhow::Result<()> {
     match cmd {
         PolicyCommand::Create { name, content } => {
-            let expr = svc.policy_create(&name, &content).await.map_err(chain)?;
+            let res = svc.policy_create(&name, &content).await;
+            vmdk_agent::obs::audit(&vmdk_agent::service::Caller::Admin, "policy create", &name, &res);
+            let expr = res.map_err(chain)?;
             warn_unknown(&expr);
             println!("Successfully created policy: {name}");
         }
         PolicyCommand::Rm { name } => {
-            svc.policy_remove(&name).await.map_err(chain)?;
+            let res = svc.policy_remove(&name).await;
+            vmdk_agent::obs::audit(&vmdk_agent::service::Caller::Admin, "policy rm", &name, &res);
+            res.map_err(chain)?;
             println!("Successfully removed policy: {name}");
         }
         PolicyCommand::Update { name, content } => {
-            let (expr, report) = svc.policy_update(&name, &content).await.map_err(chain)?;
+            let res = svc.policy_update(&name, &content).await;
+            vmdk_agent::obs::audit(&vmdk_agent::service::Caller::Admin, "policy update", &name, &res);
+            let (expr, report) = res.map_err(chain)?;
             warn_unknown(&expr);
             let total = report.updated.len() + report.failed.len();
             let volumes = |n: usize| if n == 1 { "volume" } else { "volumes" };

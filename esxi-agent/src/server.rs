@@ -45,6 +45,8 @@ pub struct Listeners {
     /// Limits of each listener (`max_connections` is further lowered to
     /// fit the open-file limit).
     pub limits: ServeLimits,
+    /// The admin listener (`/healthz`, `/readyz`, `/metrics`), or off.
+    pub admin: vmdk_common::admin::AdminListen,
 }
 
 /// Serves the agent API until `shutdown` resolves: on the unix socket
@@ -60,6 +62,8 @@ pub async fn serve(
         crate::config::check_tcp_address(addr, "--tcp")
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
     }
+    let readiness = vmdk_common::admin::Readiness::new("start-up recovery is running");
+    let _admin = crate::obs::start_admin(listeners.admin, svc.clone(), readiness.clone()).await;
     {
         // Each release is logged by the service.
         let svc = svc.clone();
@@ -70,6 +74,7 @@ pub async fn serve(
     let app = crate::api::router(svc.clone());
     let unix = bind_unix(&listeners.socket, 0o600).await?;
     tracing::info!(socket = %listeners.socket.display(), %limits, "agent API listening");
+    readiness.set_ready();
     let (tx, rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|v| *v).await;

@@ -721,7 +721,7 @@ async fn status_reports_service_datastores_and_policies() {
     );
 
     let child = env
-        .cmd(&["serve", "--socket", sock_s])
+        .cmd(&["serve", "--admin-listen", "off", "--socket", sock_s])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

@@ -196,7 +196,7 @@ async fn start_agent() -> Agent {
     let child = Command::new("sh")
         .args(["-c", "ulimit -n 1024 && exec \"$@\"", "sh", BIN, "--datastore"])
         .arg(format!("local={}", ds.display()))
-        .args(["serve", "--socket"])
+        .args(["serve", "--admin-listen", "off", "--socket"])
         .arg(&sock)
         .arg("--tcp")
         .arg(addr.to_string())
@@ -407,7 +407,7 @@ fn refused(args: &[&str], config: Option<&Path>) -> String {
         cmd.arg("--datastore").arg(format!("local={}", ds.display()));
     }
     let mut child = cmd
-        .args(["serve", "--socket"])
+        .args(["serve", "--admin-listen", "off", "--socket"])
         .arg(&sock)
         .args(args)
         .stdout(Stdio::null())

@@ -802,7 +802,7 @@ async fn api_unknown_vm_is_named_and_nothing_changes() {
 async fn missing_datastore_is_named_with_those_that_exist() {
     let env = Env::with_config(Model::Vpx, &[], "[[datastore]]\nname = \"nope\"\n");
     let socket = env.dir.path().join("agent.sock");
-    let out = env.agent(&["serve", "--socket", socket.to_str().unwrap()]);
+    let out = env.agent(&["serve", "--admin-listen", "off", "--socket", socket.to_str().unwrap()]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("\"nope\"") && err.contains(env.ds()), "{err}");

@@ -183,7 +183,8 @@ pub const VOLUME_MOUNT_FLAGS: MsFlags = MsFlags::MS_NOSUID.union(MsFlags::MS_NOD
 #[derive(Debug, Clone, Default)]
 pub struct LinuxSystem;
 
-const SEARCH_PATH: &[&str] = &["/usr/sbin", "/sbin", "/usr/bin", "/bin"];
+/// Where the plugin looks for mkfs and blkid (not `$PATH`).
+pub const SEARCH_PATH: &[&str] = &["/usr/sbin", "/sbin", "/usr/bin", "/bin"];
 
 fn find_program(name: &str) -> Option<PathBuf> {
     SEARCH_PATH.iter().map(|d| Path::new(d).join(name)).find(|p| p.exists())

@@ -626,7 +626,7 @@ impl Harness {
         assert!(self.agent.is_none(), "an agent is already running");
         let socket = self.dir.join(format!("{host}.sock"));
         let log = self.next_log(&format!("agent-{host}"));
-        let mut args = vec!["serve".to_owned()];
+        let mut args = vec!["serve".to_owned(), "--admin-listen".to_owned(), "off".to_owned()];
         args.extend(self.datastore_args());
         args.extend(["--socket".to_owned(), socket.display().to_string()]);
         let mut d = Daemon::spawn(
@@ -675,6 +675,8 @@ impl Harness {
         let log = self.next_log("plugin");
         let mut args = vec![
             "serve".to_owned(),
+            "--admin-listen".to_owned(),
+            "127.0.0.1:0".to_owned(),
             "--socket".to_owned(),
             socket.clone(),
             "--vm-id".to_owned(),

@@ -5,9 +5,14 @@
 //!   refuses what is not a regular file, bounds every read, creates
 //!   privately), and atomic writes of the daemons' own state files;
 //! * [`server`]: the bounded HTTP/1.1 server both daemons serve with;
+//! * [`logging`], [`metrics`] and [`admin`]: logs, metrics and the admin
+//!   listener (`/healthz`, `/readyz`, `/metrics`) of both daemons;
 //! * [`error_chain`] and [`table`]: how errors and tables are shown.
 #![warn(missing_docs)]
 
+pub mod admin;
+pub mod logging;
+pub mod metrics;
 pub mod server;
 pub mod store;
 pub mod table;
