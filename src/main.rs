@@ -104,12 +104,15 @@ async fn shutdown_signal() {
 }
 
 fn main() -> std::process::ExitCode {
+    // Before any thread starts: takes systemd's sockets, clears its variables.
+    let activation = vmdk_common::systemd::init_from_env();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("VMDK_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    vmdk_common::systemd::log_activation(&activation);
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -117,14 +117,16 @@ pub async fn run_with(
         path: format!("{} and {}", cfg.mount_root.display(), cfg.state_dir.display()),
         source,
     })?;
-    let listener = vmdk_common::server::bind_unix(&cfg.socket, 0o660)
+    // The socket systemd's vmdk-plugin.socket holds, else our own.
+    let listen = vmdk_common::systemd::listen_unix(&cfg.socket, 0o660)
         .await
         .map_err(|source| ServeError::Io {
             op: "bind plugin socket",
             path: cfg.socket.display().to_string(),
             source,
         })?;
-    tracing::info!(socket = %cfg.socket.display(), vm = %cfg.vm_id, "vmdk plugin listening");
+    let (listener, inherited) = (listen.listener, listen.inherited);
+    tracing::info!(socket = %cfg.socket.display(), vm = %cfg.vm_id, from_systemd = inherited, "vmdk plugin listening");
     let m = manager.clone();
     let interval = cfg.reconcile_interval;
     let recovery = manager.spawn_recovery().await;
@@ -142,6 +144,11 @@ pub async fn run_with(
         .limits
         .fit_fd_limit(vmdk_common::server::fd_limit().unwrap_or(1024), 1);
     tracing::info!(%limits, "plugin socket limits");
+    vmdk_common::systemd::notify_or_log("READY=1");
+    let shutdown = async move {
+        shutdown.await;
+        vmdk_common::systemd::notify_or_log("STOPPING=1");
+    };
     let res = vmdk_common::server::serve_bounded(
         listener.into(),
         crate::plugin::router(manager),
@@ -151,7 +158,10 @@ pub async fn run_with(
     )
     .await;
     background.abort();
-    let _ = std::fs::remove_file(&cfg.socket);
+    // A socket from systemd stays: clients queue on it until we are back.
+    if !inherited {
+        let _ = std::fs::remove_file(&cfg.socket);
+    }
     res.map_err(|source| ServeError::Io {
         op: "serve",
         path: cfg.socket.display().to_string(),

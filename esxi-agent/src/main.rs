@@ -197,6 +197,8 @@ async fn shutdown_signal() {
 }
 
 fn main() -> ExitCode {
+    // Before any thread starts: takes systemd's sockets, clears its variables.
+    let activation = vmdk_common::systemd::init_from_env();
     let cli = Cli::parse();
     // The service logs at info; admin commands print their own results and
     // log only warnings, so their output stays clean.
@@ -213,6 +215,7 @@ fn main() -> ExitCode {
     } else {
         logs.without_time().with_target(false).init();
     }
+    vmdk_common::systemd::log_activation(&activation);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

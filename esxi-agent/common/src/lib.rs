@@ -5,11 +5,13 @@
 //!   refuses what is not a regular file, bounds every read, creates
 //!   privately), and atomic writes of the daemons' own state files;
 //! * [`server`]: the bounded HTTP/1.1 server both daemons serve with;
+//! * [`systemd`]: socket activation and readiness notification;
 //! * [`error_chain`] and [`table`]: how errors and tables are shown.
 #![warn(missing_docs)]
 
 pub mod server;
 pub mod store;
+pub mod systemd;
 pub mod table;
 
 use std::error::Error as StdError;
