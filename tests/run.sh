@@ -18,8 +18,11 @@ need=()
 # golang-go and golang-github-vmware-govmomi-dev build the vSphere simulator
 # (tests/vcsim/build.sh) for the vSphere client's tests and
 # tests/vsphere_guest.rs, which also needs qemu-img (qemu-utils).
+# systemd (systemd-socket-activate, systemd-analyze), init-system-helpers
+# (deb-systemd-helper) and rpm serve the socket-activation and packaging
+# tests (tests/socket_activation.rs, tests/packaging.rs).
 for pkg in e2fsprogs xfsprogs util-linux busybox-static qemu-utils docker-compose docker-registry postgresql \
-    golang-go golang-github-vmware-govmomi-dev; do
+    golang-go golang-github-vmware-govmomi-dev systemd init-system-helpers rpm; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if ((${#need[@]})); then
@@ -64,6 +67,12 @@ echo "==> guest image (tests/guest/build.sh) and the guest examples"
 bash tests/guest/build.sh >/dev/null
 cargo build --quiet --example locate --example docker_call
 echo "==> guest image and examples took $((SECONDS - start)) s"
+# cargo-deb and cargo-generate-rpm for tests/packaging.rs, pinned, built
+# once into target/packaging-tools/ (packaging/build.sh --tools-only).
+start=$SECONDS
+echo "==> packaging tools (packaging/build.sh --tools-only)"
+bash packaging/build.sh --tools-only
+echo "==> packaging tools took $((SECONDS - start)) s"
 # Every test binary runs even when one fails; the failures are reported at
 # the end and the command fails.
 failed=()
