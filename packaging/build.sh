@@ -74,7 +74,7 @@ install_tool cargo-generate-rpm "$CARGO_GENERATE_RPM_VERSION"
 [[ -z $tools_only ]] || exit 0
 
 if [[ -n $build ]]; then
-    cargo build --profile "$profile" --bin vmdk-plugin --bin vmdk-agent
+    cargo build --profile "$profile" -p vmdk-plugin -p vmdk-agent --bin vmdk-plugin --bin vmdk-agent
 fi
 case $profile in
 dev | test) dir=debug ;;
