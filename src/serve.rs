@@ -144,11 +144,7 @@ pub async fn run_with(
         .limits
         .fit_fd_limit(vmdk_common::server::fd_limit().unwrap_or(1024), 1);
     tracing::info!(%limits, "plugin socket limits");
-    vmdk_common::systemd::notify_or_log("READY=1");
-    let shutdown = async move {
-        shutdown.await;
-        vmdk_common::systemd::notify_or_log("STOPPING=1");
-    };
+    let shutdown = vmdk_common::systemd::notify_ready(shutdown).await;
     let res = vmdk_common::server::serve_bounded(
         listener.into(),
         crate::plugin::router(manager),

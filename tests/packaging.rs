@@ -256,7 +256,16 @@ fn start_installed_plugin(dir: &Path, tag: &str) -> Activated {
         assert!(Instant::now() < deadline, "{socket} was not bound");
         std::thread::sleep(Duration::from_millis(10));
     }
-    let mut s = UnixStream::connect(&socket).unwrap();
+    // systemd-socket-activate binds the file before it listens.
+    let mut s = loop {
+        match UnixStream::connect(&socket) {
+            Ok(s) => break s,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5))
+            }
+            Err(e) => panic!("connect to {socket}: {e}"),
+        }
+    };
     s.set_read_timeout(Some(WAIT)).unwrap();
     s.write_all(b"POST /Plugin.Activate HTTP/1.1\r\nHost: plugin\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
         .unwrap();

@@ -80,6 +80,21 @@ fn activate(socket: &Path, notify: &Path, program: &Path, args: &[String]) -> Ac
     a
 }
 
+/// Connects to `socket`; systemd-socket-activate binds the file before it
+/// listens, so a refusal in between is retried.
+fn connect(socket: &Path) -> UnixStream {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match UnixStream::connect(socket) {
+            Ok(s) => return s,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5))
+            }
+            Err(e) => panic!("connect to the activated socket {}: {e}", socket.display()),
+        }
+    }
+}
+
 /// Sends one HTTP request on `s` and returns the whole response.
 fn exchange(mut s: UnixStream, request: &str) -> String {
     s.set_read_timeout(Some(WAIT)).unwrap();
@@ -126,7 +141,7 @@ fn queued_ready_served_stopping(
 
     // Connected and sent while only systemd-socket-activate exists: the
     // daemon is started by this very connection.
-    let early = UnixStream::connect(&socket).expect("connect to the activated socket");
+    let early = connect(&socket);
     let answer = exchange(early, first.0);
     assert!(answer.starts_with("HTTP/1.1 200"), "queued request: {answer}");
     assert!(
@@ -138,7 +153,7 @@ fn queued_ready_served_stopping(
     let ready = recv_notification(&rx, "READY=1");
     assert!(ready.lines().any(|l| l == "READY=1"), "first notification: {ready:?}");
 
-    let answer = exchange(UnixStream::connect(&socket).unwrap(), second.0);
+    let answer = exchange(connect(&socket), second.0);
     assert!(answer.starts_with("HTTP/1.1 200"), "second request: {answer}");
     assert!(
         answer.contains(second.1),

@@ -96,9 +96,7 @@ pub async fn serve(
         agent_error_reply,
         stopped(rx.clone()),
     )));
-    vmdk_common::systemd::notify_or_log("READY=1");
-    shutdown.await;
-    vmdk_common::systemd::notify_or_log("STOPPING=1");
+    vmdk_common::systemd::notify_ready(shutdown).await.await;
     let _ = tx.send(true);
     for t in tasks {
         t.await.map_err(io::Error::other)??;

@@ -339,6 +339,31 @@ pub fn notify_or_log(state: &str) {
     }
 }
 
+/// Tells the service manager the daemon serves, and returns `shutdown`
+/// wrapped to send `STOPPING=1` when it resolves.
+///
+/// `shutdown` is polled once first, so that the signal handlers it
+/// installs on its first poll (tokio's `signal()`) are in place before
+/// `READY=1`: a `systemctl stop` right after start is then a clean stop,
+/// not death by SIGTERM's default action.
+pub async fn notify_ready<F>(shutdown: F) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let mut shutdown = Box::pin(shutdown);
+    // Polls the future once, then gives up at once if it is pending.
+    let stopped = tokio::time::timeout(std::time::Duration::ZERO, shutdown.as_mut())
+        .await
+        .is_ok();
+    notify_or_log("READY=1");
+    Box::pin(async move {
+        if !stopped {
+            shutdown.await;
+        }
+        notify_or_log("STOPPING=1");
+    })
+}
+
 /// Logs what [`init_from_env`] found (call once logging is set up).
 pub fn log_activation(found: &Result<Activation, ListenEnvError>) {
     match found {
