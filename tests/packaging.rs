@@ -711,6 +711,23 @@ fn packages_install_serve_upgrade_and_remove_like_a_real_service() {
     }
     let configs = sh_ok(Command::new("rpm").arg("-qpc").arg(&agent_rpm));
     assert!(configs.contains("/etc/vmdk/agent.toml"), "{configs}");
+    // %config(noreplace): an upgrade keeps the administrator's version.
+    let flags = sh_ok(
+        Command::new("rpm")
+            .args(["-qp", "--qf", "[%{FILENAMES} %{FILEFLAGS:fflags}\\n]"])
+            .arg(&agent_rpm)
+            .arg(&plugin_rpm),
+    );
+    for f in [
+        "/etc/vmdk/agent.toml",
+        "/etc/default/vmdk-agent",
+        "/etc/default/vmdk-plugin",
+    ] {
+        assert!(
+            flags.lines().any(|l| l == format!("{f} cn")),
+            "{f} is not %config(noreplace): {flags}"
+        );
+    }
     let scripts = sh_ok(Command::new("rpm").args(["-qp", "--scripts"]).arg(&plugin_rpm));
     for s in [
         "systemctl enable vmdk-plugin.socket vmdk-plugin.service",
