@@ -153,6 +153,8 @@ async fn shutdown_signal() {
 }
 
 fn main() -> std::process::ExitCode {
+    // Before any thread starts: takes systemd's sockets, clears its variables.
+    let activation = vmdk_common::systemd::init_from_env();
     let cli = Cli::parse();
     vmdk_common::logging::init(&vmdk_common::logging::LogOptions {
         format: cli.log_format,
@@ -165,6 +167,7 @@ fn main() -> std::process::ExitCode {
         command: !matches!(cli.command, Command::Serve { .. }),
         identifier: "vmdk-plugin",
     });
+    vmdk_common::systemd::log_activation(&activation);
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

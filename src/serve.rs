@@ -119,14 +119,16 @@ pub async fn run_with(
     })?;
     let readiness = vmdk_common::admin::Readiness::new("the plugin socket is not bound yet");
     let _admin = crate::admin_http::start(cfg.admin_listen, manager.clone(), readiness.clone()).await;
-    let listener = vmdk_common::server::bind_unix(&cfg.socket, 0o660)
+    // The socket systemd's vmdk-plugin.socket holds, else our own.
+    let listen = vmdk_common::systemd::listen_unix(&cfg.socket, 0o660)
         .await
         .map_err(|source| ServeError::Io {
             op: "bind plugin socket",
             path: cfg.socket.display().to_string(),
             source,
         })?;
-    tracing::info!(socket = %cfg.socket.display(), vm = %cfg.vm_id, "vmdk plugin listening");
+    let (listener, inherited) = (listen.listener, listen.inherited);
+    tracing::info!(socket = %cfg.socket.display(), vm = %cfg.vm_id, from_systemd = inherited, "vmdk plugin listening");
     let m = manager.clone();
     let interval = cfg.reconcile_interval;
     readiness.set_not_ready("start-up recovery is running");
@@ -146,6 +148,7 @@ pub async fn run_with(
         .limits
         .fit_fd_limit(vmdk_common::server::fd_limit().unwrap_or(1024), 1);
     tracing::info!(%limits, "plugin socket limits");
+    let shutdown = vmdk_common::systemd::notify_ready(shutdown).await;
     let res = vmdk_common::server::serve_bounded(
         listener.into(),
         crate::plugin::router(manager),
@@ -155,7 +158,10 @@ pub async fn run_with(
     )
     .await;
     background.abort();
-    let _ = std::fs::remove_file(&cfg.socket);
+    // A socket from systemd stays: clients queue on it until we are back.
+    if !inherited {
+        let _ = std::fs::remove_file(&cfg.socket);
+    }
     res.map_err(|source| ServeError::Io {
         op: "serve",
         path: cfg.socket.display().to_string(),

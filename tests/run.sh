@@ -18,8 +18,11 @@ need=()
 # golang-go and golang-github-vmware-govmomi-dev build the vSphere simulator
 # (tests/vcsim/build.sh) for the vSphere client's tests and
 # tests/vsphere_guest.rs, which also needs qemu-img (qemu-utils).
+# systemd (systemd-socket-activate, systemd-analyze), init-system-helpers
+# (deb-systemd-helper) and rpm serve the socket-activation and packaging
+# tests (tests/socket_activation.rs, tests/packaging.rs).
 for pkg in e2fsprogs xfsprogs util-linux busybox-static qemu-utils docker-compose docker-registry postgresql \
-    golang-go golang-github-vmware-govmomi-dev; do
+    golang-go golang-github-vmware-govmomi-dev systemd init-system-helpers rpm; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if ((${#need[@]})); then
@@ -67,6 +70,13 @@ echo "==> guest image and examples took $((SECONDS - start)) s"
 # Every test binary runs even when one fails; the failures are reported at
 # the end and the command fails.
 failed=()
+# cargo-deb and cargo-generate-rpm for tests/packaging.rs, pinned, built
+# once into ~/.cache/vmdk/packaging-tools (packaging/build.sh --tools-only;
+# about 4 minutes of CPU the first time on a machine, nothing later).
+start=$SECONDS
+echo "==> packaging tools (packaging/build.sh --tools-only)"
+bash packaging/build.sh --tools-only || failed+=("packaging tools")
+echo "==> packaging tools took $((SECONDS - start)) s"
 start=$SECONDS
 echo "==> cargo test (unit, property, root-only, hostile-datastore and Docker Engine tests)"
 cargo test --workspace --all-targets --no-fail-fast -- --test-threads=2 "$@" || failed+=("cargo test")

@@ -213,6 +213,8 @@ async fn shutdown_signal() {
 }
 
 fn main() -> ExitCode {
+    // Before any thread starts: takes systemd's sockets, clears its variables.
+    let activation = vmdk_common::systemd::init_from_env();
     let cli = Cli::parse();
     // The service logs at info; admin commands print their own results and
     // log only warnings, so their output stays clean.
@@ -223,6 +225,7 @@ fn main() -> ExitCode {
         command: !serving,
         identifier: "vmdk-agent",
     });
+    vmdk_common::systemd::log_activation(&activation);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

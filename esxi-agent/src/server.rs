@@ -72,8 +72,10 @@ pub async fn serve(
     let count = 1 + usize::from(listeners.tcp.is_some());
     let limits = listeners.limits.fit_fd_limit(fd_limit().unwrap_or(1024), count);
     let app = crate::api::router(svc.clone());
-    let unix = bind_unix(&listeners.socket, 0o600).await?;
-    tracing::info!(socket = %listeners.socket.display(), %limits, "agent API listening");
+    // The socket systemd's vmdk-agent.socket holds, else our own.
+    let listen = vmdk_common::systemd::listen_unix(&listeners.socket, 0o600).await?;
+    let (unix, inherited) = (listen.listener, listen.inherited);
+    tracing::info!(socket = %listeners.socket.display(), %limits, from_systemd = inherited, "agent API listening");
     readiness.set_ready();
     let (tx, rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
@@ -99,12 +101,15 @@ pub async fn serve(
         agent_error_reply,
         stopped(rx.clone()),
     )));
-    shutdown.await;
+    vmdk_common::systemd::notify_ready(shutdown).await.await;
     let _ = tx.send(true);
     for t in tasks {
         t.await.map_err(io::Error::other)??;
     }
-    let _ = std::fs::remove_file(&listeners.socket);
+    // A socket from systemd stays: clients queue on it until we are back.
+    if !inherited {
+        let _ = std::fs::remove_file(&listeners.socket);
+    }
     drop(rx);
     Ok(())
 }

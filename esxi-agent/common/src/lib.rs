@@ -7,6 +7,7 @@
 //! * [`server`]: the bounded HTTP/1.1 server both daemons serve with;
 //! * [`logging`], [`metrics`] and [`admin`]: logs, metrics and the admin
 //!   listener (`/healthz`, `/readyz`, `/metrics`) of both daemons;
+//! * [`systemd`]: socket activation and readiness notification;
 //! * [`error_chain`] and [`table`]: how errors and tables are shown.
 #![warn(missing_docs)]
 
@@ -15,6 +16,7 @@ pub mod logging;
 pub mod metrics;
 pub mod server;
 pub mod store;
+pub mod systemd;
 pub mod table;
 
 use std::error::Error as StdError;
