@@ -69,8 +69,18 @@ install_tool() { # name version [cargo install flags...]
         cargo install --quiet --locked --version "$want" --root "$tools" --target-dir "$tools/build" "$@" "$name"
     echo "==> $name took $((SECONDS - start)) s" >&2
 }
+# One installer at a time: tests/run.sh installs them in the background while
+# the tests run, and tests/packaging.rs's build waits here until that is done.
+# (tests/run.sh takes this lock itself and hands it to its background run,
+# which says so with VMDK_PACKAGING_TOOLS_LOCKED=1.)
+if [[ -z ${VMDK_PACKAGING_TOOLS_LOCKED:-} ]]; then
+    mkdir -p "$(dirname "$tools")"
+    exec 8>"$tools.lock"
+    flock 8
+fi
 install_tool cargo-deb "$CARGO_DEB_VERSION" --no-default-features --features gzip
 install_tool cargo-generate-rpm "$CARGO_GENERATE_RPM_VERSION"
+exec 8>&- 9>&-
 [[ -z $tools_only ]] || exit 0
 
 if [[ -n $build ]]; then
