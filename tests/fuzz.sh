@@ -4,7 +4,9 @@
 # crate, with rustc's stable SanitizerCoverage flags (what cargo-fuzz passes,
 # minus the nightly-only -Zsanitizer). See docs/testing.md.
 #
-#   VMDK_FUZZ_SECONDS   total run time over the chosen targets (default 96)
+#   VMDK_FUZZ_SECONDS   total run time over the chosen targets, in CPU
+#                       seconds (default 96: 12 s per target)
+#   VMDK_FUZZ_JOBS      targets fuzzed at once (default 2, one per CPU here)
 #   VMDK_FUZZ_TARGETS   targets to run, space-separated (default: all)
 #   VMDK_FUZZ_FEATURES  cargo features of fuzz/ (none today)
 #
@@ -20,6 +22,8 @@ for t in "${targets[@]}"; do
     [[ " ${all[*]} " == *" $t "* ]] || { echo "unknown fuzz target $t; targets: ${all[*]}" >&2; exit 2; }
 done
 total=${VMDK_FUZZ_SECONDS:-96}
+jobs=${VMDK_FUZZ_JOBS:-2}
+[[ $jobs =~ ^[1-9][0-9]*$ ]] || { echo "VMDK_FUZZ_JOBS must be a positive whole number, not $jobs" >&2; exit 2; }
 [[ $total =~ ^[0-9]+$ ]] || { echo "VMDK_FUZZ_SECONDS must be a whole number of seconds, not $total" >&2; exit 2; }
 per=$((total / ${#targets[@]}))
 ((per >= 1)) || per=1
@@ -50,18 +54,20 @@ echo "==> building fuzz targets (${targets[*]})"
 start=$SECONDS
 RUSTFLAGS="${flags[*]}" cargo build --quiet --release --manifest-path fuzz/Cargo.toml \
     --target "$triple" "${features[@]}" "${targets[@]/#/--bin=}"
-echo "    built in $((SECONDS - start)) s; running each target ${per} s"
+echo "    built in $((SECONDS - start)) s; running each target ${per} s, ${jobs} at a time"
 start=$SECONDS
 
 out=fuzz/target
-failed=()
-for t in "${targets[@]}"; do
-    work=$out/corpus/$t
-    artifacts=$out/artifacts/$t
-    log=$out/logs/$t.log
+# One target's run; its report goes to $out/logs/<target>.report and its
+# exit status says whether it failed.
+fuzz_one() {
+    local t=$1
+    local work=$out/corpus/$t
+    local artifacts=$out/artifacts/$t
+    local log=$out/logs/$t.log
     rm -rf "$artifacts"
     mkdir -p "$work" "$artifacts" "$(dirname "$log")"
-    bin=$out/$triple/release/$t
+    local bin=$out/$triple/release/$t
     # Keep the local corpus small enough to load in a second: past 4000
     # files, merge it down to the inputs that add coverage (a few seconds).
     if (($(find "$work" -type f | wc -l) > 4000)); then
@@ -74,18 +80,19 @@ for t in "${targets[@]}"; do
     fi
     # New inputs go to the first directory (the local working corpus); the
     # committed seeds in fuzz/corpus/<target>/ are only read.
-    rc=0
+    local rc=0
     "$bin" -max_total_time="$per" -timeout=10 -rss_limit_mb=2048 -max_len=8192 \
         -print_final_stats=1 -artifact_prefix="$artifacts/" "$work" "fuzz/corpus/$t" >"$log" 2>&1 || rc=$?
+    local runs cov
     runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
     cov=$(grep -o 'cov: [0-9]*' "$log" | tail -1 || true)
     if ((rc == 0)); then
         printf '    %-17s ok   %s runs, %s\n' "$t" "${runs:-?}" "${cov:-cov: ?}"
-        continue
+        return 0
     fi
-    failed+=("$t")
     printf '    %-17s FAILED (exit %d); log: %s\n' "$t" "$rc" "$log"
     grep -E -m1 -A8 "panicked at|ERROR: libFuzzer|==ERROR|timeout after" "$log" | sed 's/^/      /' || tail -20 "$log"
+    local f
     for f in "$artifacts"/*; do
         [[ -f $f ]] || continue
         echo "      input $(basename "$f") ($(stat -c %s "$f") bytes):"
@@ -93,6 +100,24 @@ for t in "${targets[@]}"; do
         echo "        hex:    $(od -An -v -tx1 "$f" | tr -d ' \n' | head -c 4096)"
         echo "        rerun:  $out/$triple/release/$t $f"
     done
+    return 1
+}
+
+# Targets run $jobs at a time (libFuzzer runs one target on one CPU); each
+# writes its report to a file, shown in target order once all are done.
+mkdir -p "$out/logs"
+declare -A pids=()
+for t in "${targets[@]}"; do
+    while (($(jobs -rp | wc -l) >= jobs)); do
+        wait -n || true
+    done
+    fuzz_one "$t" >"$out/logs/$t.report" 2>&1 &
+    pids[$t]=$!
+done
+failed=()
+for t in "${targets[@]}"; do
+    wait "${pids[$t]}" || failed+=("$t")
+    cat "$out/logs/$t.report"
 done
 
 if ((${#failed[@]})); then
