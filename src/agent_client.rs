@@ -115,6 +115,21 @@ impl AgentClient {
         }
     }
 
+    /// The names [`AgentClient::list`] lists, as `(vol@ds, vol, ds)`: an
+    /// embedded agent answers from its catalog without building each
+    /// volume's details.
+    pub async fn list_names(&self, vm: &str) -> Result<Vec<(String, String, String)>, AgentCallError> {
+        match self {
+            Self::Embedded(s) => s.list_names(&Self::caller(vm)?).await.map_err(Self::api),
+            Self::Http(_) => Ok(self
+                .list(vm)
+                .await?
+                .into_iter()
+                .map(|v| (v.name, v.volume, v.datastore))
+                .collect()),
+        }
+    }
+
     /// `GET /v1/volumes/{name}`.
     pub async fn get(&self, vm: &str, name: &str) -> Result<VolumeInfo, AgentCallError> {
         match self {

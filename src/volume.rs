@@ -557,26 +557,33 @@ impl VolumeManager {
     pub async fn list(&self) -> Result<Vec<(String, PathBuf)>, PluginError> {
         let vols = self
             .agent
-            .list(&self.cfg.vm_id)
+            .list_names(&self.cfg.vm_id)
             .await
             .map_err(PluginError::agent("*"))?;
         let default = self.default_datastore().await;
         Ok(vols
             .into_iter()
-            .filter_map(|v| {
+            .filter_map(|(name, volume, datastore)| {
                 // A name that is not a valid vol@ds (or does not match its
                 // parts) never becomes a path.
-                let mp = match self.mountpoint(&v.name) {
-                    Ok(mp) if v.name == format!("{}@{}", v.volume, v.datastore) => mp,
+                let mp = match self.mountpoint(&name) {
+                    Ok(mp)
+                        if name.len() == volume.len() + 1 + datastore.len()
+                            && name.starts_with(volume.as_str())
+                            && name[volume.len()..].starts_with('@')
+                            && name.ends_with(datastore.as_str()) =>
+                    {
+                        mp
+                    }
                     _ => {
-                        tracing::warn!(name = ?v.name, "the agent listed an invalid volume name; skipping it");
+                        tracing::warn!(name = ?name, "the agent listed an invalid volume name; skipping it");
                         return None;
                     }
                 };
-                let shown = if Some(&v.datastore) == default.as_ref() {
-                    v.volume.clone()
+                let shown = if Some(&datastore) == default.as_ref() {
+                    volume
                 } else {
-                    v.name.clone()
+                    name
                 };
                 Some((shown, mp))
             })

@@ -644,6 +644,59 @@ impl VolumeService {
         Ok(all)
     }
 
+    /// The names of what [`VolumeService::list`] lists, as `(vol@ds,
+    /// vol, ds)`, sorted: what Docker's List needs. From the catalogs alone
+    /// when no folder changed since their last scan (no volume is read and
+    /// no `VolumeInfo` built); else from a full [`VolumeService::list`].
+    pub async fn list_names(&self, caller: &Caller) -> Result<Vec<(String, String, String)>, AgentError> {
+        let mut names = match self.catalog_names() {
+            Some(n) => n,
+            None => {
+                return Ok(self
+                    .list(caller)
+                    .await?
+                    .into_iter()
+                    .map(|v| (v.name, v.volume, v.datastore))
+                    .collect())
+            }
+        };
+        let pending = self.pending.all();
+        if !pending.is_empty() {
+            names.extend(pending.iter().map(|p| {
+                (
+                    p.preview.name.clone(),
+                    p.preview.volume.clone(),
+                    p.preview.datastore.clone(),
+                )
+            }));
+            names.sort();
+            names.dedup();
+        }
+        Ok(names)
+    }
+
+    /// Every volume name in the catalogs, if every datastore has one that
+    /// is complete and whose folder has not changed since (and no create
+    /// of another process is under way).
+    fn catalog_names(&self) -> Option<Vec<(String, String, String)>> {
+        let mut out = Vec::new();
+        for ds in &self.datastores {
+            let (i, folder) = self.catalog_folder(ds)?;
+            let st = folder.dir().stat_self().ok()?;
+            let cat = self.catalog.folders[i].lock().unwrap();
+            if cat.scanned.is_none() || cat.scanned != Some(catalog::folder_stamp(&st)) || !cat.creating.is_empty() {
+                return None;
+            }
+            out.extend(
+                cat.vols
+                    .keys()
+                    .map(|v| (format!("{v}@{}", ds.name), v.to_string(), ds.name.clone())),
+            );
+        }
+        out.sort();
+        Some(out)
+    }
+
     /// `POST /v1/volumes`: creates a volume (or a clone). A create whose
     /// long part (eagerzeroedthick zeroing, a clone's copy) has begun and
     /// that runs longer than [`VolumeService::with_answer_within`] is

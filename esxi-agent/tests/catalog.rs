@@ -47,6 +47,11 @@ async fn names(svc: &VolumeService) -> Vec<String> {
     svc.list(&vm()).await.unwrap().into_iter().map(|v| v.name).collect()
 }
 
+/// Docker's List: names only, from the catalog when nothing changed.
+async fn names_only(svc: &VolumeService) -> Vec<String> {
+    svc.list_names(&vm()).await.unwrap().into_iter().map(|(n, _, _)| n).collect()
+}
+
 /// Lists until the catalog is complete and trusted (its files' change
 /// times are older than its window): from then on a List reads no volume
 /// file unless the folder changes. A liveness bound, not a timing claim.
@@ -79,7 +84,10 @@ async fn list_and_get_see_what_other_processes_did() {
     // A second agent on the same datastore creates a volume.
     let b = service(&ds);
     create(&b, "two").await;
+    assert_eq!(names_only(&a).await, ["one@local", "two@local"]);
     assert_eq!(names(&a).await, ["one@local", "two@local"]);
+    settle(&a).await;
+    assert_eq!(names_only(&a).await, ["one@local", "two@local"]);
 
     // The admin CLI changes a setting: Get and List show it.
     settle(&a).await;
@@ -98,6 +106,7 @@ async fn list_and_get_see_what_other_processes_did() {
     // Another agent removes one.
     settle(&a).await;
     b.remove(&vm(), "two").await.unwrap();
+    assert_eq!(names_only(&a).await, ["one@local"]);
     assert_eq!(names(&a).await, ["one@local"]);
     assert!(a.get(&vm(), "two").await.is_err());
 
