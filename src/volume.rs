@@ -417,9 +417,9 @@ impl VolumeManager {
                 Ok(out)
             }
             Err(source) => {
-                drop(saved);
                 // Only this update's change is undone (the caller holds the
-                // volume's lock, so nobody else changed the record since).
+                // volume's lock, so nobody else changed the record since),
+                // before the next save may start: it must not write it.
                 let mut g = self.state.lock().unwrap();
                 if g.state.mounts.get(name) == after.as_ref() {
                     match before {
@@ -428,6 +428,8 @@ impl VolumeManager {
                     };
                     g.generation += 1;
                 }
+                drop(g);
+                drop(saved);
                 Err(PluginError::State {
                     name: name.to_owned(),
                     source,

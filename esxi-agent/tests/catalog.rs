@@ -49,7 +49,12 @@ async fn names(svc: &VolumeService) -> Vec<String> {
 
 /// Docker's List: names only, from the catalog when nothing changed.
 async fn names_only(svc: &VolumeService) -> Vec<String> {
-    svc.list_names(&vm()).await.unwrap().into_iter().map(|(n, _, _)| n).collect()
+    svc.list_names(&vm())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(n, _, _)| n)
+        .collect()
 }
 
 /// Lists until the catalog is complete and trusted (its files' change
