@@ -1297,7 +1297,7 @@ impl VolumeManager {
     }
 
     async fn release_stray_attachments(&self) {
-        let vols = match self.agent.list(&self.cfg.vm_id).await {
+        let vols = match self.agent.list_attached(&self.cfg.vm_id).await {
             Ok(v) => v,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot list volumes to find stray attachments");

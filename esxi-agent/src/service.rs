@@ -644,6 +644,22 @@ impl VolumeService {
         Ok(all)
     }
 
+    /// What [`VolumeService::list`] lists of the volumes whose records say
+    /// the calling VM holds them (what a restarted guest checks for stray
+    /// attachments). From the catalog, only these volumes' details are
+    /// built.
+    pub async fn list_attached(&self, caller: &Caller) -> Result<Vec<VolumeInfo>, AgentError> {
+        let vm = caller.vm_id()?;
+        let all = match self.catalog_inventory(Some(vm)).await {
+            Some(listed) => listed?,
+            None => self.list(caller).await?,
+        };
+        Ok(all
+            .into_iter()
+            .filter(|v| v.status == AttachStatus::Attached && v.attached_to.as_deref() == Some(vm))
+            .collect())
+    }
+
     /// The names of what [`VolumeService::list`] lists, as `(vol@ds,
     /// vol, ds)`, sorted: what Docker's List needs. From the catalogs alone
     /// when no folder changed since their last scan (no volume is read and

@@ -115,6 +115,17 @@ async fn list_and_get_see_what_other_processes_did() {
     assert_eq!(names(&a).await, ["one@local"]);
     assert!(a.get(&vm(), "two").await.is_err());
 
+    // What a restarted guest asks: the volumes attached to it.
+    b.attach(&vm(), "one").await.unwrap();
+    let attached = |v: Vec<vmdk_protocol::VolumeInfo>| v.into_iter().map(|v| v.name).collect::<Vec<_>>();
+    assert_eq!(attached(a.list_attached(&vm()).await.unwrap()), ["one@local"]);
+    let other = Caller::vm("vm-2").unwrap();
+    assert!(a.list_attached(&other).await.unwrap().is_empty());
+    settle(&a).await;
+    assert_eq!(attached(a.list_attached(&vm()).await.unwrap()), ["one@local"]);
+    b.detach(&vm(), "one").await.unwrap();
+    assert!(a.list_attached(&vm()).await.unwrap().is_empty());
+
     // A sidecar replaced in place (no rename, so the folder does not
     // change) is seen by Get, which stats the volume's files.
     settle(&a).await;

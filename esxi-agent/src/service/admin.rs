@@ -308,7 +308,7 @@ impl VolumeService {
     /// are released first (see [`VolumeService::get`]); each holder's power
     /// state is read once.
     pub async fn inventory(&self) -> Result<Vec<VolumeInfo>, AgentError> {
-        if let Some(listed) = self.catalog_inventory().await {
+        if let Some(listed) = self.catalog_inventory(None).await {
             return listed;
         }
         let (targets, creating) = self.folder_scan().await?;
@@ -368,14 +368,14 @@ impl VolumeService {
 
     /// [`VolumeService::inventory`] from the catalog (see
     /// `service::catalog`); `None` when a datastore is not served by one.
-    async fn catalog_inventory(&self) -> Option<Result<Vec<VolumeInfo>, AgentError>> {
+    pub(super) async fn catalog_inventory(&self, only_vm: Option<&str>) -> Option<Result<Vec<VolumeInfo>, AgentError>> {
         if self.backend.kind() != "local" || self.datastores.iter().any(|d| d.root.is_none()) {
             return None;
         }
         let mut loaded: Vec<(Target<'_>, VolumeMeta, crate::backend::DiskInfo)> = Vec::new();
         let mut creating = Vec::new();
         for (i, ds) in self.datastores.iter().enumerate() {
-            match self.catalog_scan(i, ds).await {
+            match self.catalog_scan(i, ds, only_vm).await {
                 Ok(Some((vols, made))) => {
                     loaded.extend(vols);
                     creating.extend(made);
@@ -421,6 +421,7 @@ impl VolumeService {
         &'a self,
         i: usize,
         ds: &'a Datastore,
+        only_vm: Option<&str>,
     ) -> Result<
         Option<(
             Vec<(Target<'a>, VolumeMeta, crate::backend::DiskInfo)>,
@@ -491,7 +492,12 @@ impl VolumeService {
                                 }
                             };
                             match self.backend.disk_info(&t.disk()).await {
-                                Ok(disk) => (t, Some((stamps, meta, disk))),
+                                // Packed at once: the full metadata of every
+                                // volume is never held at the same time.
+                                Ok(disk) => match stamps.and_then(|s| super::catalog::Entry::new(s, &meta, &disk)) {
+                                    Some(e) => (t, Some(Ok(e))),
+                                    None => (t, Some(Err((meta, disk)))),
+                                },
                                 Err(e) => {
                                     tracing::warn!(volume = %t.full, error = %crate::error::error_chain(&e), "skipping unreadable volume");
                                     (t, None)
@@ -510,19 +516,16 @@ impl VolumeService {
                 // read, and read again by the next scan.
                 let mut uncached = Vec::new();
                 for (t, r) in results {
-                    let entry = match &r {
-                        Some((Some(stamps), meta, disk)) => super::catalog::Entry::new(*stamps, meta, disk),
-                        _ => None,
-                    };
-                    match entry {
-                        Some(e) => {
+                    match r {
+                        Some(Ok(e)) => {
                             cat.vols.insert(t.volume.as_str().into(), e);
+                        }
+                        Some(Err((meta, disk))) => {
+                            cat.vols.remove(t.volume.as_str());
+                            uncached.push((t, meta, disk));
                         }
                         None => {
                             cat.vols.remove(t.volume.as_str());
-                            if let Some((_, meta, disk)) = r {
-                                uncached.push((t, meta, disk));
-                            }
                         }
                     }
                 }
@@ -536,21 +539,27 @@ impl VolumeService {
                 cat.scanned = if complete { scan.folder } else { None };
                 cat.creating = scan.creating.iter().map(|c| c.as_str().into()).collect();
                 drop(cat);
-                let (mut vols, creating) = self.catalog_contents(i, ds, &folder);
-                vols.extend(uncached);
+                let (mut vols, creating) = self.catalog_contents(i, ds, &folder, only_vm);
+                vols.extend(
+                    uncached
+                        .into_iter()
+                        .filter(|(_, m, _)| only_vm.is_none() || super::attached_vm(m) == only_vm),
+                );
                 return Ok(Some((vols, creating)));
             }
         }
-        Ok(Some(self.catalog_contents(i, ds, &folder)))
+        Ok(Some(self.catalog_contents(i, ds, &folder, only_vm)))
     }
 
-    /// Every entry of catalog `i`, and the names being created.
+    /// Every entry of catalog `i` (only those the records say `only_vm`
+    /// holds, if given), and the names being created.
     #[allow(clippy::type_complexity)]
     fn catalog_contents<'a>(
         &'a self,
         i: usize,
         ds: &'a Datastore,
         folder: &crate::datastore::LocalFolder,
+        only_vm: Option<&str>,
     ) -> (
         Vec<(Target<'a>, VolumeMeta, crate::backend::DiskInfo)>,
         Vec<(Target<'a>, crate::datastore::LocalFolder)>,
@@ -564,6 +573,7 @@ impl VolumeService {
         let vols = cat
             .vols
             .iter()
+            .filter(|(_, e)| only_vm.is_none() || e.holder() == only_vm)
             .map(|(v, e)| (target(v), e.meta(), e.disk(None)))
             .collect();
         let creating = cat.creating.iter().map(|c| (target(c), folder.clone())).collect();

@@ -203,6 +203,11 @@ impl Entry {
         }
     }
 
+    /// The VM the records say holds the volume.
+    pub(super) fn holder(&self) -> Option<&str> {
+        self.attached_vm.as_deref().filter(|_| self.attached)
+    }
+
     /// The disk as it was read, with `allocated` if a fresher figure is known.
     pub(super) fn disk(&self, allocated: Option<u64>) -> DiskInfo {
         DiskInfo {
