@@ -128,6 +128,34 @@ impl AgentClient {
         }
     }
 
+    /// The volumes [`AgentClient::list`] lists that are attached to `vm`:
+    /// an embedded agent builds only their details.
+    pub async fn list_attached(&self, vm: &str) -> Result<Vec<VolumeInfo>, AgentCallError> {
+        let all = match self {
+            Self::Embedded(s) => return s.list_attached(&Self::caller(vm)?).await.map_err(Self::api),
+            Self::Http(_) => self.list(vm).await?,
+        };
+        Ok(all
+            .into_iter()
+            .filter(|v| v.status == vmdk_protocol::AttachStatus::Attached && v.attached_to.as_deref() == Some(vm))
+            .collect())
+    }
+
+    /// The names [`AgentClient::list`] lists, as `(vol@ds, vol, ds)`: an
+    /// embedded agent answers from its catalog without building each
+    /// volume's details.
+    pub async fn list_names(&self, vm: &str) -> Result<Vec<(String, String, String)>, AgentCallError> {
+        match self {
+            Self::Embedded(s) => s.list_names(&Self::caller(vm)?).await.map_err(Self::api),
+            Self::Http(_) => Ok(self
+                .list(vm)
+                .await?
+                .into_iter()
+                .map(|v| (v.name, v.volume, v.datastore))
+                .collect()),
+        }
+    }
+
     /// `GET /v1/volumes/{name}`.
     pub async fn get(&self, vm: &str, name: &str) -> Result<VolumeInfo, AgentCallError> {
         match self {

@@ -219,6 +219,21 @@ fn answer_names(asked: &str, got: &str) -> bool {
         }
 }
 
+/// Drops one Mount of `id` (the ID itself with its last); returns how many
+/// IDs are left.
+fn drop_id(r: &mut MountRecord, id: &str) -> usize {
+    match r.nested.get_mut(id) {
+        Some(n) if *n > 1 => *n -= 1,
+        Some(_) => {
+            r.nested.remove(id);
+        }
+        None => {
+            r.ids.remove(id);
+        }
+    }
+    r.ids.len()
+}
+
 fn add_id(rec: &mut MountRecord, id: &str, now: u64) {
     if rec.ids.contains_key(id) {
         *rec.nested.entry(id.to_owned()).or_insert(0) += 1;
@@ -262,6 +277,13 @@ pub struct ManagerConfig {
     pub detach_grace: std::time::Duration,
 }
 
+/// The in-memory mount state and its generation (bumped by every change).
+#[derive(Debug, Default)]
+struct Versioned {
+    state: PluginState,
+    generation: u64,
+}
+
 /// The mount logic and state of this VM.
 #[derive(Debug)]
 pub struct VolumeManager {
@@ -269,7 +291,11 @@ pub struct VolumeManager {
     sys: Arc<dyn System>,
     cfg: ManagerConfig,
     store: StateStore,
-    state: Mutex<PluginState>,
+    state: Mutex<Versioned>,
+    /// Held by the one save under way; holds the generation last saved.
+    /// Concurrent updates coalesce: a save writes the newest state, so an
+    /// update whose generation it covers returns without writing again.
+    saved: tokio::sync::Mutex<u64>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     gate: Arc<RwLock<()>>,
     default_ds: OnceCell<String>,
@@ -312,7 +338,8 @@ impl VolumeManager {
             agent,
             sys,
             store,
-            state: Mutex::new(PluginState::default()),
+            state: Mutex::new(Versioned::default()),
+            saved: tokio::sync::Mutex::new(0),
             locks: Mutex::new(HashMap::new()),
             gate: Arc::new(RwLock::new(())),
             default_ds: OnceCell::new(),
@@ -345,7 +372,7 @@ impl VolumeManager {
 
     /// A copy of the current mount state.
     pub fn snapshot(&self) -> PluginState {
-        self.state.lock().unwrap().clone()
+        self.state.lock().unwrap().state.clone()
     }
 
     fn volume_lock(&self, full: &str) -> Arc<tokio::sync::Mutex<()>> {
@@ -359,19 +386,61 @@ impl VolumeManager {
         })
     }
 
-    /// Applies `f` to the state and persists it; on a failed save the
-    /// in-memory state is rolled back.
-    fn update<T>(&self, name: &str, f: impl FnOnce(&mut PluginState) -> T) -> Result<T, PluginError> {
-        let mut guard = self.state.lock().unwrap();
-        let before = guard.clone();
-        let out = f(&mut guard);
-        if *guard != before {
-            if let Err(e) = self.save(name, &guard) {
-                *guard = before;
-                return Err(e);
+    /// Applies `f` to the record of volume `name` (the only record it may
+    /// change) and persists the state before returning; on a failed save
+    /// the record is rolled back. The state lock is never held across the
+    /// write: the write runs on the blocking pool, and updates of other
+    /// volumes that arrive meanwhile are saved together by the next write
+    /// (group commit), so N concurrent Mounts cost about two writes, not N.
+    async fn update<T>(&self, name: &str, f: impl FnOnce(&mut PluginState) -> T) -> Result<T, PluginError> {
+        let (out, before, after, mine) = {
+            let mut g = self.state.lock().unwrap();
+            let before = g.state.mounts.get(name).cloned();
+            let out = f(&mut g.state);
+            let after = g.state.mounts.get(name).cloned();
+            if after == before {
+                return Ok(out);
+            }
+            g.generation += 1;
+            (out, before, after, g.generation)
+        };
+        let mut saved = self.saved.lock().await;
+        if *saved >= mine {
+            return Ok(out);
+        }
+        let (snapshot, generation) = {
+            let g = self.state.lock().unwrap();
+            (g.state.clone(), g.generation)
+        };
+        let store = self.store.clone();
+        let res = tokio::task::spawn_blocking(move || store.save(&snapshot))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+        match res {
+            Ok(()) => {
+                *saved = generation;
+                Ok(out)
+            }
+            Err(source) => {
+                // Only this update's change is undone (the caller holds the
+                // volume's lock, so nobody else changed the record since),
+                // before the next save may start: it must not write it.
+                let mut g = self.state.lock().unwrap();
+                if g.state.mounts.get(name) == after.as_ref() {
+                    match before {
+                        Some(r) => g.state.mounts.insert(name.to_owned(), r),
+                        None => g.state.mounts.remove(name),
+                    };
+                    g.generation += 1;
+                }
+                drop(g);
+                drop(saved);
+                Err(PluginError::State {
+                    name: name.to_owned(),
+                    source,
+                })
             }
         }
-        Ok(out)
     }
 
     async fn sys<T: Send + 'static>(
@@ -421,7 +490,8 @@ impl VolumeManager {
         // Path is called constantly: look in the state without copying it.
         let mounted = {
             let st = self.state.lock().unwrap();
-            st.mounts
+            st.state
+                .mounts
                 .keys()
                 .find(|k| k.rsplit_once('@').map(|(v, _)| v) == Some(name))
                 .cloned()
@@ -494,26 +564,33 @@ impl VolumeManager {
     pub async fn list(&self) -> Result<Vec<(String, PathBuf)>, PluginError> {
         let vols = self
             .agent
-            .list(&self.cfg.vm_id)
+            .list_names(&self.cfg.vm_id)
             .await
             .map_err(PluginError::agent("*"))?;
         let default = self.default_datastore().await;
         Ok(vols
             .into_iter()
-            .filter_map(|v| {
+            .filter_map(|(name, volume, datastore)| {
                 // A name that is not a valid vol@ds (or does not match its
                 // parts) never becomes a path.
-                let mp = match self.mountpoint(&v.name) {
-                    Ok(mp) if v.name == format!("{}@{}", v.volume, v.datastore) => mp,
+                let mp = match self.mountpoint(&name) {
+                    Ok(mp)
+                        if name.len() == volume.len() + 1 + datastore.len()
+                            && name.starts_with(volume.as_str())
+                            && name[volume.len()..].starts_with('@')
+                            && name.ends_with(datastore.as_str()) =>
+                    {
+                        mp
+                    }
                     _ => {
-                        tracing::warn!(name = ?v.name, "the agent listed an invalid volume name; skipping it");
+                        tracing::warn!(name = ?name, "the agent listed an invalid volume name; skipping it");
                         return None;
                     }
                 };
-                let shown = if Some(&v.datastore) == default.as_ref() {
-                    v.volume.clone()
+                let shown = if Some(&datastore) == default.as_ref() {
+                    volume
                 } else {
-                    v.name.clone()
+                    name
                 };
                 Some((shown, mp))
             })
@@ -522,7 +599,7 @@ impl VolumeManager {
 
     /// The mount record of a volume, if this VM has it mounted.
     pub fn record(&self, full: &str) -> Option<MountRecord> {
-        self.state.lock().unwrap().mounts.get(full).cloned()
+        self.state.lock().unwrap().state.mounts.get(full).cloned()
     }
 
     /// `VolumeDriver.Remove`. Refused while this VM has it mounted; the
@@ -579,7 +656,8 @@ impl VolumeManager {
                         if let Some(r) = s.mounts.get_mut(&full) {
                             add_id(r, id, now);
                         }
-                    })?;
+                    })
+                    .await?;
                     return Ok(mountpoint);
                 }
                 Live::Gone(why) => {
@@ -601,9 +679,11 @@ impl VolumeManager {
             None => fresh,
         };
         add_id(&mut rec, id, now);
-        let saved = self.update(&full, |s| {
-            s.mounts.insert(full.clone(), rec.clone());
-        });
+        let saved = self
+            .update(&full, |s| {
+                s.mounts.insert(full.clone(), rec.clone());
+            })
+            .await;
         if let Err(e) = saved {
             self.deactivate(&full).await.ok();
             return Err(e);
@@ -622,7 +702,8 @@ impl VolumeManager {
         // caller reuses an ID.
         let holders = |default_ds: Option<&str>| -> Vec<String> {
             let st = self.state.lock().unwrap();
-            st.mounts
+            st.state
+                .mounts
                 .iter()
                 .filter(|(k, r)| docker_api::names_volume(name, k, default_ds) && r.ids.contains_key(id))
                 .map(|(k, _)| k.clone())
@@ -648,20 +729,20 @@ impl VolumeManager {
         };
         let lock = self.volume_lock(&full);
         let _l = lock.lock().await;
-        let left = self.update(&full, |s| {
-            s.mounts.get_mut(&full).map(|r| {
-                match r.nested.get_mut(id) {
-                    Some(n) if *n > 1 => *n -= 1,
-                    Some(_) => {
-                        r.nested.remove(id);
-                    }
-                    None => {
-                        r.ids.remove(id);
-                    }
-                }
-                r.ids.len()
-            })
-        })?;
+        // The last ID going without a grace: the record is written once,
+        // when it goes after the unmount and detach (a crash before that
+        // leaves a record of a mount that is gone or no container uses,
+        // which recovery releases). Otherwise the ID's removal is saved.
+        let after = self.record(&full).map(|mut r| {
+            drop_id(&mut r, id);
+            r
+        });
+        if let Some(r) = after.filter(|r| r.ids.is_empty() && self.cfg.detach_grace.is_zero()) {
+            return self.release(&full, Some(r)).await;
+        }
+        let left = self
+            .update(&full, |s| s.mounts.get_mut(&full).map(|r| drop_id(r, id)))
+            .await?;
         match left {
             Some(0) if self.cfg.detach_grace.is_zero() => self.deactivate(&full).await,
             Some(0) => {
@@ -959,9 +1040,25 @@ impl VolumeManager {
     /// unmount fails (something still holds the filesystem), the record is
     /// kept with no IDs so the periodic reconcile retries.
     async fn deactivate(&self, full: &str) -> Result<(), PluginError> {
+        self.release(full, None).await
+    }
+
+    /// [`Self::deactivate`] when the change that left the record without
+    /// IDs is not saved yet (`unsaved`, the record as it is now): the
+    /// state is written once, when the record goes; only if the unmount
+    /// fails is `unsaved` written instead.
+    async fn release(&self, full: &str, unsaved: Option<MountRecord>) -> Result<(), PluginError> {
         let dir = self.mount_dir(full)?;
         let d = dir.clone();
-        self.sys(full, "unmount", move |s| s.unmount(&d)).await?;
+        if let Err(e) = self.sys(full, "unmount", move |s| s.unmount(&d)).await {
+            if let Some(r) = unsaved {
+                self.update(full, |s| {
+                    s.mounts.insert(full.to_owned(), r);
+                })
+                .await?;
+            }
+            return Err(e);
+        }
         let _ = std::fs::remove_dir(&dir);
         let detached = match self.agent.detach(&self.cfg.vm_id, full).await {
             Ok(()) => Ok(()),
@@ -970,7 +1067,8 @@ impl VolumeManager {
         };
         self.update(full, |s| {
             s.mounts.remove(full);
-        })?;
+        })
+        .await?;
         match detached {
             Ok(()) => {
                 tracing::info!(volume = %full, "unmounted and detached");
@@ -1046,7 +1144,11 @@ impl VolumeManager {
                 tracing::error!(error = %crate::error_chain(&e), "cannot save state");
             }
         }
-        *self.state.lock().unwrap() = state;
+        {
+            let mut g = self.state.lock().unwrap();
+            g.state = state;
+            g.generation += 1;
+        }
         match docker_api::volume_users(&self.cfg.docker_socket, &self.cfg.mount_root).await {
             Ok(users) => {
                 self.reconcile_users(&users, None).await;
@@ -1054,7 +1156,7 @@ impl VolumeManager {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "Docker did not answer; keeping the recorded mounts that are really mounted until it does");
-                self.drop_unmounted_records(&mounted);
+                self.drop_unmounted_records(&mounted).await;
             }
         }
         self.release_stray_attachments().await;
@@ -1088,7 +1190,7 @@ impl VolumeManager {
     /// reboot, a plugin killed during an Unmount) is dropped: a later Mount
     /// then activates afresh, and the stray-attachment pass detaches its
     /// disk.
-    fn drop_unmounted_records(&self, mounted: &BTreeMap<String, crate::sys::MountEntry>) {
+    async fn drop_unmounted_records(&self, mounted: &BTreeMap<String, crate::sys::MountEntry>) {
         let gone: Vec<String> = self
             .snapshot()
             .mounts
@@ -1098,9 +1200,12 @@ impl VolumeManager {
         for name in gone {
             tracing::warn!(volume = %name, "recorded as mounted, but nothing is mounted at its mount directory (VM rebooted, or the plugin was killed during an Unmount); dropping the record");
             crate::obs::reconcile_action("drop_record");
-            if let Err(e) = self.update(&name, |s| {
-                s.mounts.remove(&name);
-            }) {
+            if let Err(e) = self
+                .update(&name, |s| {
+                    s.mounts.remove(&name);
+                })
+                .await
+            {
                 tracing::error!(volume = %name, error = %crate::error_chain(&e), "cannot save state");
             }
         }
@@ -1138,26 +1243,34 @@ impl VolumeManager {
                 .collect();
             let containers = &containers;
             let is_mounted = mounted.contains_key(&full);
-            let res = self.update(&full, |s| {
-                let rec = s.mounts.get_mut(&full)?;
-                rec.ids.retain(|id, at| match id.strip_prefix(RECOVERED_PREFIX) {
-                    Some(c) => containers.contains(c),
-                    None => !containers.is_empty() || grace.is_some_and(|g| now.saturating_sub(*at) < g.as_secs()),
-                });
-                let ids = &rec.ids;
-                rec.nested.retain(|id, _| ids.contains_key(id));
-                if rec.ids.is_empty() {
-                    for c in containers {
-                        rec.ids.insert(format!("{RECOVERED_PREFIX}{c}"), now);
-                    }
-                }
-                Some((rec.ids.len(), rec.clone()))
+            let Some(mut rec) = self.record(&full) else { continue };
+            rec.ids.retain(|id, at| match id.strip_prefix(RECOVERED_PREFIX) {
+                Some(c) => containers.contains(c),
+                None => !containers.is_empty() || grace.is_some_and(|g| now.saturating_sub(*at) < g.as_secs()),
             });
+            let ids = &rec.ids;
+            rec.nested.retain(|id, _| ids.contains_key(id));
+            if rec.ids.is_empty() {
+                for c in containers {
+                    rec.ids.insert(format!("{RECOVERED_PREFIX}{c}"), now);
+                }
+            }
+            let res = if rec.ids.is_empty() {
+                // Released with one write of the state (see `release`).
+                Ok(Some((0, rec)))
+            } else {
+                let r = rec.clone();
+                self.update(&full, |s| {
+                    s.mounts.insert(full.clone(), r);
+                })
+                .await
+                .map(|()| Some((rec.ids.len(), rec)))
+            };
             match res {
-                Ok(Some((0, _))) => {
+                Ok(Some((0, unsaved))) => {
                     tracing::info!(volume = %full, "no running container uses it; releasing");
                     crate::obs::reconcile_action("release");
-                    if let Err(e) = self.deactivate(&full).await {
+                    if let Err(e) = self.release(&full, Some(unsaved)).await {
                         tracing::error!(volume = %full, error = %crate::error_chain(&e), "release failed");
                     }
                 }
@@ -1190,10 +1303,11 @@ impl VolumeManager {
                 },
             );
         })
+        .await
     }
 
     async fn release_stray_attachments(&self) {
-        let vols = match self.agent.list(&self.cfg.vm_id).await {
+        let vols = match self.agent.list_attached(&self.cfg.vm_id).await {
             Ok(v) => v,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot list volumes to find stray attachments");

@@ -41,6 +41,7 @@ use crate::progress::Progress;
 use crate::store::{DsPath, FileKind, StoreError};
 
 mod admin;
+mod catalog;
 mod pending;
 mod recover;
 
@@ -169,6 +170,7 @@ pub struct VolumeService {
     backend: Arc<dyn DiskBackend>,
     pending: Arc<pending::Registry>,
     answer_within: Duration,
+    catalog: Arc<catalog::Catalog>,
 }
 
 /// How long a create whose long part (zeroing, copying) has begun may run
@@ -242,11 +244,31 @@ impl VolumeService {
 
     fn assemble(datastores: Vec<Datastore>, backend: Arc<dyn DiskBackend>) -> Self {
         Self {
+            catalog: Arc::new(catalog::Catalog::new(datastores.len())),
             datastores,
             backend,
             pending: Default::default(),
             answer_within: CREATE_ANSWER_WITHIN,
         }
+    }
+
+    /// Sets how young a file's change time may be before the catalog (see
+    /// `service::catalog`) stops trusting it (default two seconds, for the
+    /// coarsest file system clocks). For tests on file systems with fine
+    /// clocks; set before the service is used.
+    #[doc(hidden)]
+    pub fn with_catalog_window(mut self, d: Duration) -> Self {
+        let mut c = catalog::Catalog::new(self.datastores.len());
+        c.racy_ns = d.as_nanos() as i128;
+        self.catalog = Arc::new(c);
+        self
+    }
+
+    /// Whether every datastore's catalog is complete and trusted, so the
+    /// next List reads no volume file unless a folder changed (tests).
+    #[doc(hidden)]
+    pub fn catalog_settled(&self) -> bool {
+        self.catalog.folders.iter().all(|f| f.lock().unwrap().scanned.is_some())
     }
 
     /// Sets how long a create whose long part has begun runs before it is
@@ -474,16 +496,50 @@ impl VolumeService {
         if let Some(p) = self.pending.get(&t.full) {
             return Ok(p.info());
         }
+        // The catalog answers when the volume's files carry the stamps it
+        // read them with (a few stats on this thread, no hop).
+        let cat = self.catalog_folder(t.ds);
+        let mut stamps = None;
+        if let Some((i, folder)) = &cat {
+            if let Some((meta, disk)) = self.catalog.lookup(*i, folder, &t.volume) {
+                let holder_checked = match attached_vm(&meta) {
+                    Some(holder) => self.holder_powered_off(&t, holder).await.is_none(),
+                    None => true,
+                };
+                if holder_checked {
+                    return Ok(build_info(&t.full, t.ds, DEFAULT_VMGROUP, &meta, &disk));
+                }
+            }
+            stamps = catalog::FileStamps::take(folder, &t.volume, self.catalog.racy_ns).map(|(s, _)| s);
+        }
         let folder = self.existing_folder(&t).await?;
         let mut meta = Self::existing_meta(&t, &*folder).await?;
         if let Some(holder) = attached_vm(&meta) {
             if let Some(off) = self.holder_powered_off(&t, holder).await {
                 if let Some(checked) = self.recheck_unlocked(&t, &*folder, off).await {
                     meta = checked;
+                    stamps = None;
                 }
             }
         }
-        self.info(&t, &meta).await
+        let disk = self.backend.disk_info(&t.disk()).await.map_err(Self::backend_err(&t))?;
+        if let (Some((i, _)), Some(stamps)) = (&cat, stamps) {
+            self.catalog.store(*i, &t.volume, stamps, &meta, &disk);
+        }
+        Ok(build_info(&t.full, t.ds, DEFAULT_VMGROUP, &meta, &disk))
+    }
+
+    /// The catalog's index of `ds` and its default vmgroup folder, opened
+    /// through the datastore door, when the catalog serves it: datastores
+    /// this host reaches as directories, with the `local` backend. `None`
+    /// also when the folder does not exist (yet).
+    fn catalog_folder(&self, ds: &Datastore) -> Option<(usize, crate::datastore::LocalFolder)> {
+        if self.backend.kind() != "local" || ds.root.is_none() {
+            return None;
+        }
+        let i = self.datastores.iter().position(|d| std::ptr::eq(d, ds))?;
+        let folder = ds.folder(DEFAULT_VMGROUP, false).ok()??;
+        Some((i, folder))
     }
 
     /// Whether the hypervisor says `vm`, which the records say holds a
@@ -586,6 +642,75 @@ impl VolumeService {
             all.sort_by(|a, b| a.name.cmp(&b.name));
         }
         Ok(all)
+    }
+
+    /// What [`VolumeService::list`] lists of the volumes whose records say
+    /// the calling VM holds them (what a restarted guest checks for stray
+    /// attachments). From the catalog, only these volumes' details are
+    /// built.
+    pub async fn list_attached(&self, caller: &Caller) -> Result<Vec<VolumeInfo>, AgentError> {
+        let vm = caller.vm_id()?;
+        let all = match self.catalog_inventory(Some(vm)).await {
+            Some(listed) => listed?,
+            None => self.list(caller).await?,
+        };
+        Ok(all
+            .into_iter()
+            .filter(|v| v.status == AttachStatus::Attached && v.attached_to.as_deref() == Some(vm))
+            .collect())
+    }
+
+    /// The names of what [`VolumeService::list`] lists, as `(vol@ds,
+    /// vol, ds)`, sorted: what Docker's List needs. From the catalogs alone
+    /// when no folder changed since their last scan (no volume is read and
+    /// no `VolumeInfo` built); else from a full [`VolumeService::list`].
+    pub async fn list_names(&self, caller: &Caller) -> Result<Vec<(String, String, String)>, AgentError> {
+        let mut names = match self.catalog_names() {
+            Some(n) => n,
+            None => {
+                return Ok(self
+                    .list(caller)
+                    .await?
+                    .into_iter()
+                    .map(|v| (v.name, v.volume, v.datastore))
+                    .collect())
+            }
+        };
+        let pending = self.pending.all();
+        if !pending.is_empty() {
+            names.extend(pending.iter().map(|p| {
+                (
+                    p.preview.name.clone(),
+                    p.preview.volume.clone(),
+                    p.preview.datastore.clone(),
+                )
+            }));
+            names.sort();
+            names.dedup();
+        }
+        Ok(names)
+    }
+
+    /// Every volume name in the catalogs, if every datastore has one that
+    /// is complete and whose folder has not changed since (and no create
+    /// of another process is under way).
+    fn catalog_names(&self) -> Option<Vec<(String, String, String)>> {
+        let mut out = Vec::new();
+        for ds in &self.datastores {
+            let (i, folder) = self.catalog_folder(ds)?;
+            let st = folder.dir().stat_self().ok()?;
+            let cat = self.catalog.folders[i].lock().unwrap();
+            if cat.scanned.is_none() || cat.scanned != Some(catalog::folder_stamp(&st)) || !cat.creating.is_empty() {
+                return None;
+            }
+            out.extend(
+                cat.vols
+                    .keys()
+                    .map(|v| (format!("{v}@{}", ds.name), v.to_string(), ds.name.clone())),
+            );
+        }
+        out.sort();
+        Some(out)
     }
 
     /// `POST /v1/volumes`: creates a volume (or a clone). A create whose

@@ -156,6 +156,9 @@ pub struct Stat {
     pub id: FileId,
     /// Last status change, nanoseconds since the epoch.
     pub ctime_ns: i128,
+    /// Last modification (of a directory: an entry was added, removed or
+    /// renamed), nanoseconds since the epoch.
+    pub mtime_ns: i128,
 }
 
 /// A file's identity: `(st_dev, st_ino)`.
@@ -760,6 +763,7 @@ fn stat_of(st: &libc::stat) -> Stat {
             ino: st.st_ino,
         },
         ctime_ns: st.st_ctime as i128 * 1_000_000_000 + st.st_ctime_nsec as i128,
+        mtime_ns: st.st_mtime as i128 * 1_000_000_000 + st.st_mtime_nsec as i128,
     }
 }
 

@@ -949,6 +949,7 @@ impl VolumeFolder for VsphereFolder {
             allocated: 0,
             id: FileId { dev: 0, ino: 0 },
             ctime_ns: 0,
+            mtime_ns: 0,
         }))
     }
 

@@ -308,6 +308,9 @@ impl VolumeService {
     /// are released first (see [`VolumeService::get`]); each holder's power
     /// state is read once.
     pub async fn inventory(&self) -> Result<Vec<VolumeInfo>, AgentError> {
+        if let Some(listed) = self.catalog_inventory(None).await {
+            return listed;
+        }
         let (targets, creating) = self.folder_scan().await?;
         let reads: Vec<_> = targets.iter().map(|(t, f)| Self::load_meta(t, &**f)).collect();
         let metas: Vec<_> = stream::iter(reads).buffered(LIST_CONCURRENCY).collect().await;
@@ -361,6 +364,220 @@ impl VolumeService {
         }
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
+    }
+
+    /// [`VolumeService::inventory`] from the catalog (see
+    /// `service::catalog`); `None` when a datastore is not served by one.
+    pub(super) async fn catalog_inventory(&self, only_vm: Option<&str>) -> Option<Result<Vec<VolumeInfo>, AgentError>> {
+        if self.backend.kind() != "local" || self.datastores.iter().any(|d| d.root.is_none()) {
+            return None;
+        }
+        let mut loaded: Vec<(Target<'_>, VolumeMeta, crate::backend::DiskInfo)> = Vec::new();
+        let mut creating = Vec::new();
+        for (i, ds) in self.datastores.iter().enumerate() {
+            match self.catalog_scan(i, ds, only_vm).await {
+                Ok(Some((vols, made))) => {
+                    loaded.extend(vols);
+                    creating.extend(made);
+                }
+                Ok(None) => {}
+                Err(e) => return Some(Err(e)),
+            }
+        }
+        let mut power: BTreeMap<String, Option<bool>> = BTreeMap::new();
+        let mut out = Vec::with_capacity(loaded.len() + creating.len());
+        for (t, meta, disk) in loaded {
+            let meta = match super::attached_vm(&meta).map(str::to_owned) {
+                Some(holder) => {
+                    let off = match power.get(&holder) {
+                        Some(off) => *off,
+                        None => {
+                            let off = self.holder_powered_off(&t, &holder).await;
+                            power.insert(holder, off);
+                            off
+                        }
+                    };
+                    match (off, self.catalog_folder(t.ds)) {
+                        (Some(true), Some((_, f))) => self.recheck_unlocked(&t, &f, true).await.unwrap_or(meta),
+                        _ => meta,
+                    }
+                }
+                None => meta,
+            };
+            out.push(super::build_info(&t.full, t.ds, DEFAULT_VMGROUP, &meta, &disk));
+        }
+        for (t, f) in &creating {
+            out.extend(self.creating_info(t, f).await);
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Some(Ok(out))
+    }
+
+    /// The volumes of datastore `i` from its catalog, brought up to date
+    /// when its folder changed since the last scan; and the names being
+    /// created. `None` when the datastore has no volume folder.
+    #[allow(clippy::type_complexity)]
+    async fn catalog_scan<'a>(
+        &'a self,
+        i: usize,
+        ds: &'a Datastore,
+        only_vm: Option<&str>,
+    ) -> Result<
+        Option<(
+            Vec<(Target<'a>, VolumeMeta, crate::backend::DiskInfo)>,
+            Vec<(Target<'a>, crate::datastore::LocalFolder)>,
+        )>,
+        AgentError,
+    > {
+        use super::catalog::{entry_current, folder_stamp, FileStamps, Scan};
+        let store_err = |source| AgentError::Store {
+            name: format!("*@{}", ds.name),
+            source,
+        };
+        let target = |volume: &str| Target {
+            full: format!("{volume}@{}", ds.name),
+            ds,
+            volume: volume.to_owned(),
+        };
+        let Some(folder) = ds.folder(DEFAULT_VMGROUP, false).map_err(store_err)? else {
+            return Ok(None);
+        };
+        let unchanged = |st: &crate::store::Stat| {
+            let cat = self.catalog.folders[i].lock().unwrap();
+            cat.scanned.is_some() && cat.scanned == Some(folder_stamp(st))
+        };
+        let mut st = folder.dir().stat_self().map_err(store_err)?;
+        if !unchanged(&st) {
+            let _scanning = self.catalog.scanning[i].lock().await;
+            st = folder.dir().stat_self().map_err(store_err)?;
+            if !unchanged(&st) {
+                let (f, s, racy) = (folder.clone(), st, self.catalog.racy_ns);
+                let scan = tokio::task::spawn_blocking(move || Scan::run(&f, &s, racy))
+                    .await
+                    .map_err(|e| AgentError::Internal(format!("the folder scan failed: {e}")))?
+                    .map_err(store_err)?;
+                let reload: Vec<String> = {
+                    let cat = self.catalog.folders[i].lock().unwrap();
+                    scan.volumes
+                        .iter()
+                        .filter(|(v, side, disks)| {
+                            !cat.vols
+                                .get(v.as_str())
+                                .is_some_and(|e| entry_current(e, *side, *disks))
+                        })
+                        .map(|(v, _, _)| v.clone())
+                        .collect()
+                };
+                let reads: Vec<_> = reload
+                    .iter()
+                    .map(|volume| {
+                        let (f, v, racy) = (folder.clone(), volume.clone(), self.catalog.racy_ns);
+                        async move {
+                            let t = target(&v);
+                            let read = tokio::task::spawn_blocking(move || {
+                                let stamps = FileStamps::take(&f, &v, racy).map(|(s, _)| s);
+                                (stamps, f.read_meta_blocking(&v))
+                            })
+                            .await;
+                            let (stamps, meta) = match read {
+                                Ok((stamps, Ok(Some(meta)))) => (stamps, meta),
+                                Ok((_, Ok(None))) => return (t, None),
+                                Ok((_, Err(e))) => {
+                                    tracing::warn!(volume = %t.full, error = %crate::error::error_chain(&e), "skipping unreadable volume");
+                                    return (t, None);
+                                }
+                                Err(e) => {
+                                    tracing::warn!(volume = %t.full, error = %e, "skipping unreadable volume");
+                                    return (t, None);
+                                }
+                            };
+                            match self.backend.disk_info(&t.disk()).await {
+                                // Packed at once: the full metadata of every
+                                // volume is never held at the same time.
+                                Ok(disk) => match stamps.and_then(|s| super::catalog::Entry::new(s, &meta, &disk)) {
+                                    Some(e) => (t, Some(Ok(e))),
+                                    None => (t, Some(Err((meta, disk)))),
+                                },
+                                Err(e) => {
+                                    tracing::warn!(volume = %t.full, error = %crate::error::error_chain(&e), "skipping unreadable volume");
+                                    (t, None)
+                                }
+                            }
+                        }
+                    })
+                    .collect();
+                let results: Vec<_> = stream::iter(reads).buffered(LIST_CONCURRENCY).collect().await;
+                let mut cat = self.catalog.folders[i].lock().unwrap();
+                let present: std::collections::HashSet<&str> =
+                    scan.volumes.iter().map(|(v, _, _)| v.as_str()).collect();
+                cat.vols.retain(|v, _| present.contains(&**v));
+                // Volumes read but not kept (stamps too young to trust, or
+                // an option the catalog cannot pack) are answered from this
+                // read, and read again by the next scan.
+                let mut uncached = Vec::new();
+                for (t, r) in results {
+                    match r {
+                        Some(Ok(e)) => {
+                            cat.vols.insert(t.volume.as_str().into(), e);
+                        }
+                        Some(Err((meta, disk))) => {
+                            cat.vols.remove(t.volume.as_str());
+                            uncached.push((t, meta, disk));
+                        }
+                        None => {
+                            cat.vols.remove(t.volume.as_str());
+                        }
+                    }
+                }
+                // Complete only when every volume found has a current entry
+                // (one too young to trust, or unreadable, is looked at again).
+                let complete = scan.volumes.iter().all(|(v, side, disks)| {
+                    cat.vols
+                        .get(v.as_str())
+                        .is_some_and(|e| entry_current(e, *side, *disks))
+                });
+                cat.scanned = if complete { scan.folder } else { None };
+                cat.creating = scan.creating.iter().map(|c| c.as_str().into()).collect();
+                drop(cat);
+                let (mut vols, creating) = self.catalog_contents(i, ds, &folder, only_vm);
+                vols.extend(
+                    uncached
+                        .into_iter()
+                        .filter(|(_, m, _)| only_vm.is_none() || super::attached_vm(m) == only_vm),
+                );
+                return Ok(Some((vols, creating)));
+            }
+        }
+        Ok(Some(self.catalog_contents(i, ds, &folder, only_vm)))
+    }
+
+    /// Every entry of catalog `i` (only those the records say `only_vm`
+    /// holds, if given), and the names being created.
+    #[allow(clippy::type_complexity)]
+    fn catalog_contents<'a>(
+        &'a self,
+        i: usize,
+        ds: &'a Datastore,
+        folder: &crate::datastore::LocalFolder,
+        only_vm: Option<&str>,
+    ) -> (
+        Vec<(Target<'a>, VolumeMeta, crate::backend::DiskInfo)>,
+        Vec<(Target<'a>, crate::datastore::LocalFolder)>,
+    ) {
+        let cat = self.catalog.folders[i].lock().unwrap();
+        let target = |volume: &str| Target {
+            full: format!("{volume}@{}", ds.name),
+            ds,
+            volume: volume.to_owned(),
+        };
+        let vols = cat
+            .vols
+            .iter()
+            .filter(|(_, e)| only_vm.is_none() || e.holder() == only_vm)
+            .map(|(v, e)| (target(v), e.meta(), e.disk(None)))
+            .collect();
+        let creating = cat.creating.iter().map(|c| (target(c), folder.clone())).collect();
+        (vols, creating)
     }
 
     /// `policy create`: validates name and content, refuses an existing

@@ -1,0 +1,160 @@
+//! The agent's volume catalog (see `service::catalog`): List and Get answer
+//! from memory, and still see what other processes on the same datastore
+//! did: a create by a second agent, a `vmdk-agent set`, a remove, a
+//! damaged file.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vmdk_agent::backend::local::LocalBackend;
+use vmdk_agent::backend::loopdev::FakeLoops;
+use vmdk_agent::config::AgentConfig;
+use vmdk_agent::service::Caller;
+use vmdk_agent::VolumeService;
+use vmdk_protocol::{AccessMode, CreateRequest};
+
+const BIN: &str = env!("CARGO_BIN_EXE_vmdk-agent");
+
+fn service(ds: &Path) -> VolumeService {
+    let mut cfg = AgentConfig::default();
+    cfg.add_datastore_flag(&format!("local={}", ds.display())).unwrap();
+    VolumeService::new(&cfg, Arc::new(LocalBackend::new(Arc::new(FakeLoops::default()))))
+        .unwrap()
+        // This test's file system keeps nanosecond times; the default
+        // window is for the coarsest clocks.
+        .with_catalog_window(Duration::from_millis(100))
+}
+
+fn vm() -> Caller {
+    Caller::vm("vm-1").unwrap()
+}
+
+async fn create(svc: &VolumeService, name: &str) {
+    svc.create(
+        &vm(),
+        &CreateRequest {
+            name: name.into(),
+            opts: [("size".to_string(), "10mb".to_string())].into(),
+        },
+    )
+    .await
+    .unwrap();
+}
+
+async fn names(svc: &VolumeService) -> Vec<String> {
+    svc.list(&vm()).await.unwrap().into_iter().map(|v| v.name).collect()
+}
+
+/// Docker's List: names only, from the catalog when nothing changed.
+async fn names_only(svc: &VolumeService) -> Vec<String> {
+    svc.list_names(&vm())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(n, _, _)| n)
+        .collect()
+}
+
+/// Lists until the catalog is complete and trusted (its files' change
+/// times are older than its window): from then on a List reads no volume
+/// file unless the folder changes. A liveness bound, not a timing claim.
+async fn settle(svc: &VolumeService) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        names(svc).await;
+        if svc.catalog_settled() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the catalog never settled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn folder(ds: &Path) -> PathBuf {
+    ds.join("dockvols/_DEFAULT")
+}
+
+#[tokio::test]
+async fn list_and_get_see_what_other_processes_did() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dir.path().join("local");
+    std::fs::create_dir_all(&ds).unwrap();
+    let a = service(&ds);
+    create(&a, "one").await;
+    settle(&a).await;
+    assert_eq!(names(&a).await, ["one@local"]);
+
+    // A second agent on the same datastore creates a volume.
+    let b = service(&ds);
+    create(&b, "two").await;
+    assert_eq!(names_only(&a).await, ["one@local", "two@local"]);
+    assert_eq!(names(&a).await, ["one@local", "two@local"]);
+    settle(&a).await;
+    assert_eq!(names_only(&a).await, ["one@local", "two@local"]);
+
+    // The admin CLI changes a setting: Get and List show it.
+    settle(&a).await;
+    assert_eq!(a.get(&vm(), "one").await.unwrap().access, AccessMode::ReadWrite);
+    let out = Command::new(BIN)
+        .args(["--datastore", &format!("local={}", ds.display())])
+        .args(["set", "--volume=one", "--options=access=read-only"])
+        .env_remove("VMDK_AGENT_CONFIG")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(a.get(&vm(), "one").await.unwrap().access, AccessMode::ReadOnly);
+    let listed = a.list(&vm()).await.unwrap();
+    assert_eq!(listed[0].access, AccessMode::ReadOnly);
+
+    // Another agent removes one.
+    settle(&a).await;
+    b.remove(&vm(), "two").await.unwrap();
+    assert_eq!(names_only(&a).await, ["one@local"]);
+    assert_eq!(names(&a).await, ["one@local"]);
+    assert!(a.get(&vm(), "two").await.is_err());
+
+    // What a restarted guest asks: the volumes attached to it.
+    b.attach(&vm(), "one").await.unwrap();
+    let attached = |v: Vec<vmdk_protocol::VolumeInfo>| v.into_iter().map(|v| v.name).collect::<Vec<_>>();
+    assert_eq!(attached(a.list_attached(&vm()).await.unwrap()), ["one@local"]);
+    let other = Caller::vm("vm-2").unwrap();
+    assert!(a.list_attached(&other).await.unwrap().is_empty());
+    settle(&a).await;
+    assert_eq!(attached(a.list_attached(&vm()).await.unwrap()), ["one@local"]);
+    b.detach(&vm(), "one").await.unwrap();
+    assert!(a.list_attached(&vm()).await.unwrap().is_empty());
+
+    // A sidecar replaced in place (no rename, so the folder does not
+    // change) is seen by Get, which stats the volume's files.
+    settle(&a).await;
+    assert!(a.get(&vm(), "one").await.is_ok());
+    std::fs::write(folder(&ds).join("one.vmfd"), b"{not json").unwrap();
+    let e = a.get(&vm(), "one").await.unwrap_err();
+    let why = vmdk_agent::error::error_chain(&e);
+    assert!(why.contains("one.vmfd"), "{why}");
+    // A deleted extent changes the folder: List skips the volume.
+    std::fs::remove_file(folder(&ds).join("one-flat.vmdk")).unwrap();
+    assert!(names(&a).await.is_empty());
+}
+
+/// Get's answer from the catalog carries the extent's current allocation.
+#[tokio::test]
+async fn get_shows_the_current_allocation() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dir.path().join("local");
+    std::fs::create_dir_all(&ds).unwrap();
+    let a = service(&ds);
+    create(&a, "v").await;
+    settle(&a).await;
+    assert_eq!(a.get(&vm(), "v").await.unwrap().allocated_bytes, 0);
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(folder(&ds).join("v-flat.vmdk"))
+        .unwrap();
+    f.write_all_at(&[1u8; 1 << 20], 0).unwrap();
+    f.sync_all().unwrap();
+    assert!(a.get(&vm(), "v").await.unwrap().allocated_bytes >= 1 << 20);
+}
