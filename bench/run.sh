@@ -46,7 +46,7 @@ for tool in losetup mkfs.ext4 mount umount truncate; do
 done
 
 echo "==> building release binaries"
-cargo build --release --quiet -p vmdk-plugin --bin vmdk-plugin -p vmdk-agent --bin vmdk-agent -p vmdk-bench
+cargo build --release --quiet -p vmdk-plugin -p vmdk-agent -p vmdk-bench --bin vmdk-plugin --bin vmdk-agent --bin vmdk-bench
 bin=target/release
 
 out=target/bench

@@ -659,9 +659,10 @@ pub fn concurrency(o: &Opts, rep: &mut Report) -> anyhow::Result<()> {
             }
         }
     }
-    rep.ratio(
+    rep.ratio_of(
         G,
-        "8 fresh mounts concurrent vs in sequence",
+        "8 fresh mounts",
+        ("in sequence", "concurrent"),
         Stats::of(&seq),
         Stats::of(&par),
         Some(0.6),

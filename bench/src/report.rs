@@ -145,8 +145,21 @@ impl Report {
     /// Hand-run and plugin samples of the same work: both medians and the
     /// ratio of medians against `max_ratio` (or informational).
     pub fn ratio(&mut self, group: &str, name: &str, hand: Stats, ours: Stats, max_ratio: Option<f64>) {
+        self.ratio_of(group, name, ("by hand", "vmdk"), hand, ours, max_ratio)
+    }
+
+    /// [`Report::ratio`] with other names for the two sides.
+    pub fn ratio_of(
+        &mut self,
+        group: &str,
+        name: &str,
+        (base, ours_label): (&str, &str),
+        hand: Stats,
+        ours: Stats,
+        max_ratio: Option<f64>,
+    ) {
         println!(
-            "  {name}: by hand median {} p99 {} ms | vmdk median {} p99 {} ms (n={})",
+            "  {name}: {base} median {} p99 {} ms | {ours_label} median {} p99 {} ms (n={})",
             fmt(hand.median),
             fmt(hand.p99),
             fmt(ours.median),
@@ -154,10 +167,11 @@ impl Report {
             ours.n
         );
         let r = ours.median / hand.median;
-        let extra = json!({"hand": hand.json(), "vmdk": ours.json(), "p99_ratio": ours.p99 / hand.p99});
+        let extra = json!({base: hand.json(), ours_label: ours.json(), "p99_ratio": ours.p99 / hand.p99});
+        let name = format!("{name} ({ours_label} / {base})");
         match max_ratio {
-            Some(m) => self.target(group, &format!("{name} (vmdk/hand)"), r, "x", m, extra),
-            None => self.info(group, &format!("{name} (vmdk/hand)"), r, "x", extra),
+            Some(m) => self.target(group, &name, r, "x", m, extra),
+            None => self.info(group, &name, r, "x", extra),
         }
     }
 
