@@ -14,7 +14,7 @@
 #
 # Builds the release binaries, prints each figure next to its target with
 # PASS/FAIL, and writes target/bench/results.json (figures and the machine)
-# and target/bench/run-<time>.log. It needs what tests/run.sh installs
+# and target/bench/run-<time>.log (with a copy of the results as run-<time>.json). It needs what tests/run.sh installs
 # (e2fsprogs, util-linux, busybox-static, Docker Engine) and installs nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -55,7 +55,7 @@ mkdir -p "$out"
 # The busybox image of the Docker Engine tests, when the docker group runs.
 if [[ -z $groups || ,$groups, == *,docker,* ]]; then
     docker info >/dev/null 2>&1 || { echo "bench/run.sh: the docker group needs a running Docker Engine" >&2; exit 1; }
-    image="vmdk-e2e/busybox:bench-$(sha256sum tests/images/build-image.sh | cut -c1-12)"
+    image="vmdk-bench/busybox:$(sha256sum tests/images/build-image.sh | cut -c1-12)"
     if ! docker image inspect "$image" >/dev/null 2>&1; then
         echo "==> building image $image (tests/images/build-image.sh busybox)"
         bash tests/images/build-image.sh busybox "$image" >/dev/null
@@ -81,5 +81,6 @@ start=$SECONDS
 "$bin/vmdk-bench" --plugin "$bin/vmdk-plugin" --agent "$bin/vmdk-agent" \
     --work /var/tmp/vmdk-bench --out "$out/results.json" --machine "$machine" "${args[@]}" 2>&1 | tee "$log"
 rc=${PIPESTATUS[0]}
+cp "$out/results.json" "${log%.log}.json" 2>/dev/null || true
 echo "==> bench took $((SECONDS - start)) s; load average now $(cut -d' ' -f1-3 /proc/loadavg); log $log"
 exit "$rc"
