@@ -14,8 +14,9 @@
 #
 # Builds the release binaries, prints each figure next to its target with
 # PASS/FAIL, and writes target/bench/results.json (figures and the machine)
-# and target/bench/run-<time>.log (with a copy of the results as run-<time>.json). It needs what tests/run.sh installs
-# (e2fsprogs, util-linux, busybox-static, Docker Engine) and installs nothing.
+# and target/bench/run-<time>.log (and the results again as run-<time>.json).
+# It needs what tests/run.sh installs (e2fsprogs, util-linux, busybox-static,
+# Docker Engine) and installs nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
