@@ -96,6 +96,19 @@ pub fn docker_group(o: &Opts, rep: &mut Report) -> anyhow::Result<()> {
     if std::os::unix::net::UnixStream::connect(SOCKET).is_ok() {
         bail!("{SOCKET} is already served (an installed vmdk plugin?); stop it first");
     }
+    // A driver dockerd knows but cannot reach (a plugin another program
+    // served and stopped) makes every `docker volume ls` wait for its
+    // retries, about 15 s, and hides both sides of the comparison.
+    let (base, _) = docker(&["volume", "ls"])?;
+    let base_ms = base.as_secs_f64() * 1e3;
+    rep.target(
+        G,
+        "docker volume ls before the bench's volumes (engine baseline)",
+        base_ms,
+        "ms",
+        2000.0,
+        json!({"note": "over 2 s: dockerd is retrying an unreachable plugin (see its log); the ls figures below are not comparable"}),
+    );
     let dir = scratch(o, G)?;
     let mut paths = PluginPaths::under(&dir);
     paths.socket = SOCKET.into();
