@@ -231,3 +231,31 @@ pub fn fmt(v: f64) -> String {
         format!("{v:.3}")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_and_nearest_rank_p99() {
+        let v: Vec<f64> = (1..=200).map(f64::from).rev().collect();
+        let s = Stats::of_ms(&v);
+        assert_eq!((s.n, s.min, s.max), (200, 1.0, 200.0));
+        assert_eq!(s.median, 100.5);
+        // The 198th of 200 sorted samples: 99% of them are at or below it.
+        assert_eq!(s.p99, 198.0);
+        let s = Stats::of_ms(&[3.0, 1.0, 2.0]);
+        assert_eq!((s.median, s.p99), (2.0, 3.0));
+        assert!(Stats::of_ms(&[]).median.is_nan());
+    }
+
+    #[test]
+    fn a_target_passes_at_or_below_its_limit_only() {
+        let mut r = Report::new(None, true);
+        r.target("g", "at", 5.0, "ms", 5.0, Value::Null);
+        r.target("g", "over", 5.01, "ms", 5.0, Value::Null);
+        r.ratio("g", "slower", Stats::of_ms(&[10.0]), Stats::of_ms(&[12.0]), Some(1.1));
+        assert_eq!(r.fails.len(), 2, "{:?}", r.fails);
+        assert!(r.fails[0].contains("over") && r.fails[1].contains("slower"));
+    }
+}
