@@ -185,6 +185,9 @@ pub struct LinuxSystem;
 
 /// Where the plugin looks for mkfs and blkid (not `$PATH`).
 pub const SEARCH_PATH: &[&str] = &["/usr/sbin", "/sbin", "/usr/bin", "/bin"];
+/// How many times an unmount that found its mount busy is tried again
+/// (waiting 2, 4, ..., 128 ms: about 0.25 s in all).
+const UNMOUNT_BUSY_RETRIES: u32 = 7;
 
 fn find_program(name: &str) -> Option<PathBuf> {
     SEARCH_PATH.iter().map(|d| Path::new(d).join(name)).find(|p| p.exists())
@@ -294,14 +297,31 @@ impl System for LinuxSystem {
     }
 
     fn unmount(&self, target: &Path) -> Result<(), SysError> {
-        match nix::mount::umount2(target, MntFlags::empty()) {
-            Ok(()) => Ok(()),
-            Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => Ok(()),
-            Err(e) => Err(SysError::Io {
-                op: "unmount",
-                path: target.to_owned(),
-                source: e.into(),
-            }),
+        // EBUSY can be transient: a child this daemon forks for another
+        // volume (mkfs, blkid, losetup) holds a copy of every descriptor
+        // between fork and exec, including one we opened inside this mount
+        // to prepare its data directory. Docker sends Unmount only after
+        // the container is gone, so a few short retries (about 0.25 s in
+        // all) outlast that window; a mount really in use still fails.
+        let mut wait = std::time::Duration::from_millis(2);
+        let mut tries = 0;
+        loop {
+            match nix::mount::umount2(target, MntFlags::empty()) {
+                Ok(()) => return Ok(()),
+                Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => return Ok(()),
+                Err(nix::errno::Errno::EBUSY) if tries < UNMOUNT_BUSY_RETRIES => {
+                    tries += 1;
+                    std::thread::sleep(wait);
+                    wait *= 2;
+                }
+                Err(e) => {
+                    return Err(SysError::Io {
+                        op: "unmount",
+                        path: target.to_owned(),
+                        source: e.into(),
+                    })
+                }
+            }
         }
     }
 
