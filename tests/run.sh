@@ -20,9 +20,11 @@ need=()
 # tests/vsphere_guest.rs, which also needs qemu-img (qemu-utils).
 # systemd (systemd-socket-activate, systemd-analyze), init-system-helpers
 # (deb-systemd-helper) and rpm serve the socket-activation and packaging
-# tests (tests/socket_activation.rs, tests/packaging.rs).
+# tests (tests/socket_activation.rs, tests/packaging.rs). g++ builds
+# libFuzzer for tests/fuzz.sh (installed here, not by fuzz.sh in the
+# background, where it would race tests/packaging.rs for dpkg's lock).
 for pkg in e2fsprogs xfsprogs util-linux busybox-static qemu-utils docker-compose docker-registry postgresql \
-    golang-go golang-github-vmware-govmomi-dev systemd init-system-helpers rpm; do
+    golang-go golang-github-vmware-govmomi-dev systemd init-system-helpers rpm g++; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if ((${#need[@]})); then
@@ -85,6 +87,11 @@ echo "==> packaging tools (packaging/build.sh --tools-only), in the background"
 VMDK_PACKAGING_TOOLS_LOCKED=1 bash packaging/build.sh --tools-only >target/packaging-tools.log 2>&1 &
 tools_pid=$!
 exec 9>&-
+# The fuzz targets' release build (about 3 CPU-minutes, its own target
+# directory fuzz/target) goes alongside for the same reason.
+echo "==> fuzz targets' build (tests/fuzz.sh), in the background"
+VMDK_FUZZ_BUILD_ONLY=1 bash tests/fuzz.sh >target/fuzz-build.log 2>&1 &
+fuzz_build_pid=$!
 start=$SECONDS
 echo "==> cargo test (unit, property, root-only, hostile-datastore and Docker Engine tests)"
 cargo test --workspace --all-targets --no-fail-fast -- --test-threads=2 "$@" || failed+=("cargo test")
@@ -94,6 +101,10 @@ if ! wait "$tools_pid"; then
 fi
 echo "==> packaging tools (started $((SECONDS - tools_start)) s ago):"
 sed 's/^/    /' target/packaging-tools.log
+# (A failed build is built and reported again by the run below.)
+wait "$fuzz_build_pid" || true
+echo "==> fuzz targets' build:"
+sed 's/^/    /' target/fuzz-build.log
 start=$SECONDS
 echo "==> fuzz targets, bounded (tests/fuzz.sh; VMDK_FUZZ_SECONDS=${VMDK_FUZZ_SECONDS:-96})"
 bash tests/fuzz.sh || failed+=("fuzzing")
