@@ -359,12 +359,8 @@ impl VsphereBackend {
         progress: &Progress,
     ) -> Result<DiskInfo, BackendError> {
         // The server does the work in one task: its `info.progress`
-        // (percent) is the create's progress. A cancel (the volume's
-        // remove) cannot stop the server's task; the remove waits for it.
-        progress.start(100);
-        let report = |pct: u8| {
-            let _ = progress.set_done(u64::from(pct));
-        };
+        // (percent) is the create's progress.
+        let report = percent_reporter(progress);
         let path = Self::disk_path(disk)?;
         let spec = DiskSpec {
             disk_type: match format {
@@ -489,10 +485,7 @@ impl DiskBackend for VsphereBackend {
         progress: &Progress,
     ) -> Result<DiskInfo, BackendError> {
         // The copy task's `info.progress`, as for a create.
-        progress.start(100);
-        let report = |pct: u8| {
-            let _ = progress.set_done(u64::from(pct));
-        };
+        let report = percent_reporter(progress);
         // The copy keeps the source's allocation: CopyVirtualDisk_Task's
         // destination spec is refused by vCenter for plain files.
         let _ = format;
@@ -832,6 +825,16 @@ impl DiskBackend for VsphereBackend {
             .await
             .map_err(vs_err("list datastores"))?;
         Ok(all.into_iter().find(|d| &d.moref == first).map(|d| d.name))
+    }
+}
+
+/// Starts `progress` in percent and returns what the client calls with each
+/// `info.progress` of the server's task. A cancel (the volume's remove)
+/// cannot stop that task, so its error is not passed on: the remove waits.
+fn percent_reporter(progress: &Progress) -> impl Fn(u8) + Send + Sync + '_ {
+    progress.start(100);
+    move |pct| {
+        let _ = progress.set_done(u64::from(pct));
     }
 }
 
