@@ -231,7 +231,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
             }
-            let rt = tokio::runtime::Runtime::new()?;
+            // Every runtime thread asks for a short scheduler slice, so a
+            // control call is answered soon on a busy host (see
+            // vmdk_common::sched).
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .on_thread_start(|| {
+                    vmdk_common::sched::prefer_short_slice();
+                })
+                .build()?;
             rt.block_on(vmdk_plugin::serve::run(cfg, shutdown_signal()))
                 .map_err(|e| anyhow::anyhow!(vmdk_plugin::error_chain(&e)))
         }

@@ -278,6 +278,25 @@ async fn agent_version(State(m): Mgr) -> Response {
     }
 }
 
+/// `GET /v1/volumes`, the agent API's list, answered for the embedded
+/// agent so that `vmdk-agent ls` on this host reads its catalog instead of
+/// every volume's files (see docs/admin-cli.md). Docker never calls it.
+async fn agent_list(State(m): Mgr) -> Response {
+    let Some(svc) = m.embedded_agent() else {
+        return reply(
+            StatusCode::NOT_FOUND,
+            json!({"Err": "this plugin uses a separate vmdk-agent (--agent); ask that agent"}),
+        );
+    };
+    match svc.list(&vmdk_agent::service::Caller::Admin).await {
+        Ok(volumes) => reply(StatusCode::OK, json!(vmdk_protocol::VolumeList { volumes })),
+        Err(e) => reply(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            json!({"Err": vmdk_agent::error::error_chain(&e)}),
+        ),
+    }
+}
+
 async fn unknown(uri: axum::http::Uri) -> Response {
     reply(
         StatusCode::NOT_FOUND,
@@ -298,6 +317,7 @@ pub fn router(manager: Arc<VolumeManager>) -> Router {
         .route("/VolumeDriver.Get", post(get))
         .route("/VolumeDriver.List", post(list))
         .route(vmdk_protocol::PATH_VERSION, axum::routing::get(agent_version))
+        .route(vmdk_protocol::PATH_VOLUMES, axum::routing::get(agent_list))
         .fallback(unknown)
         .with_state(manager)
         .layer(axum::middleware::from_fn(crate::obs::track))

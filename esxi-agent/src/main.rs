@@ -114,6 +114,19 @@ struct LsArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Table)]
     format: Format,
+    /// Read every volume's files even when a running agent (`vmdk-agent
+    /// serve`, or a plugin running its agent embedded) serves the same
+    /// datastores; by default `ls` asks that agent, which answers from its
+    /// catalog.
+    #[arg(long)]
+    direct: bool,
+    /// The socket of `vmdk-agent serve` (default: the configuration's
+    /// `socket`, else /run/vmdk/agent.sock).
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// The plugin's socket, asked when no `vmdk-agent serve` answers.
+    #[arg(long, default_value = vmdk_protocol::DEFAULT_PLUGIN_SOCKET, env = "VMDK_PLUGIN_SOCKET")]
+    plugin_socket: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -254,7 +267,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let (cfg, source) = load_config(cli.config.as_ref(), &cli.datastores, tcp)?;
             tracing::info!(config = %source, "configuration");
-            let rt = tokio::runtime::Runtime::new().context("start runtime")?;
+            // Short scheduler slices: see vmdk_common::sched.
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .on_thread_start(|| {
+                    vmdk_common::sched::prefer_short_slice();
+                })
+                .build()
+                .context("start runtime")?;
             let svc = rt.block_on(service(&cfg))?;
             match raise_fd_limit() {
                 Ok((before, after)) if after > before => {
@@ -274,19 +294,41 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             rt.block_on(serve(svc, listeners, shutdown_signal()))
                 .context("serve agent API")
         }
-        Command::Ls(args) => admin_runtime()?.block_on(async { ls(&*service(&cfg()?).await?, &args).await }),
+        Command::Ls(args) => {
+            let cfg = cfg()?;
+            admin_runtime()?.block_on(async { ls(&*service(&cfg).await?, cfg.socket.clone(), &args).await })
+        }
         Command::Set(args) => admin_runtime()?.block_on(async { set(&*service(&cfg()?).await?, &args).await }),
         Command::Policy(cmd) => admin_runtime()?.block_on(async { policy(&*service(&cfg()?).await?, cmd).await }),
         Command::Status(args) => admin_runtime()?.block_on(status(cfg(), &args)),
     }
 }
 
-async fn ls(svc: &VolumeService, args: &LsArgs) -> anyhow::Result<()> {
+async fn ls(svc: &VolumeService, socket: Option<PathBuf>, args: &LsArgs) -> anyhow::Result<()> {
     let cols = match &args.columns {
         Some(list) => admin::parse_columns(list)?,
         None => admin::all_columns(),
     };
-    let volumes = svc.inventory().await.map_err(chain)?;
+    let served = match args.direct {
+        true => None,
+        false => {
+            let sockets = [
+                args.socket
+                    .clone()
+                    .or(socket)
+                    .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET)),
+                args.plugin_socket.clone(),
+            ];
+            let svc = svc.clone();
+            tokio::task::spawn_blocking(move || served_volumes(&svc, &sockets))
+                .await
+                .context("ask the running agent")?
+        }
+    };
+    let volumes = match served {
+        Some(v) => v,
+        None => svc.inventory().await.map_err(chain)?,
+    };
     let out = match args.format {
         Format::Table => admin::volume_table(&volumes, &cols, |name| {
             svc.datastores().iter().any(|d| d.name == name && d.vsan)
@@ -294,6 +336,33 @@ async fn ls(svc: &VolumeService, args: &LsArgs) -> anyhow::Result<()> {
         Format::Json => format!("{:#}\n", admin::volume_json(&volumes, &cols)),
     };
     print_out(&out)
+}
+
+/// The volumes as the agent answering on the first of `sockets` that
+/// serves exactly `svc`'s datastores (same names, same directories: see
+/// `VersionInfo::datastore_ids`) lists them from its catalog; `None` when
+/// none does, or its answer fails (then `ls` reads the files itself).
+fn served_volumes(svc: &VolumeService, sockets: &[PathBuf]) -> Option<Vec<vmdk_protocol::VolumeInfo>> {
+    let ids = svc.datastore_ids().filter(|ids| !ids.is_empty())?;
+    let names: Vec<String> = svc.datastores().iter().map(|d| d.name.clone()).collect();
+    let timeout = Duration::from_secs(5);
+    for socket in sockets {
+        let probe::ServiceState::Running(v) = probe::probe(socket, timeout) else {
+            continue;
+        };
+        if v.datastores != names || v.datastore_ids != ids {
+            tracing::debug!(socket = %socket.display(), "the agent there serves other datastores");
+            continue;
+        }
+        match probe::list_volumes(socket, timeout) {
+            Ok(vols) => return Some(vols),
+            Err(e) => {
+                tracing::warn!(socket = %socket.display(), error = %e, "the running agent did not list its volumes; reading them directly");
+                return None;
+            }
+        }
+    }
+    None
 }
 
 /// Prints to stdout; a closed pipe (`| head`) is not an error.

@@ -342,9 +342,20 @@ impl VolumeService {
             api: API_VERSION.to_owned(),
             backend: self.backend.kind().to_owned(),
             datastores: self.datastores.iter().map(|d| d.name.clone()).collect(),
+            datastore_ids: self.datastore_ids().unwrap_or_default(),
             home_datastore: None,
             embedded_in: None,
         }
+    }
+
+    /// The identity (`<device>:<inode>`) of every datastore's directory,
+    /// if each is a directory on this host (see
+    /// [`VersionInfo::datastore_ids`]).
+    pub fn datastore_ids(&self) -> Option<Vec<String>> {
+        self.datastores
+            .iter()
+            .map(|d| d.root.as_deref().and_then(datastore_id))
+            .collect()
     }
 
     /// [`VolumeService::version`] for `caller`, naming the datastore its
@@ -451,7 +462,15 @@ impl VolumeService {
         Self::load_meta(t, folder).await?.ok_or_else(|| Self::not_found(t))
     }
 
-    async fn store_meta(t: &Target<'_>, folder: &dyn VolumeFolder, meta: &VolumeMeta) -> Result<(), AgentError> {
+    /// Writes the volume's sidecar (under its lock) and updates its
+    /// catalog entry in place.
+    async fn store_meta(&self, t: &Target<'_>, folder: &dyn VolumeFolder, meta: &VolumeMeta) -> Result<(), AgentError> {
+        let res = Self::write_sidecar(t, folder, meta).await;
+        self.catalog_wrote(t, res.as_ref().ok().map(|()| meta), None);
+        res
+    }
+
+    async fn write_sidecar(t: &Target<'_>, folder: &dyn VolumeFolder, meta: &VolumeMeta) -> Result<(), AgentError> {
         folder
             .write_meta(&t.volume, meta)
             .await
@@ -459,6 +478,34 @@ impl VolumeService {
                 name: t.full.clone(),
                 source,
             })
+    }
+
+    /// Updates the volume's catalog entry after this agent wrote its
+    /// sidecar: `meta` is what it wrote (`None`: the write failed, so the
+    /// sidecar may hold either version), `disk` the disk a create made.
+    fn catalog_wrote(&self, t: &Target<'_>, meta: Option<&VolumeMeta>, disk: Option<&crate::backend::DiskInfo>) {
+        let Some((i, local)) = self.catalog_folder(t.ds) else {
+            return;
+        };
+        let verify = match meta {
+            Some(meta) => self.catalog.wrote(i, &local, &t.volume, meta, disk),
+            None => {
+                self.catalog.forget(i, &t.volume);
+                false
+            }
+        };
+        if verify {
+            self.spawn_verify(i);
+        }
+    }
+
+    /// This agent removed the volume's files.
+    fn catalog_removed(&self, t: &Target<'_>) {
+        if let Some((i, _)) = self.catalog_folder(t.ds) {
+            if self.catalog.removed(i, &t.volume) {
+                self.spawn_verify(i);
+            }
+        }
     }
 
     fn backend_err<'a>(t: &'a Target<'_>) -> impl FnOnce(BackendError) -> AgentError + 'a {
@@ -500,6 +547,7 @@ impl VolumeService {
         // read them with (a few stats on this thread, no hop).
         let cat = self.catalog_folder(t.ds);
         let mut stamps = None;
+        let seen = cat.as_ref().map_or(0, |(i, _)| self.catalog.seq(*i));
         if let Some((i, folder)) = &cat {
             if let Some((meta, disk)) = self.catalog.lookup(*i, folder, &t.volume) {
                 let holder_checked = match attached_vm(&meta) {
@@ -510,7 +558,7 @@ impl VolumeService {
                     return Ok(build_info(&t.full, t.ds, DEFAULT_VMGROUP, &meta, &disk));
                 }
             }
-            stamps = catalog::FileStamps::take(folder, &t.volume, self.catalog.racy_ns).map(|(s, _)| s);
+            stamps = catalog::FileStamps::take(folder, &t.volume, self.catalog.racy_ns).map(|(s, _, ok)| (s, ok));
         }
         let folder = self.existing_folder(&t).await?;
         let mut meta = Self::existing_meta(&t, &*folder).await?;
@@ -524,7 +572,7 @@ impl VolumeService {
         }
         let disk = self.backend.disk_info(&t.disk()).await.map_err(Self::backend_err(&t))?;
         if let (Some((i, _)), Some(stamps)) = (&cat, stamps) {
-            self.catalog.store(*i, &t.volume, stamps, &meta, &disk);
+            self.catalog.store(*i, &t.volume, stamps, &meta, &disk, seen);
         }
         Ok(build_info(&t.full, t.ds, DEFAULT_VMGROUP, &meta, &disk))
     }
@@ -622,7 +670,7 @@ impl VolumeService {
         {
             PowerRelease::Released => {
                 clear_attachment(meta);
-                Self::store_meta(t, folder, meta).await?;
+                self.store_meta(t, folder, meta).await?;
                 tracing::warn!(volume = %t.full, vm = %holder, "released the volume from a powered-off VM (its file is kept)");
                 Ok(true)
             }
@@ -661,12 +709,13 @@ impl VolumeService {
     }
 
     /// The names of what [`VolumeService::list`] lists, as `(vol@ds,
-    /// vol, ds)`, sorted: what Docker's List needs. From the catalogs alone
-    /// when no folder changed since their last scan (no volume is read and
-    /// no `VolumeInfo` built); else from a full [`VolumeService::list`].
+    /// vol, ds)`, sorted: what Docker's List needs. From the catalogs
+    /// (brought up to date first when a folder changed; no `VolumeInfo` is
+    /// built); from a full [`VolumeService::list`] when a datastore has no
+    /// catalog or another process is creating a volume.
     pub async fn list_names(&self, caller: &Caller) -> Result<Vec<(String, String, String)>, AgentError> {
-        let mut names = match self.catalog_names() {
-            Some(n) => n,
+        let mut names = match self.catalog_names().await {
+            Some(n) => n?,
             None => {
                 return Ok(self
                     .list(caller)
@@ -691,26 +740,60 @@ impl VolumeService {
         Ok(names)
     }
 
-    /// Every volume name in the catalogs, if every datastore has one that
-    /// is complete and whose folder has not changed since (and no create
-    /// of another process is under way).
-    fn catalog_names(&self) -> Option<Vec<(String, String, String)>> {
+    /// Every volume name in the catalogs, each brought up to date first
+    /// unless List may answer from it as it is (see `service::catalog`);
+    /// `None` when a datastore has no catalog or a create of another
+    /// process is under way.
+    async fn catalog_names(&self) -> Option<Result<Vec<(String, String, String)>, AgentError>> {
+        if self.backend.kind() != "local" || self.datastores.iter().any(|d| d.root.is_none()) {
+            return None;
+        }
         let mut out = Vec::new();
-        for ds in &self.datastores {
-            let (i, folder) = self.catalog_folder(ds)?;
-            let st = folder.dir().stat_self().ok()?;
+        for (i, ds) in self.datastores.iter().enumerate() {
+            let Some((_, folder)) = self.catalog_folder(ds) else {
+                continue;
+            };
+            let store_err = |source| AgentError::Store {
+                name: format!("*@{}", ds.name),
+                source,
+            };
+            let fresh = |svc: &Self| -> Result<bool, AgentError> {
+                let st = folder.dir().stat_self().map_err(store_err)?;
+                Ok(match svc.catalog.answer(i, &st) {
+                    catalog::Answer::Stale => false,
+                    catalog::Answer::Tolerated { verify: true } => {
+                        svc.spawn_verify(i);
+                        true
+                    }
+                    _ => true,
+                })
+            };
+            let mut uncached = Vec::new();
+            match fresh(self) {
+                Ok(true) => {}
+                Ok(false) => {
+                    let _scanning = self.catalog.scanning[i].lock().await;
+                    match fresh(self) {
+                        Ok(true) => {}
+                        Ok(false) => match self.refresh(i).await {
+                            Ok(u) => uncached = u,
+                            Err(e) => return Some(Err(e)),
+                        },
+                        Err(e) => return Some(Err(e)),
+                    }
+                }
+                Err(e) => return Some(Err(e)),
+            }
             let cat = self.catalog.folders[i].lock().unwrap();
-            if cat.scanned.is_none() || cat.scanned != Some(catalog::folder_stamp(&st)) || !cat.creating.is_empty() {
+            if !cat.creating.is_empty() {
                 return None;
             }
-            out.extend(
-                cat.vols
-                    .keys()
-                    .map(|v| (format!("{v}@{}", ds.name), v.to_string(), ds.name.clone())),
-            );
+            let name = |v: &str| (format!("{v}@{}", ds.name), v.to_string(), ds.name.clone());
+            out.extend(cat.vols.keys().map(|v| name(v)));
+            out.extend(uncached.iter().map(|(v, _, _)| name(v)));
         }
         out.sort();
-        Some(out)
+        Some(Ok(out))
     }
 
     /// `POST /v1/volumes`: creates a volume (or a clone). A create whose
@@ -1033,9 +1116,12 @@ impl VolumeService {
             formatted,
             policy_state,
         };
-        Self::store_meta(t, folder, &meta).await?;
+        Self::write_sidecar(t, folder, &meta).await?;
         tracing::info!(volume = %t.full, vm, "created volume");
-        self.info(t, &meta).await
+        let disk = self.backend.disk_info(&t.disk()).await;
+        self.catalog_wrote(t, Some(&meta), disk.as_ref().ok());
+        let disk = disk.map_err(Self::backend_err(t))?;
+        Ok(build_info(&t.full, t.ds, DEFAULT_VMGROUP, &meta, &disk))
     }
 
     /// The backend's live attachment, healing metadata that claims an
@@ -1056,7 +1142,7 @@ impl VolumeService {
             tracing::warn!(volume = %t.full, vm = ?meta.attached_vm, "metadata says attached but the disk is not; marking detached");
             let mut healed = meta.clone();
             clear_attachment(&mut healed);
-            Self::store_meta(t, folder, &healed).await?;
+            self.store_meta(t, folder, &healed).await?;
         }
         Ok(live)
     }
@@ -1119,6 +1205,8 @@ impl VolumeService {
         // The sidecar becomes the remove marker in one rename, so a crash
         // part-way leaves files the next start knows to be ours.
         folder.begin_remove(&t.volume).await.map_err(Self::store_err(&t))?;
+        // Its sidecar is gone: no List shows it from here on.
+        self.catalog_removed(&t);
         self.backend
             .delete_disk(&t.disk())
             .await
@@ -1179,7 +1267,7 @@ impl VolumeService {
             meta.attached_vm = Some(vm.to_owned());
             meta.attached_device = None;
             meta.attached_at = Some(now_rfc3339());
-            Self::store_meta(&t, &*folder, &meta).await?;
+            self.store_meta(&t, &*folder, &meta).await?;
         }
         let attach_as = meta
             .opt(opt::ATTACH_AS)
@@ -1192,7 +1280,7 @@ impl VolumeService {
             Err(e) => {
                 if fresh {
                     clear_attachment(&mut meta);
-                    if let Err(me) = Self::store_meta(&t, &*folder, &meta).await {
+                    if let Err(me) = self.store_meta(&t, &*folder, &meta).await {
                         tracing::warn!(volume = %t.full, error = %crate::error::error_chain(&me), "cannot undo attach intent; the next operation heals it");
                     }
                 }
@@ -1208,7 +1296,7 @@ impl VolumeService {
         {
             tracing::info!(volume = %t.full, profile = %profile, "the volume's VSAN policy now applies to its disk");
             meta.policy_state = Some(PolicyState::Applied { profile, profile_id });
-            Self::store_meta(&t, &*folder, &meta).await?;
+            self.store_meta(&t, &*folder, &meta).await?;
         }
         let info = self.info(&t, &meta).await?;
         Ok(AttachInfo {
@@ -1240,7 +1328,7 @@ impl VolumeService {
             .map_err(Self::backend_err(&t))?;
         if meta.status == AttachStatus::Attached {
             clear_attachment(&mut meta);
-            Self::store_meta(&t, &*folder, &meta).await?;
+            self.store_meta(&t, &*folder, &meta).await?;
             tracing::info!(volume = %t.full, vm, "detached volume");
         }
         Ok(())
@@ -1279,10 +1367,19 @@ impl VolumeService {
             at: now_rfc3339(),
             by: vm.to_owned(),
         });
-        Self::store_meta(&t, &*folder, &meta).await?;
+        self.store_meta(&t, &*folder, &meta).await?;
         tracing::info!(volume = %t.full, vm, %fstype, "recorded filesystem");
         self.info(&t, &meta).await
     }
+}
+
+/// The identity of datastore directory `root` on this host:
+/// `<device>:<inode>`, following a link as the service does when it opens
+/// the datastore (see [`VersionInfo::datastore_ids`]).
+pub fn datastore_id(root: &std::path::Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(root).ok()?;
+    m.is_dir().then(|| format!("{}:{}", m.dev(), m.ino()))
 }
 
 /// The VM the records say holds the volume.

@@ -158,3 +158,55 @@ async fn get_shows_the_current_allocation() {
     f.sync_all().unwrap();
     assert!(a.get(&vm(), "v").await.unwrap().allocated_bytes >= 1 << 20);
 }
+
+/// The agent's own writes update the catalog in place: List shows each
+/// attach and detach at once, however often the folder changes. A volume
+/// another agent creates meanwhile shows up in List within the catalog's
+/// verification time (a liveness bound here, not a timing claim), and Get
+/// sees it at once.
+#[tokio::test]
+async fn own_writes_show_at_once_and_foreign_ones_are_still_seen() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dir.path().join("local");
+    std::fs::create_dir_all(&ds).unwrap();
+    let a = service(&ds);
+    for v in ["one", "busy"] {
+        create(&a, v).await;
+    }
+    settle(&a).await;
+    let holder = |vols: &[vmdk_protocol::VolumeInfo], name: &str| {
+        vols.iter()
+            .find(|v| v.name == name)
+            .map(|v| v.attached_to.clone())
+            .unwrap_or_else(|| panic!("{name} not listed in {vols:?}"))
+    };
+    let b = service(&ds);
+    let mut created_two = false;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        a.attach(&vm(), "busy").await.unwrap();
+        let listed = a.list(&vm()).await.unwrap();
+        assert_eq!(holder(&listed, "busy@local").as_deref(), Some("vm-1"));
+        assert_eq!(names_only(&a).await.len(), listed.len());
+        a.detach(&vm(), "busy").await.unwrap();
+        let listed = a.list(&vm()).await.unwrap();
+        assert_eq!(holder(&listed, "busy@local"), None);
+        if !created_two {
+            create(&b, "two").await;
+            created_two = true;
+            // Get looks at the volume's own files.
+            assert_eq!(a.get(&vm(), "two").await.unwrap().name, "two@local");
+        }
+        if listed.iter().any(|v| v.name == "two@local") && names_only(&a).await.contains(&"two@local".to_string()) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a volume another agent created never showed in List"
+        );
+    }
+    // And a remove by this agent is gone from List at once.
+    a.remove(&vm(), "busy").await.unwrap();
+    assert_eq!(names(&a).await, ["one@local", "two@local"]);
+    assert_eq!(names_only(&a).await, ["one@local", "two@local"]);
+}

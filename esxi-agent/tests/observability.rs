@@ -140,6 +140,41 @@ fn the_agent_admin_listener_shows_its_operations() {
         "{created}"
     );
     assert_eq!(sample(&created, detached), sample(&before, detached) + 1.0, "{created}");
+
+    // `vmdk-agent ls` on this host asks the agent serving the same
+    // datastore (its catalog answers); with --direct, or configured with
+    // another directory under the same name, it reads the files itself.
+    let listed = "vmdk_agent_operation_duration_seconds_count{op=\"list\",result=\"ok\"}";
+    let ls = |ds: &Path, extra: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_vmdk-agent"))
+            .arg("--datastore")
+            .arg(format!("local={}", ds.display()))
+            .args(["ls", "-c", "volume,datastore", "--plugin-socket", "/nonexistent"])
+            .arg("--socket")
+            .arg(&sock)
+            .args(extra)
+            .env_remove("VMDK_AGENT_CONFIG")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let m0 = sample(&http_get(&admin, "/metrics").1, listed);
+    let served = ls(&dir.path().join("ds"), &[]);
+    assert!(served.lines().any(|l| l.starts_with("obsvol ")), "{served}");
+    let m1 = sample(&http_get(&admin, "/metrics").1, listed);
+    assert_eq!(m1, m0 + 1.0, "ls did not ask the running agent");
+    assert_eq!(ls(&dir.path().join("ds"), &["--direct"]), served);
+    let other = dir.path().join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    vmdk_agent::testkit::write_volume(&other, "elsewhere", 1 << 20, 0, &[]).unwrap();
+    let own = ls(&other, &[]);
+    assert!(
+        own.lines().any(|l| l.starts_with("elsewhere ")) && !own.contains("obsvol"),
+        "{own}"
+    );
+    assert_eq!(sample(&http_get(&admin, "/metrics").1, listed), m1);
+
     let (status, body) = api(&sock, "DELETE", "/v1/volumes/obsvol", "");
     assert_eq!(status, 204, "{body}");
     let removed = http_get(&admin, "/metrics").1;

@@ -8,12 +8,14 @@
 //! * [`logging`], [`metrics`] and [`admin`]: logs, metrics and the admin
 //!   listener (`/healthz`, `/readyz`, `/metrics`) of both daemons;
 //! * [`systemd`]: socket activation and readiness notification;
+//! * [`sched`]: a short scheduler slice for the daemons' threads;
 //! * [`error_chain`] and [`table`]: how errors and tables are shown.
 #![warn(missing_docs)]
 
 pub mod admin;
 pub mod logging;
 pub mod metrics;
+pub mod sched;
 pub mod server;
 pub mod store;
 pub mod systemd;

@@ -55,6 +55,13 @@ pub struct VersionInfo {
     pub backend: String,
     /// Configured datastores; the first is the default for short names.
     pub datastores: Vec<String>,
+    /// The identity of each datastore's directory on the agent's host
+    /// (`<device>:<inode>`, in the order of `datastores`), so that the
+    /// admin CLI on the same host can tell whether this agent serves the
+    /// datastores it is configured with. Empty for datastores the agent
+    /// does not reach as directories (`vsphere`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub datastore_ids: Vec<String>,
     /// The datastore the calling VM's short volume names go to (the one
     /// holding the VM, for `vsphere`), when the caller named a VM.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -1,11 +1,13 @@
 //! Is `vmdk-agent serve` running? Ask it: `GET /v1/version` on its socket.
+//! And, for `vmdk-agent ls`, its volumes: `GET /v1/volumes`.
 
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
-use vmdk_protocol::{VersionInfo, PATH_VERSION};
+use serde::de::DeserializeOwned;
+use vmdk_protocol::{VersionInfo, VolumeInfo, VolumeList, PATH_VERSION, PATH_VOLUMES};
 
 /// What the socket said.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,32 +64,59 @@ pub fn probe(socket: &Path, timeout: Duration) -> ServiceState {
 }
 
 fn request_version(stream: &mut UnixStream, timeout: Duration) -> Result<VersionInfo, String> {
+    get_json(stream, PATH_VERSION, 1 << 20, timeout).map_err(|e| match e.strip_prefix("not JSON: ") {
+        Some(why) => format!("GET {PATH_VERSION}: not an agent version: {why}"),
+        None => e,
+    })
+}
+
+/// The largest volume list [`list_volumes`] reads: about 400,000 volumes.
+const MAX_LIST_BYTES: u64 = 256 << 20;
+
+/// `GET /v1/volumes` of the agent (or plugin with its agent embedded)
+/// answering on `socket`, as the administrator (no `VM-Id`).
+pub fn list_volumes(socket: &Path, timeout: Duration) -> Result<Vec<VolumeInfo>, String> {
+    let mut stream = UnixStream::connect(socket).map_err(|e| format!("cannot connect to {}: {e}", socket.display()))?;
+    get_json::<VolumeList>(&mut stream, PATH_VOLUMES, MAX_LIST_BYTES, timeout).map(|l| l.volumes)
+}
+
+/// `GET path` over `stream`, the answer (at most `limit` bytes) decoded as
+/// JSON; an error says what went wrong.
+fn get_json<T: DeserializeOwned>(
+    stream: &mut UnixStream,
+    path: &str,
+    limit: u64,
+    timeout: Duration,
+) -> Result<T, String> {
     stream
         .set_read_timeout(Some(timeout))
         .and_then(|_| stream.set_write_timeout(Some(timeout)))
         .map_err(|e| e.to_string())?;
-    let req = format!("GET {PATH_VERSION} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
     stream
         .write_all(req.as_bytes())
         .map_err(|e| format!("send request: {e}"))?;
     let mut raw = Vec::new();
     stream
-        .take(1 << 20)
+        .take(limit + 1)
         .read_to_end(&mut raw)
         .map_err(|e| format!("read answer: {e}"))?;
+    if raw.len() as u64 > limit {
+        return Err(format!("GET {path}: the answer is larger than {limit} bytes"));
+    }
     let text = String::from_utf8_lossy(&raw);
     let (head, body) = text
         .split_once("\r\n\r\n")
         .ok_or_else(|| "answer is not HTTP".to_owned())?;
     let status = head.lines().next().unwrap_or_default();
     if status.split_whitespace().nth(1) != Some("200") {
-        return Err(format!("GET {PATH_VERSION} answered {status:?}"));
+        return Err(format!("GET {path} answered {status:?}"));
     }
     let chunked = head
         .lines()
         .any(|l| l.to_ascii_lowercase().replace(' ', "") == "transfer-encoding:chunked");
     let body = if chunked { dechunk(body)? } else { body.to_owned() };
-    serde_json::from_str(&body).map_err(|e| format!("GET {PATH_VERSION}: not an agent version: {e}"))
+    serde_json::from_str(&body).map_err(|e| format!("not JSON: {e}"))
 }
 
 fn dechunk(mut body: &str) -> Result<String, String> {

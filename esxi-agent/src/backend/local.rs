@@ -307,9 +307,14 @@ impl LocalBackend {
     }
 
     fn disk_info_blocking(&self, disk: &DiskRef<'_>) -> Result<DiskInfo, BackendError> {
-        let folder = Self::existing_folder(disk)?;
+        Self::disk_info_of(&Self::existing_folder(disk)?, disk)
+    }
+
+    /// [`DiskBackend::disk_info`] of a disk in `folder` (its vmgroup
+    /// folder, already opened through the datastore door).
+    fn disk_info_of(folder: &LocalFolder, disk: &DiskRef<'_>) -> Result<DiskInfo, BackendError> {
         let files = disk.files();
-        let desc = Self::read_descriptor(&folder, disk, &files)?;
+        let desc = Self::read_descriptor(folder, disk, &files)?;
         let extent = match folder.dir().stat(&files.flat)? {
             None => {
                 return Err(BackendError::Missing {
@@ -529,6 +534,10 @@ impl DiskBackend for LocalBackend {
     async fn disk_info(&self, disk: &DiskRef<'_>) -> Result<DiskInfo, BackendError> {
         let d = OwnedDisk::of(disk);
         self.blocking(move |b| b.disk_info_blocking(&d.r())).await
+    }
+
+    fn disk_info_in(&self, folder: &LocalFolder, disk: &DiskRef<'_>) -> Option<Result<DiskInfo, BackendError>> {
+        Some(Self::disk_info_of(folder, disk))
     }
 
     async fn attach(

@@ -272,6 +272,18 @@ pub trait DiskBackend: Send + Sync + fmt::Debug {
     async fn delete_disk(&self, disk: &DiskRef<'_>) -> Result<(), BackendError>;
     /// What is known about the disk; an error when it is not whole.
     async fn disk_info(&self, disk: &DiskRef<'_>) -> Result<DiskInfo, BackendError>;
+    /// [`DiskBackend::disk_info`] read at once on the calling thread from
+    /// the disk's vmgroup `folder`, for a backend whose disks are files this
+    /// host reaches (`local`); `None` (the default) for one that must ask
+    /// elsewhere. Blocking: for the catalog's scans, which run on the
+    /// blocking pool and read many volumes in one go.
+    fn disk_info_in(
+        &self,
+        _folder: &crate::datastore::LocalFolder,
+        _disk: &DiskRef<'_>,
+    ) -> Option<Result<DiskInfo, BackendError>> {
+        None
+    }
     /// Creates a new disk that follows VSAN policy `policy` from the start;
     /// returns how the policy took effect (see `apply_policy`). Like
     /// `create_disk`, it leaves nothing behind when it fails. By default:

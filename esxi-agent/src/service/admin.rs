@@ -414,7 +414,8 @@ impl VolumeService {
     }
 
     /// The volumes of datastore `i` from its catalog, brought up to date
-    /// when its folder changed since the last scan; and the names being
+    /// when its folder changed since the last scan (unless only this agent
+    /// changed it lately, see `service::catalog`); and the names being
     /// created. `None` when the datastore has no volume folder.
     #[allow(clippy::type_complexity)]
     async fn catalog_scan<'a>(
@@ -429,126 +430,83 @@ impl VolumeService {
         )>,
         AgentError,
     > {
-        use super::catalog::{entry_current, folder_stamp, FileStamps, Scan};
+        use super::catalog::Answer;
         let store_err = |source| AgentError::Store {
             name: format!("*@{}", ds.name),
             source,
         };
-        let target = |volume: &str| Target {
-            full: format!("{volume}@{}", ds.name),
-            ds,
-            volume: volume.to_owned(),
-        };
         let Some(folder) = ds.folder(DEFAULT_VMGROUP, false).map_err(store_err)? else {
             return Ok(None);
         };
-        let unchanged = |st: &crate::store::Stat| {
-            let cat = self.catalog.folders[i].lock().unwrap();
-            cat.scanned.is_some() && cat.scanned == Some(folder_stamp(st))
-        };
-        let mut st = folder.dir().stat_self().map_err(store_err)?;
-        if !unchanged(&st) {
-            let _scanning = self.catalog.scanning[i].lock().await;
-            st = folder.dir().stat_self().map_err(store_err)?;
-            if !unchanged(&st) {
-                let (f, s, racy) = (folder.clone(), st, self.catalog.racy_ns);
-                let scan = tokio::task::spawn_blocking(move || Scan::run(&f, &s, racy))
-                    .await
-                    .map_err(|e| AgentError::Internal(format!("the folder scan failed: {e}")))?
-                    .map_err(store_err)?;
-                let reload: Vec<String> = {
-                    let cat = self.catalog.folders[i].lock().unwrap();
-                    scan.volumes
-                        .iter()
-                        .filter(|(v, side, disks)| {
-                            !cat.vols
-                                .get(v.as_str())
-                                .is_some_and(|e| entry_current(e, *side, *disks))
-                        })
-                        .map(|(v, _, _)| v.clone())
-                        .collect()
-                };
-                let reads: Vec<_> = reload
-                    .iter()
-                    .map(|volume| {
-                        let (f, v, racy) = (folder.clone(), volume.clone(), self.catalog.racy_ns);
-                        async move {
-                            let t = target(&v);
-                            let read = tokio::task::spawn_blocking(move || {
-                                let stamps = FileStamps::take(&f, &v, racy).map(|(s, _)| s);
-                                (stamps, f.read_meta_blocking(&v))
-                            })
-                            .await;
-                            let (stamps, meta) = match read {
-                                Ok((stamps, Ok(Some(meta)))) => (stamps, meta),
-                                Ok((_, Ok(None))) => return (t, None),
-                                Ok((_, Err(e))) => {
-                                    tracing::warn!(volume = %t.full, error = %crate::error::error_chain(&e), "skipping unreadable volume");
-                                    return (t, None);
-                                }
-                                Err(e) => {
-                                    tracing::warn!(volume = %t.full, error = %e, "skipping unreadable volume");
-                                    return (t, None);
-                                }
-                            };
-                            match self.backend.disk_info(&t.disk()).await {
-                                // Packed at once: the full metadata of every
-                                // volume is never held at the same time.
-                                Ok(disk) => match stamps.and_then(|s| super::catalog::Entry::new(s, &meta, &disk)) {
-                                    Some(e) => (t, Some(Ok(e))),
-                                    None => (t, Some(Err((meta, disk)))),
-                                },
-                                Err(e) => {
-                                    tracing::warn!(volume = %t.full, error = %crate::error::error_chain(&e), "skipping unreadable volume");
-                                    (t, None)
-                                }
-                            }
-                        }
-                    })
-                    .collect();
-                let results: Vec<_> = stream::iter(reads).buffered(LIST_CONCURRENCY).collect().await;
-                let mut cat = self.catalog.folders[i].lock().unwrap();
-                let present: std::collections::HashSet<&str> =
-                    scan.volumes.iter().map(|(v, _, _)| v.as_str()).collect();
-                cat.vols.retain(|v, _| present.contains(&**v));
-                // Volumes read but not kept (stamps too young to trust, or
-                // an option the catalog cannot pack) are answered from this
-                // read, and read again by the next scan.
-                let mut uncached = Vec::new();
-                for (t, r) in results {
-                    match r {
-                        Some(Ok(e)) => {
-                            cat.vols.insert(t.volume.as_str().into(), e);
-                        }
-                        Some(Err((meta, disk))) => {
-                            cat.vols.remove(t.volume.as_str());
-                            uncached.push((t, meta, disk));
-                        }
-                        None => {
-                            cat.vols.remove(t.volume.as_str());
-                        }
-                    }
-                }
-                // Complete only when every volume found has a current entry
-                // (one too young to trust, or unreadable, is looked at again).
-                let complete = scan.volumes.iter().all(|(v, side, disks)| {
-                    cat.vols
-                        .get(v.as_str())
-                        .is_some_and(|e| entry_current(e, *side, *disks))
-                });
-                cat.scanned = if complete { scan.folder } else { None };
-                cat.creating = scan.creating.iter().map(|c| c.as_str().into()).collect();
-                drop(cat);
-                let (mut vols, creating) = self.catalog_contents(i, ds, &folder, only_vm);
-                vols.extend(
-                    uncached
-                        .into_iter()
-                        .filter(|(_, m, _)| only_vm.is_none() || super::attached_vm(m) == only_vm),
-                );
-                return Ok(Some((vols, creating)));
+        let answer = |svc: &Self| -> Result<Answer, AgentError> {
+            let st = folder.dir().stat_self().map_err(store_err)?;
+            let a = svc.catalog.answer(i, &st);
+            if a == (Answer::Tolerated { verify: true }) {
+                svc.spawn_verify(i);
             }
+            Ok(a)
+        };
+        if answer(self)? != Answer::Stale {
+            return Ok(Some(self.catalog_contents(i, ds, &folder, only_vm)));
         }
-        Ok(Some(self.catalog_contents(i, ds, &folder, only_vm)))
+        let _scanning = self.catalog.scanning[i].lock().await;
+        if answer(self)? != Answer::Stale {
+            return Ok(Some(self.catalog_contents(i, ds, &folder, only_vm)));
+        }
+        let uncached = self.refresh(i).await?;
+        let (mut vols, creating) = self.catalog_contents(i, ds, &folder, only_vm);
+        vols.extend(
+            uncached
+                .into_iter()
+                .filter(|(_, m, _)| only_vm.is_none() || super::attached_vm(m) == only_vm)
+                .map(|(volume, m, d)| {
+                    let t = Target {
+                        full: format!("{volume}@{}", ds.name),
+                        ds,
+                        volume,
+                    };
+                    (t, m, d)
+                }),
+        );
+        Ok(Some((vols, creating)))
+    }
+
+    /// Scans catalog `i`'s folder on the blocking pool (the caller holds
+    /// its `scanning` lock).
+    pub(super) async fn refresh(&self, i: usize) -> Result<super::catalog::Uncached, AgentError> {
+        let ds = self.datastores[i].clone();
+        let name = format!("*@{}", ds.name);
+        let store_err = |source| AgentError::Store {
+            name: name.clone(),
+            source,
+        };
+        let Some(folder) = ds.folder(DEFAULT_VMGROUP, false).map_err(store_err)? else {
+            return Ok(Vec::new());
+        };
+        let (catalog, backend) = (self.catalog.clone(), self.backend.clone());
+        tokio::task::spawn_blocking(move || catalog.refresh_blocking(i, &ds, &folder, &*backend))
+            .await
+            .map_err(|e| AgentError::Internal(format!("the folder scan failed: {e}")))?
+            .map_err(store_err)
+    }
+
+    /// Verifies catalog `i` against its folder in the background (see
+    /// `service::catalog`); the catalog has marked it as running.
+    pub(super) fn spawn_verify(&self, i: usize) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            self.catalog.verified(i);
+            return;
+        };
+        let me = self.clone();
+        rt.spawn(async move {
+            {
+                let _scanning = me.catalog.scanning[i].lock().await;
+                if let Err(e) = me.refresh(i).await {
+                    tracing::warn!(datastore = %me.datastores[i].name, error = %crate::error::error_chain(&e), "cannot verify the volume catalog");
+                }
+            }
+            me.catalog.verified(i);
+        });
     }
 
     /// Every entry of catalog `i` (only those the records say `only_vm`
@@ -690,7 +648,7 @@ impl VolumeService {
                 super::log_policy_state(t, name, state.as_ref());
                 if meta.policy_state != state {
                     meta.policy_state = state;
-                    Self::store_meta(t, &*folder, &meta).await?;
+                    self.store_meta(t, &*folder, &meta).await?;
                 }
                 Ok::<_, AgentError>(true)
             }
@@ -824,7 +782,7 @@ impl VolumeService {
         if let Some(a) = attach_as {
             meta.vol_opts.insert(opt::ATTACH_AS.into(), a.to_string());
         }
-        Self::store_meta(&t, &*folder, &meta).await?;
+        self.store_meta(&t, &*folder, &meta).await?;
         tracing::info!(volume = %t.full, ?access, ?attach_as, "updated volume settings");
         self.info(&t, &meta).await
     }

@@ -21,16 +21,29 @@
 //! next call looks again), so two changes within one tick are never
 //! mistaken for one.
 //!
+//! * **The agent's own writes** (create, attach, detach, formatted, set,
+//!   remove) update their entry in place, under the volume's lock, right
+//!   after the write. They change the folder too, so while this agent is
+//!   changing a folder, List does not rescan it for every change: it
+//!   answers from the catalog while a scan started within the last
+//!   [`Catalog::tolerance`] (at least a second, and ten times the
+//!   last scan's duration, so verification costs at most a tenth of the
+//!   time), and a scan runs in the background to verify. So a change
+//!   another process makes in a folder this agent is busy changing is seen
+//!   by List within that time; Get, and every operation that writes, see it
+//!   at once (they look at the volume's own files). A folder nobody here
+//!   changed is checked on every List as before.
+//!
 //! An entry keeps compact strings and no sidecar: see [`Entry`].
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Mutex;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use vmdk_protocol::{AttachStatus, FormatRecord, PolicyState};
 
-use crate::backend::DiskInfo;
-use crate::datastore::{LocalFolder, VolumeFiles};
+use crate::backend::{DiskBackend, DiskInfo, DiskRef};
+use crate::datastore::{Datastore, LocalFolder, VolumeFiles, DEFAULT_VMGROUP};
 use crate::meta::{VolumeMeta, META_VERSION};
 use crate::store::{FileKind, Stat};
 
@@ -99,25 +112,31 @@ pub(super) struct FileStamps {
 
 impl FileStamps {
     /// Stats the volume's sidecar, descriptor and extent: `None` when one
-    /// is missing, not a regular file, or too young to be trusted. The
-    /// extent's stat is returned too (its allocated bytes are current).
-    pub(super) fn take(folder: &LocalFolder, volume: &str, racy_ns: i128) -> Option<(Self, Stat)> {
+    /// is missing or not a regular file. The extent's stat is returned too
+    /// (its allocated bytes are current), and whether the stamps can be
+    /// trusted (none is younger than `racy_ns`).
+    pub(super) fn take(folder: &LocalFolder, volume: &str, racy_ns: i128) -> Option<(Self, Stat, bool)> {
         let files = VolumeFiles::new(volume);
         let now = now_ns();
         let st = |name: &str| folder.dir().stat(name).ok().flatten();
-        let meta = Stamp::trusted(&st(&files.meta)?, now, racy_ns)?;
-        let descriptor = Stamp::trusted(&st(&files.descriptor)?, now, racy_ns)?;
+        let (meta, descriptor) = (st(&files.meta)?, st(&files.descriptor)?);
         let ext = st(&files.flat)?;
-        if ext.kind != FileKind::Regular {
+        if [meta.kind, descriptor.kind, ext.kind]
+            .iter()
+            .any(|k| *k != FileKind::Regular)
+        {
             return None;
         }
+        let trusted =
+            Stamp::trusted(&meta, now, racy_ns).is_some() && Stamp::trusted(&descriptor, now, racy_ns).is_some();
         Some((
             Self {
-                meta,
-                descriptor,
+                meta: Stamp::of(&meta),
+                descriptor: Stamp::of(&descriptor),
                 extent: Stamp::extent(&ext),
             },
             ext,
+            trusted,
         ))
     }
 }
@@ -127,6 +146,14 @@ impl FileStamps {
 #[derive(Debug, Clone)]
 pub(super) struct Entry {
     stamps: FileStamps,
+    /// The stamps were old enough to be trusted when taken. An entry whose
+    /// stamps are not (just written) serves List, never Get, and the next
+    /// scan reads the volume again.
+    verified: bool,
+    /// The folder's [`FolderCatalog::seq`] when this agent last wrote the
+    /// volume (0: read, not written): a read that began before that write
+    /// never replaces it.
+    seq: u64,
     attached: bool,
     attached_vm: Option<Box<str>>,
     created: Box<str>,
@@ -148,7 +175,7 @@ impl Entry {
     /// An entry for a volume read with `stamps` taken before the read;
     /// `None` when the metadata cannot be packed (a separator in an
     /// option: such a volume is simply read every time).
-    pub(super) fn new(stamps: FileStamps, meta: &VolumeMeta, disk: &DiskInfo) -> Option<Self> {
+    pub(super) fn new(stamps: FileStamps, verified: bool, meta: &VolumeMeta, disk: &DiskInfo) -> Option<Self> {
         let mut opts = String::new();
         for (k, v) in &meta.vol_opts {
             if k.contains([KEY_END, PAIR_END]) || v.contains([KEY_END, PAIR_END]) {
@@ -161,6 +188,8 @@ impl Entry {
         }
         Some(Self {
             stamps,
+            verified,
+            seq: 0,
             attached: meta.status == AttachStatus::Attached,
             attached_vm: meta.attached_vm.as_deref().map(Box::from),
             created: meta.created.as_str().into(),
@@ -222,12 +251,41 @@ impl Entry {
 /// The catalog of one datastore's default vmgroup folder.
 #[derive(Debug, Default)]
 pub(super) struct FolderCatalog {
-    /// The folder's stamp at the last complete scan; `None`: scan again.
+    /// The folder's stamp at the last complete scan, if it could be
+    /// trusted; `None`: scan again before answering from the catalog
+    /// (unless [`Catalog::answer`] tolerates it).
     pub(super) scanned: Option<Stamp>,
     /// Volumes by name.
     pub(super) vols: HashMap<Box<str>, Entry>,
     /// Names with a `.creating` marker and no sidecar at the last scan.
     pub(super) creating: Vec<Box<str>>,
+    /// Every volume the last scan found has an entry (none was left out
+    /// for options the catalog cannot pack), and every write of this agent
+    /// since updated its entry.
+    complete: bool,
+    /// When the last scan began, and how long it took.
+    last_scan: Option<(Instant, Duration)>,
+    /// This agent changed the folder since the last scan began.
+    self_changed: bool,
+    /// A verification scan is running in the background.
+    verifying: bool,
+    /// Counts this agent's writes (see [`Entry::seq`]).
+    seq: u64,
+    /// Volumes this agent removed, with the [`FolderCatalog::seq`] of the
+    /// removal: a read that began before it never brings one back.
+    removed: Vec<(Box<str>, u64)>,
+}
+
+/// How [`Catalog::answer`] says List may use a folder's catalog.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Answer {
+    /// The folder has not changed since the last complete scan.
+    Fresh,
+    /// Only this agent is known to have changed it, and a scan began
+    /// recently; `verify`: start a scan in the background now.
+    Tolerated { verify: bool },
+    /// Scan first.
+    Stale,
 }
 
 /// One [`FolderCatalog`] per datastore (same order as the service's).
@@ -240,6 +298,15 @@ pub(super) struct Catalog {
     pub(super) scanning: Vec<tokio::sync::Mutex<()>>,
 }
 
+/// The least time between two verification scans of a folder this agent
+/// is changing.
+const VERIFY_EVERY: Duration = Duration::from_secs(1);
+
+/// What a scan read of the volumes whose entry could not be kept (an
+/// option the catalog cannot pack): answered from the read, read again by
+/// the next scan.
+pub(super) type Uncached = Vec<(String, VolumeMeta, DiskInfo)>;
+
 impl Catalog {
     pub(super) fn new(datastores: usize) -> Self {
         Self {
@@ -249,28 +316,303 @@ impl Catalog {
         }
     }
 
+    /// How often a folder this agent keeps changing is verified by a scan,
+    /// after a scan that took `took`: every second at least, and no more
+    /// than a tenth of the time.
+    pub(super) fn tolerance(took: Duration) -> Duration {
+        VERIFY_EVERY.max(took * 10)
+    }
+
+    /// Whether List may answer from catalog `ds` for a folder whose stat is
+    /// `st` (see the module's documentation). `Tolerated { verify: true }`
+    /// also marks a verification as started: the caller must run
+    /// [`Catalog::refresh_blocking`] and then [`Catalog::verified`].
+    pub(super) fn answer(&self, ds: usize, st: &Stat) -> Answer {
+        let Some(cat) = self.folders.get(ds) else {
+            return Answer::Stale;
+        };
+        let mut cat = cat.lock().unwrap();
+        if cat.scanned.is_some() && cat.scanned == Some(Stamp::of(st)) {
+            return Answer::Fresh;
+        }
+        match cat.last_scan {
+            Some((at, took)) if cat.complete && cat.self_changed => {
+                let every = Self::tolerance(took);
+                let age = at.elapsed();
+                if age >= every * 2 {
+                    return Answer::Stale;
+                }
+                let verify = age >= every && !cat.verifying;
+                cat.verifying |= verify;
+                Answer::Tolerated { verify }
+            }
+            _ => Answer::Stale,
+        }
+    }
+
+    /// A background verification started by [`Catalog::answer`] or
+    /// [`Catalog::wrote`] ended.
+    pub(super) fn verified(&self, ds: usize) {
+        if let Some(cat) = self.folders.get(ds) {
+            cat.lock().unwrap().verifying = false;
+        }
+    }
+
     /// Get's check: the entry of `volume` if its files still carry the
     /// stamps it was read with, with the extent's current allocation.
     pub(super) fn lookup(&self, ds: usize, folder: &LocalFolder, volume: &str) -> Option<(VolumeMeta, DiskInfo)> {
-        let (now, ext) = FileStamps::take(folder, volume, self.racy_ns)?;
+        let (now, ext, trusted) = FileStamps::take(folder, volume, self.racy_ns)?;
+        if !trusted {
+            return None;
+        }
         let cat = self.folders.get(ds)?.lock().unwrap();
-        let e = cat.vols.get(volume).filter(|e| e.stamps == now)?;
+        let e = cat.vols.get(volume).filter(|e| e.verified && e.stamps == now)?;
         Some((e.meta(), e.disk(Some(ext.allocated))))
     }
 
-    /// Records what a read of `volume` found (stamps taken before it).
-    pub(super) fn store(&self, ds: usize, volume: &str, stamps: FileStamps, meta: &VolumeMeta, disk: &DiskInfo) {
+    /// The folder's write count, taken before a read whose result is then
+    /// given to [`Catalog::store`].
+    pub(super) fn seq(&self, ds: usize) -> u64 {
+        self.folders.get(ds).map_or(0, |c| c.lock().unwrap().seq)
+    }
+
+    /// Records what a read of `volume` found (stamps taken before it, when
+    /// the folder's write count was `seen`): kept unless this agent wrote
+    /// or removed the volume since.
+    pub(super) fn store(
+        &self,
+        ds: usize,
+        volume: &str,
+        (stamps, trusted): (FileStamps, bool),
+        meta: &VolumeMeta,
+        disk: &DiskInfo,
+        seen: u64,
+    ) {
         let Some(cat) = self.folders.get(ds) else { return };
         let mut cat = cat.lock().unwrap();
-        match Entry::new(stamps, meta, disk) {
+        if cat.superseded(volume, seen) {
+            return;
+        }
+        match Entry::new(stamps, trusted, meta, disk) {
             Some(e) => {
                 cat.vols.insert(volume.into(), e);
             }
             None => {
                 cat.vols.remove(volume);
+                cat.complete = false;
             }
         }
     }
+
+    /// This agent wrote `volume`'s sidecar (`meta`), under the volume's
+    /// lock: its entry is updated in place. `disk` is the disk's
+    /// description when the write made the volume (create); other writes
+    /// keep the entry's. Returns whether a background verification should
+    /// start now (see [`Catalog::answer`]).
+    pub(super) fn wrote(
+        &self,
+        ds: usize,
+        folder: &LocalFolder,
+        volume: &str,
+        meta: &VolumeMeta,
+        disk: Option<&DiskInfo>,
+    ) -> bool {
+        let Some(cat) = self.folders.get(ds) else { return false };
+        let taken = FileStamps::take(folder, volume, self.racy_ns);
+        let mut cat = cat.lock().unwrap();
+        cat.seq += 1;
+        cat.self_changed = true;
+        let seq = cat.seq;
+        cat.removed.retain(|(v, _)| **v != *volume);
+        cat.creating.retain(|v| **v != *volume);
+        let disk = match (disk, cat.vols.get(volume)) {
+            (Some(d), _) => Some(d.clone()),
+            (None, Some(e)) => Some(e.disk(taken.as_ref().map(|(_, ext, _)| ext.allocated))),
+            (None, None) => None,
+        };
+        let entry = taken
+            .zip(disk)
+            .and_then(|((stamps, _, trusted), disk)| Entry::new(stamps, trusted, meta, &disk));
+        match entry {
+            Some(mut e) => {
+                e.seq = seq;
+                cat.vols.insert(volume.into(), e);
+            }
+            None => {
+                cat.vols.remove(volume);
+                cat.complete = false;
+            }
+        }
+        cat.kick()
+    }
+
+    /// A write of this agent to `volume`'s sidecar failed: its entry goes,
+    /// and List scans again before it answers from the catalog.
+    pub(super) fn forget(&self, ds: usize, volume: &str) {
+        let Some(cat) = self.folders.get(ds) else { return };
+        let mut cat = cat.lock().unwrap();
+        cat.seq += 1;
+        cat.vols.remove(volume);
+        cat.complete = false;
+        cat.scanned = None;
+    }
+
+    /// This agent removed `volume` (its files are gone).
+    pub(super) fn removed(&self, ds: usize, volume: &str) -> bool {
+        let Some(cat) = self.folders.get(ds) else { return false };
+        let mut cat = cat.lock().unwrap();
+        cat.seq += 1;
+        cat.self_changed = true;
+        let seq = cat.seq;
+        cat.vols.remove(volume);
+        cat.creating.retain(|v| **v != *volume);
+        cat.removed.retain(|(v, _)| **v != *volume);
+        cat.removed.push((volume.into(), seq));
+        cat.kick()
+    }
+
+    /// Brings catalog `ds` up to date with its folder (blocking: run on the
+    /// blocking pool, holding [`Catalog::scanning`]): lists the folder,
+    /// stats each sidecar and reads again only the volumes that are new or
+    /// changed, in parallel on a few threads.
+    pub(super) fn refresh_blocking(
+        &self,
+        ds_index: usize,
+        ds: &Datastore,
+        folder: &LocalFolder,
+        backend: &dyn DiskBackend,
+    ) -> Result<Uncached, crate::store::StoreError> {
+        let Some(cat) = self.folders.get(ds_index) else {
+            return Ok(Vec::new());
+        };
+        let began = Instant::now();
+        let seen = {
+            let mut c = cat.lock().unwrap();
+            c.self_changed = false;
+            c.seq
+        };
+        let folder_stat = folder.dir().stat_self()?;
+        let scan = Scan::run(folder, &folder_stat, self.racy_ns)?;
+        let reload: Vec<&str> = {
+            let c = cat.lock().unwrap();
+            scan.volumes
+                .iter()
+                .filter(|(v, side, disks)| !c.vols.get(v.as_str()).is_some_and(|e| entry_current(e, *side, *disks)))
+                .map(|(v, _, _)| v.as_str())
+                .collect()
+        };
+        let read = |volume: &str| -> Option<Result<Entry, (VolumeMeta, DiskInfo)>> {
+            let full = format!("{volume}@{}", ds.name);
+            let taken = FileStamps::take(folder, volume, self.racy_ns);
+            let meta = match folder.read_meta_blocking(volume) {
+                Ok(Some(m)) => m,
+                Ok(None) => return None,
+                Err(e) => {
+                    tracing::warn!(volume = %full, error = %crate::error::error_chain(&e), "skipping unreadable volume");
+                    return None;
+                }
+            };
+            let disk = DiskRef {
+                datastore: ds,
+                vmgroup: DEFAULT_VMGROUP,
+                volume,
+            };
+            let disk = match backend.disk_info_in(folder, &disk)? {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::warn!(volume = %full, error = %crate::error::error_chain(&e), "skipping unreadable volume");
+                    return None;
+                }
+            };
+            // Packed at once: the full metadata of every volume is never
+            // held at the same time.
+            match taken.and_then(|(stamps, _, trusted)| Entry::new(stamps, trusted, &meta, &disk)) {
+                Some(e) => Some(Ok(e)),
+                None => Some(Err((meta, disk))),
+            }
+        };
+        let results = read_in_parallel(&reload, &read);
+        let mut c = cat.lock().unwrap();
+        let present: HashSet<&str> = scan.volumes.iter().map(|(v, _, _)| v.as_str()).collect();
+        // What this agent wrote since the scan began is newer than the
+        // listing.
+        c.vols.retain(|v, e| e.seq > seen || present.contains(&**v));
+        let mut uncached = Vec::new();
+        for (volume, r) in reload.iter().zip(results) {
+            if c.superseded(volume, seen) {
+                continue;
+            }
+            match r {
+                Some(Ok(e)) => {
+                    c.vols.insert((*volume).into(), e);
+                }
+                Some(Err((meta, disk))) => {
+                    c.vols.remove(*volume);
+                    uncached.push((volume.to_string(), meta, disk));
+                }
+                None => {
+                    c.vols.remove(*volume);
+                }
+            }
+        }
+        // Trusted only when every volume found has a current entry (one
+        // too young to trust, or unreadable, is looked at again).
+        let settled = scan
+            .volumes
+            .iter()
+            .all(|(v, side, disks)| c.vols.get(v.as_str()).is_some_and(|e| entry_current(e, *side, *disks)));
+        c.scanned = if settled && !c.self_changed { scan.folder } else { None };
+        c.complete = uncached.is_empty();
+        c.creating = scan.creating.iter().map(|v| v.as_str().into()).collect();
+        c.removed.retain(|(_, at)| *at > seen);
+        c.last_scan = Some((began, began.elapsed()));
+        Ok(uncached)
+    }
+}
+
+impl FolderCatalog {
+    /// This agent wrote or removed `volume` after a read that began at
+    /// write count `seen`.
+    fn superseded(&self, volume: &str, seen: u64) -> bool {
+        self.vols.get(volume).is_some_and(|e| e.seq > seen)
+            || self.removed.iter().any(|(v, at)| **v == *volume && *at > seen)
+    }
+
+    /// After a write of this agent: whether to start a verification scan
+    /// now (one began more than [`Catalog::tolerance`] ago and none runs).
+    fn kick(&mut self) -> bool {
+        let due = match self.last_scan {
+            Some((at, took)) => self.complete && at.elapsed() >= Catalog::tolerance(took),
+            None => false,
+        };
+        let verify = due && !self.verifying;
+        self.verifying |= verify;
+        verify
+    }
+}
+
+/// `read` of every name, on up to four threads when there are many.
+fn read_in_parallel<T: Send>(names: &[&str], read: &(dyn Fn(&str) -> T + Sync)) -> Vec<T> {
+    const PER_THREAD: usize = 256;
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(4)
+        .min(names.len().div_ceil(PER_THREAD))
+        .max(1);
+    if threads == 1 {
+        return names.iter().map(|n| read(n)).collect();
+    }
+    let chunk = names.len().div_ceil(threads);
+    std::thread::scope(|s| {
+        let parts: Vec<_> = names
+            .chunks(chunk)
+            .map(|part| s.spawn(move || part.iter().map(|n| read(n)).collect::<Vec<T>>()))
+            .collect();
+        parts
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    })
 }
 
 /// What a scan of a folder found: the folder's stamp (if trustworthy),
@@ -330,14 +672,10 @@ impl Scan {
     }
 }
 
-/// The folder's current stamp, as [`FolderCatalog::scanned`] holds it.
-pub(super) fn folder_stamp(st: &Stat) -> Stamp {
-    Stamp::of(st)
-}
-
-/// Whether an entry is still good for List: same sidecar, disks there.
+/// Whether an entry is still good: read with trusted stamps, same
+/// sidecar, disks there.
 pub(super) fn entry_current(e: &Entry, sidecar: Option<Stamp>, disks: bool) -> bool {
-    disks && sidecar == Some(e.stamps.meta)
+    disks && e.verified && sidecar == Some(e.stamps.meta)
 }
 
 #[cfg(test)]
@@ -383,13 +721,61 @@ mod tests {
             thin: true,
             uuid: Some("60 00 C2 9a".into()),
         };
-        let e = Entry::new(stamps, &meta, &disk).unwrap();
+        let e = Entry::new(stamps, true, &meta, &disk).unwrap();
         assert_eq!(e.meta(), meta);
         assert_eq!(e.disk(None), disk);
         assert_eq!(e.disk(Some(8192)).allocated_bytes, 8192);
         let mut odd = meta.clone();
         odd.vol_opts.insert("k".into(), "a\u{1f}b".into());
-        assert!(Entry::new(stamps, &odd, &disk).is_none());
+        assert!(Entry::new(stamps, true, &odd, &disk).is_none());
+    }
+
+    #[test]
+    fn a_read_that_began_before_a_remove_never_brings_the_volume_back() {
+        let st = Stamp {
+            ino: 1,
+            size: 2,
+            ctime_ns: 3,
+            mtime_ns: 4,
+        };
+        let stamps = FileStamps {
+            meta: st,
+            descriptor: st,
+            extent: st,
+        };
+        let meta = VolumeMeta {
+            version: META_VERSION,
+            status: AttachStatus::Detached,
+            vol_opts: Default::default(),
+            created: "2026-12-01T00:00:00Z".into(),
+            created_by: "vm-1".into(),
+            attached_vm: None,
+            attached_device: None,
+            attached_at: None,
+            formatted: None,
+            policy_state: None,
+        };
+        let disk = DiskInfo {
+            capacity_bytes: 1 << 30,
+            allocated_bytes: 0,
+            thin: true,
+            uuid: None,
+        };
+        let c = Catalog::new(1);
+        let has = |c: &Catalog| c.folders[0].lock().unwrap().vols.contains_key("v");
+        let seen = c.seq(0);
+        c.store(0, "v", (stamps, true), &meta, &disk, seen);
+        assert!(has(&c));
+        // A read begins, this agent removes the volume, the read ends.
+        let seen = c.seq(0);
+        c.removed(0, "v");
+        assert!(!has(&c));
+        c.store(0, "v", (stamps, true), &meta, &disk, seen);
+        assert!(!has(&c), "a read older than the remove brought the volume back");
+        // A read that began after the remove (the volume made again) counts.
+        let seen = c.seq(0);
+        c.store(0, "v", (stamps, true), &meta, &disk, seen);
+        assert!(has(&c));
     }
 
     #[test]
