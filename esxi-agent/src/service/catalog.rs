@@ -17,9 +17,11 @@
 //!   allocated bytes come fresh from that stat), else it reads the volume.
 //!
 //! Timestamps are coarse (a clock tick, or a second on some file systems):
-//! a stamp younger than [`RACY_NS`] when it was taken is not trusted (the
-//! next call looks again), so two changes within one tick are never
-//! mistaken for one.
+//! a stamp younger than [`RACY_NS`] when it was taken is not trusted, so
+//! two changes within one tick are never mistaken for one. A folder whose
+//! stamp has not changed since the last scan but is still that young is
+//! answered from the catalog until the stamp is old enough, and then
+//! scanned once more (so one scan, not one per List, follows a change).
 //!
 //! * **The agent's own writes** (create, attach, detach, formatted, set,
 //!   remove) update their entry in place, under the volume's lock, right
@@ -265,6 +267,8 @@ pub(super) struct FolderCatalog {
     complete: bool,
     /// When the last scan began, and how long it took.
     last_scan: Option<(Instant, Duration)>,
+    /// The folder's stamp when the last scan began, trusted or not.
+    seen_folder: Option<Stamp>,
     /// This agent changed the folder since the last scan began.
     self_changed: bool,
     /// A verification scan is running in the background.
@@ -334,6 +338,16 @@ impl Catalog {
         let mut cat = cat.lock().unwrap();
         if cat.scanned.is_some() && cat.scanned == Some(Stamp::of(st)) {
             return Answer::Fresh;
+        }
+        // Unchanged since the last scan, but too young to rule out a change
+        // within the same clock tick: answered as it is until the stamp is
+        // old enough, then scanned once more.
+        if cat.complete
+            && !cat.self_changed
+            && cat.seen_folder == Some(Stamp::of(st))
+            && Stamp::trusted(st, now_ns(), self.racy_ns).is_none()
+        {
+            return Answer::Tolerated { verify: false };
         }
         match cat.last_scan {
             Some((at, took)) if cat.complete && cat.self_changed => {
@@ -562,6 +576,7 @@ impl Catalog {
             .iter()
             .all(|(v, side, disks)| c.vols.get(v.as_str()).is_some_and(|e| entry_current(e, *side, *disks)));
         c.scanned = if settled && !c.self_changed { scan.folder } else { None };
+        c.seen_folder = Some(Stamp::of(&folder_stat));
         c.complete = uncached.is_empty();
         c.creating = scan.creating.iter().map(|v| v.as_str().into()).collect();
         c.removed.retain(|(_, at)| *at > seen);
