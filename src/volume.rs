@@ -145,6 +145,19 @@ pub enum PluginError {
         /// Offset of the first non-zero byte.
         offset: usize,
     },
+    /// A never-formatted disk whose end holds data without a signature
+    /// `blkid` reports (a backup GPT, RAID or ZFS labels).
+    #[error("volume {name}: its disk {device} holds data but no filesystem signature: its last MiB, where backup partition tables (GPT) and RAID and ZFS labels sit, is not blank (a non-zero byte at offset {offset} of {size} bytes); vmdk will not format over unknown data, so nothing was changed and the disk was detached again. Look at it with `blkid -p DISK`, `wipefs DISK` or `fdisk -l DISK`; if the volume never held anything, remove it and create it again")]
+    UnknownDataAtEnd {
+        /// The volume.
+        name: String,
+        /// The device it was attached as.
+        device: String,
+        /// Offset of the first non-zero byte of the disk's last MiB.
+        offset: u64,
+        /// The disk's size in bytes.
+        size: u64,
+    },
     /// The filesystem was made (or found) but recording it failed.
     #[error("volume {name}: cannot record that its disk holds {fstype}; the Mount was rolled back")]
     RecordFormat {
@@ -171,6 +184,9 @@ pub enum PluginError {
 /// How many bytes at the start of a never-formatted disk must be zero
 /// before vmdk formats it: enough for every partition table and every
 /// filesystem's primary superblock (ext4 at 1 KiB, xfs at 0, GPT at 512).
+/// The same number of bytes at its end must be zero too: backup GPT
+/// headers, md RAID 0.90 and 1.0 superblocks, ZFS's last two labels and
+/// the firmware RAID formats sit there.
 pub const BLANK_CHECK_BYTES: usize = 1 << 20;
 
 fn formatted_but_blank_text(name: &str, record: &FormatRecord, device: &str, extent: &str) -> String {
@@ -799,7 +815,11 @@ impl VolumeManager {
                     .clone()
                     .map(|path| vmdk_protocol::DiskLocation::Device { path })
             });
-            self.format_and_mount(&att.volume, location, &att.disk_uuid, &dir).await
+            // The agent's word that the disk reads all zeros counts only
+            // for a device it bound on this host (its own extent file).
+            let blank = att.blank && matches!(location, Some(vmdk_protocol::DiskLocation::Device { .. }));
+            self.format_and_mount(&att.volume, location, &att.disk_uuid, blank, &dir)
+                .await
         } else {
             Err(PluginError::AgentAnswer {
                 asked: full.clone(),
@@ -838,10 +858,21 @@ impl VolumeManager {
     /// Finds or makes the filesystem: a signature on the device is used
     /// (and recorded if it was not); a disk recorded as formatted without
     /// one is refused; a never-formatted disk is formatted only if its
-    /// first [`BLANK_CHECK_BYTES`] are zero, and recorded before the Mount
-    /// answers.
-    async fn filesystem(&self, info: &VolumeInfo, dev: &Path) -> Result<String, PluginError> {
+    /// first and last [`BLANK_CHECK_BYTES`] are zero, and recorded before
+    /// the Mount answers.
+    ///
+    /// `blank`: the agent bound this device just now from a file that held
+    /// no data, so every byte reads zero: no signature anywhere (neither at
+    /// the start nor at the end, where GPT backups, md 1.0 and ZFS labels
+    /// sit, nor at 1 and 2 MiB, where VMFS does). A never-formatted disk is
+    /// then formatted without probing or reading it; the outcome is the one
+    /// `blkid` and the read would give.
+    async fn filesystem(&self, info: &VolumeInfo, dev: &Path, blank: bool) -> Result<String, PluginError> {
         let full = info.name.clone();
+        if blank && info.formatted.is_none() {
+            tracing::debug!(volume = %full, "the agent bound a disk that holds no data; formatting it without probing");
+            return self.make_filesystem(info, dev).await;
+        }
         let d = dev.to_owned();
         let found = self.sys(&full, "probe filesystem", move |s| s.probe_fs(&d)).await?;
         if let Some(t) = found {
@@ -881,6 +912,26 @@ impl VolumeManager {
                 offset,
             });
         }
+        let d = dev.to_owned();
+        let (start, tail) = self
+            .sys(&full, "read the end of the disk", move |s| {
+                s.read_tail(&d, BLANK_CHECK_BYTES)
+            })
+            .await?;
+        if let Some(at) = tail.iter().position(|b| *b != 0) {
+            return Err(PluginError::UnknownDataAtEnd {
+                name: full.clone(),
+                device: dev.display().to_string(),
+                offset: start + at as u64,
+                size: start + tail.len() as u64,
+            });
+        }
+        self.make_filesystem(info, dev).await
+    }
+
+    /// Formats a never-formatted disk proved blank, and records it.
+    async fn make_filesystem(&self, info: &VolumeInfo, dev: &Path) -> Result<String, PluginError> {
+        let full = info.name.clone();
         let want: FsType = info.fstype.parse().unwrap_or(FsType::Ext4);
         let (d, label) = (dev.to_owned(), info.volume.clone());
         tracing::info!(volume = %full, fstype = %want, "formatting on first use");
@@ -897,6 +948,7 @@ impl VolumeManager {
         info: &VolumeInfo,
         location: Option<vmdk_protocol::DiskLocation>,
         disk_uuid: &str,
+        blank: bool,
         dir: &Path,
     ) -> Result<MountRecord, PluginError> {
         let full = info.name.clone();
@@ -917,7 +969,7 @@ impl VolumeManager {
                 s.locate(&location, DEVICE_TIMEOUT)
             })
             .await?;
-        let fstype = self.filesystem(info, &dev).await?;
+        let fstype = self.filesystem(info, &dev, blank).await?;
         self.make_mount_dir(&full, dir)?;
         let read_only = info.access == AccessMode::ReadOnly;
         let (d, t, fs) = (dev.clone(), dir.to_owned(), fstype.clone());

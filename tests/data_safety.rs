@@ -25,6 +25,18 @@ fn extent(p: &support::Plugin, vol: &str) -> PathBuf {
     p.datastore().join(format!("dockvols/_DEFAULT/{vol}-flat.vmdk"))
 }
 
+/// The blank-check reads, as (which end, length).
+fn reads(sys: &FakeSys) -> Vec<(&'static str, usize)> {
+    sys.calls()
+        .iter()
+        .filter_map(|c| match c {
+            SysCall::ReadHead { len, .. } => Some(("head", *len)),
+            SysCall::ReadTail { len, .. } => Some(("tail", *len)),
+            _ => None,
+        })
+        .collect()
+}
+
 fn mkfs_count(sys: &FakeSys) -> usize {
     sys.count(|c| matches!(c, SysCall::Mkfs { .. }))
 }
@@ -52,16 +64,9 @@ async fn the_first_mount_formats_once_and_records_it_before_answering() {
         .formatted
         .expect("format not recorded");
     assert_eq!((rec.fstype.as_str(), rec.by.as_str()), ("ext4", "vm-test"));
-    // The blank check read a bounded start of the disk, once.
-    let reads: Vec<usize> = sys
-        .calls()
-        .iter()
-        .filter_map(|c| match c {
-            SysCall::ReadHead { len, .. } => Some(*len),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(reads, [1 << 20]);
+    // The agent bound a disk whose extent held no data (a thin volume never
+    // written): it reads all zeros, so nothing was read to prove it.
+    assert_eq!(reads(&sys), []);
     let st = ok(&p.app, "VolumeDriver.Get", r#"{"Name":"fresh"}"#).await["Volume"]["Status"].clone();
     assert!(st["formatted"].as_str().unwrap().starts_with("ext4 on "), "{st}");
     ok(&p.app, "VolumeDriver.Unmount", r#"{"Name":"fresh","ID":"a"}"#).await;
@@ -126,6 +131,45 @@ async fn a_never_formatted_disk_that_holds_data_is_not_formatted() {
     assert_eq!(p.svc.get(&Caller::Admin, "odd").await.unwrap().formatted, None);
 }
 
+/// Backup GPT headers, md RAID 1.0 superblocks and ZFS labels sit at the
+/// end of a disk, beyond the first MiB the blank check reads first.
+#[tokio::test]
+async fn a_never_formatted_disk_with_data_only_near_its_end_is_not_formatted() {
+    let sys = Arc::new(FakeSys::default());
+    let p = fake_plugin(sys.clone()).await;
+    ok(
+        &p.app,
+        "VolumeDriver.Create",
+        r#"{"Name":"tail","Opts":{"size":"100mb"}}"#,
+    )
+    .await;
+    let size = 100u64 << 20;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(extent(&p, "tail"))
+        .unwrap();
+    // Where a backup GPT header sits: the last sector.
+    std::os::unix::fs::FileExt::write_all_at(&f, b"EFI PART", size - 512).unwrap();
+    let before = std::fs::read(extent(&p, "tail")).unwrap();
+    let r = p.app.clone();
+    let _ = &r;
+    let e = err(&p.app, "VolumeDriver.Mount", r#"{"Name":"tail","ID":"a"}"#).await;
+    for want in [
+        "volume tail@local: its disk /dev/fakeloop",
+        "its last MiB, where backup partition tables (GPT) and RAID and ZFS labels sit, is not blank",
+        &format!("(a non-zero byte at offset {} of {size} bytes)", size - 512)[..],
+        "vmdk will not format over unknown data",
+        "nothing was changed",
+    ] {
+        assert!(e.contains(want), "{e:?} lacks {want:?}");
+    }
+    assert_eq!(reads(&sys), [("head", 1 << 20), ("tail", 1 << 20)]);
+    assert_eq!(mkfs_count(&sys), 0);
+    assert_eq!(std::fs::read(extent(&p, "tail")).unwrap(), before);
+    assert!(p.loops.list().unwrap().is_empty());
+    assert_eq!(p.svc.get(&Caller::Admin, "tail").await.unwrap().formatted, None);
+}
+
 #[tokio::test]
 async fn a_filesystem_found_on_an_unrecorded_disk_is_adopted_and_recorded() {
     let sys = Arc::new(FakeSys::default());
@@ -136,8 +180,11 @@ async fn a_filesystem_found_on_an_unrecorded_disk_is_adopted_and_recorded() {
         r#"{"Name":"old","Opts":{"fstype":"xfs","size":"1gb"}}"#,
     )
     .await;
-    // Formatted by a version that kept no record.
+    // Formatted by a version that kept no record: its superblock is on
+    // the disk.
     sys.filesystems.lock().unwrap().insert(extent(&p, "old"), "xfs".into());
+    let f = std::fs::OpenOptions::new().write(true).open(extent(&p, "old")).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, b"XFSB", 0).unwrap();
     ok(&p.app, "VolumeDriver.Mount", r#"{"Name":"old","ID":"a"}"#).await;
     assert_eq!(mkfs_count(&sys), 0);
     let rec = p

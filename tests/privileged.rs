@@ -448,6 +448,61 @@ async fn a_damaged_superblock_is_refused_and_the_data_survives_fsck() {
     assert!(loops_under(&canonical_tmp(&p)).is_empty());
 }
 
+/// A never-formatted volume whose disk carries something only beyond its
+/// first MiB is not formatted: a VMFS signature at 1 MiB (which `blkid`
+/// finds) and a backup GPT header in the last sector (which `blkid` does
+/// not report without its primary) both refuse the Mount and leave the
+/// disk as it was, the second as unknown data at the disk's end.
+#[tokio::test]
+async fn a_never_formatted_disk_with_data_only_beyond_its_first_mib_is_not_formatted() {
+    let p = real_plugin().await;
+    let _c = KernelCleanup(canonical_tmp(&p));
+    let size = 64u64 << 20;
+    for (name, offset, bytes, want) in [
+        ("vmfs", 1u64 << 20, &b"\x0d\xd0\x01\xc0"[..], "mount"),
+        (
+            "gptend",
+            size - 512,
+            &b"EFI PART"[..],
+            "its last MiB, where backup partition tables (GPT) and RAID and ZFS labels sit, is not blank",
+        ),
+    ] {
+        ok(
+            &p.app,
+            "VolumeDriver.Create",
+            &format!(r#"{{"Name":"{name}","Opts":{{"size":"64mb"}}}}"#),
+        )
+        .await;
+        let flat = p.datastore().join(format!("dockvols/_DEFAULT/{name}-flat.vmdk"));
+        let f = std::fs::OpenOptions::new().write(true).open(&flat).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, bytes, offset).unwrap();
+        f.sync_all().unwrap();
+        drop(f);
+        let before = (
+            disk_fingerprint(&flat),
+            vmdk_plugin::sys::read_tail(&flat, 1 << 20).unwrap(),
+        );
+        let e = err(
+            &p.app,
+            "VolumeDriver.Mount",
+            &format!(r#"{{"Name":"{name}","ID":"a"}}"#),
+        )
+        .await;
+        assert!(e.contains(&format!("volume {name}@local")) && e.contains(want), "{e}");
+        assert!(mounts_at(&p.mount_root().join(format!("{name}@local"))).is_empty());
+        assert!(
+            loops_under(&canonical_tmp(&p)).is_empty(),
+            "the refused Mount left the disk attached"
+        );
+        let after = (
+            disk_fingerprint(&flat),
+            vmdk_plugin::sys::read_tail(&flat, 1 << 20).unwrap(),
+        );
+        assert!(after == before, "the refused Mount changed the disk");
+        assert_eq!(p.svc.get(&Caller::Admin, name).await.unwrap().formatted, None);
+    }
+}
+
 /// A thin volume never mounted before is formatted at its first Mount,
 /// and that is recorded with the agent before the Mount answers; it is
 /// never formatted again.

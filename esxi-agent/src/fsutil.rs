@@ -64,6 +64,21 @@ pub fn sparse_copy_reporting(
     dst.sync_all()
 }
 
+/// Whether `file` holds no data at all: `SEEK_DATA` from offset 0 finds
+/// none (`ENXIO`), so every byte reads as zero (holes, and unwritten
+/// extents of a `zeroedthick` disk, read as zeros; delayed writes count as
+/// data). Any other answer, including a filesystem that cannot tell (it
+/// then reports the whole file as data), is "maybe data".
+pub fn holds_no_data(file: &File) -> bool {
+    // SAFETY: lseek on an open descriptor; it only moves the file offset,
+    // which the loop driver does not use (it reads and writes by position).
+    let rc = unsafe { libc::lseek(file.as_raw_fd(), 0, libc::SEEK_DATA) };
+    let none = rc < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
+    // SAFETY: as above.
+    unsafe { libc::lseek(file.as_raw_fd(), 0, libc::SEEK_SET) };
+    none && file.metadata().is_ok_and(|m| m.len() > 0)
+}
+
 #[cfg(test)]
 mod tests {
     use std::fs;
@@ -114,5 +129,24 @@ mod tests {
         assert!(got[..(10 << 20)].iter().all(|&b| b == 0));
         let blocks = fs::metadata(dir.path().join("d")).unwrap().blocks();
         assert!(blocks * 512 < 4 << 20, "copy is not sparse: {blocks} blocks");
+    }
+
+    #[test]
+    fn a_file_of_holes_holds_no_data_and_one_written_byte_is_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut f = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("e"))
+            .unwrap();
+        assert!(!holds_no_data(&f), "an empty file is no disk");
+        f.set_len(64 << 20).unwrap();
+        assert!(holds_no_data(&f));
+        // Not synced: a write still in the page cache counts.
+        f.seek(SeekFrom::Start(40 << 20)).unwrap();
+        f.write_all(b"x").unwrap();
+        assert!(!holds_no_data(&f));
     }
 }

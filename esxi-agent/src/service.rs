@@ -1303,6 +1303,7 @@ impl VolumeService {
             disk_uuid: info.disk_uuid.clone(),
             volume: info,
             device: att.device().map(str::to_owned),
+            blank: att.blank && att.device().is_some(),
             location: Some(att.location),
         })
     }

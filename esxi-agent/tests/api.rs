@@ -322,11 +322,15 @@ async fn attach_is_exclusive_idempotent_and_blocks_remove() {
     let dev = a1["device"].as_str().unwrap().to_owned();
     assert_eq!(a1["volume"]["attached_to"], "vmA");
     assert_eq!(a1["disk_uuid"], a1["volume"]["disk_uuid"]);
+    // A thin disk never written, bound just now: it reads all zeros.
+    assert_eq!(a1["blank"], true, "{a1}");
     let (_, a2) = call(&f.app, Method::POST, "/v1/volumes/shared/attach", Some("vmA"), None).await;
     assert_eq!(
         a2["device"], dev,
         "re-attach from the same VM must return the same device"
     );
+    // Bound before: what was written through the device is unknown.
+    assert_eq!(a2["blank"], Value::Null, "{a2}");
     let (s, v) = call(&f.app, Method::POST, "/v1/volumes/shared/attach", Some("vmB"), None).await;
     assert_eq!(s, StatusCode::CONFLICT);
     assert_eq!(v["code"], "attached_elsewhere");
@@ -352,8 +356,14 @@ async fn attach_is_exclusive_idempotent_and_blocks_remove() {
     let (_, v) = call(&f.app, Method::GET, "/v1/volumes/shared", None, None).await;
     assert_eq!(v["status"], "detached");
     assert_eq!(v["attached_to"], Value::Null);
+    // One byte anywhere (here past the first MiB) is data.
+    let extent = f.ds.join("dockvols/_DEFAULT/shared-flat.vmdk");
+    let file = std::fs::OpenOptions::new().write(true).open(&extent).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, b"x", 3 << 20).unwrap();
+    drop(file);
     let (s, v) = call(&f.app, Method::POST, "/v1/volumes/shared/attach", Some("vmB"), None).await;
     assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["blank"], Value::Null, "a disk holding data was called blank: {v}");
     call(&f.app, Method::POST, "/v1/volumes/shared/detach", Some("vmB"), None).await;
     let (s, _) = call(&f.app, Method::DELETE, "/v1/volumes/shared", Some("vmA"), None).await;
     assert_eq!(s, StatusCode::NO_CONTENT);

@@ -94,6 +94,9 @@ pub trait System: Send + Sync + fmt::Debug {
     /// The first `len` bytes of `device` (fewer if it is smaller). Never
     /// reads more than `len`.
     fn read_head(&self, device: &Path, len: usize) -> Result<Vec<u8>, SysError>;
+    /// The last `len` bytes of `device` (all of it if it is smaller), and
+    /// the offset the first of them sits at.
+    fn read_tail(&self, device: &Path, len: usize) -> Result<(u64, Vec<u8>), SysError>;
 
     /// Looks at `<mount_dir>/<name>` without following it (lstat
     /// semantics, relative to `mount_dir` opened `O_NOFOLLOW`): it must be
@@ -389,6 +392,10 @@ impl System for LinuxSystem {
     fn read_head(&self, device: &Path, len: usize) -> Result<Vec<u8>, SysError> {
         read_head(device, len)
     }
+
+    fn read_tail(&self, device: &Path, len: usize) -> Result<(u64, Vec<u8>), SysError> {
+        read_tail(device, len)
+    }
 }
 
 /// Reads at most `len` bytes from the start of `path`.
@@ -408,6 +415,30 @@ pub fn read_head(path: &Path, len: usize) -> Result<Vec<u8>, SysError> {
     let mut buf = Vec::with_capacity(len);
     f.take(len as u64).read_to_end(&mut buf).map_err(io)?;
     Ok(buf)
+}
+
+/// Reads the last `len` bytes of `path` (a block device or a file): the
+/// offset they start at, and the bytes.
+pub fn read_tail(path: &Path, len: usize) -> Result<(u64, Vec<u8>), SysError> {
+    use std::io::{Read, Seek, SeekFrom};
+    use std::os::unix::fs::OpenOptionsExt;
+    let io = |source| SysError::Io {
+        op: "read",
+        path: path.to_owned(),
+        source,
+    };
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)
+        .map_err(io)?;
+    // A block device's size is where its end is.
+    let size = f.seek(SeekFrom::End(0)).map_err(io)?;
+    let start = size.saturating_sub(len as u64);
+    f.seek(SeekFrom::Start(start)).map_err(io)?;
+    let mut buf = Vec::with_capacity(len);
+    f.take(len as u64).read_to_end(&mut buf).map_err(io)?;
+    Ok((start, buf))
 }
 
 #[cfg(test)]
@@ -465,6 +496,11 @@ mod tests {
         std::fs::write(&f, vec![7u8; 5000]).unwrap();
         assert_eq!(read_head(&f, 100).unwrap(), vec![7u8; 100]);
         assert_eq!(read_head(&f, 1 << 20).unwrap().len(), 5000);
+        let mut bytes = vec![0u8; 5000];
+        bytes[4999] = 9;
+        std::fs::write(&f, &bytes).unwrap();
+        assert_eq!(read_tail(&f, 100).unwrap(), (4900, bytes[4900..].to_vec()));
+        assert_eq!(read_tail(&f, 1 << 20).unwrap(), (0, bytes));
     }
 
     #[test]

@@ -85,6 +85,10 @@ pub enum SysCall {
         device: PathBuf,
         len: usize,
     },
+    ReadTail {
+        device: PathBuf,
+        len: usize,
+    },
 }
 
 /// A recording fake of [`System`]: devices hold the filesystem made on
@@ -224,6 +228,18 @@ impl System for FakeSys {
             return vmdk_plugin::sys::read_head(&disk, len);
         }
         Ok(vec![0; len])
+    }
+    /// The end of the disk's backing file, as `read_head`.
+    fn read_tail(&self, device: &Path, len: usize) -> Result<(u64, Vec<u8>), SysError> {
+        self.calls.lock().unwrap().push(SysCall::ReadTail {
+            device: device.into(),
+            len,
+        });
+        let disk = self.disk_of(device);
+        if disk.is_file() {
+            return vmdk_plugin::sys::read_tail(&disk, len);
+        }
+        Ok((0, vec![0; len]))
     }
 }
 

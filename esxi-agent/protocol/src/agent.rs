@@ -243,6 +243,15 @@ pub struct AttachInfo {
     /// (then `device` is the block device).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub location: Option<DiskLocation>,
+    /// The agent bound the disk on this host just now (a `Device`
+    /// location), and the file behind it held no data when it was bound
+    /// (`SEEK_DATA` found none): every byte of the device reads as zero, so
+    /// it carries no signature at any offset. The guest may then skip its
+    /// own blank check of a never-formatted disk. Absent (false) from
+    /// agents that predate it, for disks attached before, and for disks
+    /// with any data.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub blank: bool,
 }
 
 /// Where the guest finds an attached disk.

@@ -23,7 +23,7 @@ use vmdk_protocol::{AttachAs, DiskFormat, DiskLocation, PolicyState};
 use super::loopdev::LoopDevices;
 use super::{Attachment, BackendError, DiskBackend, DiskInfo, DiskRef, PolicySpec};
 use crate::datastore::{Datastore, LocalFolder, VolumeFiles, VolumeFolder};
-use crate::fsutil::sparse_copy_reporting;
+use crate::fsutil::{holds_no_data, sparse_copy_reporting};
 use crate::progress::Progress;
 use crate::store::{tighten_file_mode, Access, FileId, FileKind, StoreError, FILE_MODE};
 use crate::vmdk::{new_disk_uuid, Descriptor, MAX_DESCRIPTOR_BYTES};
@@ -357,8 +357,12 @@ impl LocalBackend {
         // Extents written by older versions were 0644.
         let _ = tighten_file_mode(&extent, FILE_MODE);
         if let Some(dev) = self.bound_devices(&extent, disk)?.into_iter().next() {
+            // Bound before: what was written through it is not known here.
             return Ok(device_attachment(&dev));
         }
+        // Asked of the very descriptor that is bound, before the device
+        // exists: nothing but this extent's own file can have written it.
+        let blank = holds_no_data(&extent);
         let name = real_path(&extent).unwrap_or_else(|| PathBuf::from(&files.flat));
         let dev = self
             .loops
@@ -368,7 +372,10 @@ impl LocalBackend {
                 device: disk.shown(&files.flat).to_string(),
                 source,
             })?;
-        Ok(device_attachment(&dev))
+        Ok(Attachment {
+            blank,
+            ..device_attachment(&dev)
+        })
     }
 
     fn detach_blocking(&self, disk: &DiskRef<'_>) -> Result<(), BackendError> {
@@ -448,6 +455,7 @@ fn device_attachment(dev: &std::path::Path) -> Attachment {
         location: DiskLocation::Device {
             path: dev.display().to_string(),
         },
+        blank: false,
     }
 }
 

@@ -94,6 +94,9 @@ pub struct Attachment {
     pub vm: Option<String>,
     /// Where the guest finds the disk.
     pub location: DiskLocation,
+    /// Bound by this very call, from a backing file that held no data
+    /// (every byte reads zero). Only the `local` backend proves it.
+    pub blank: bool,
 }
 
 impl Attachment {

@@ -544,6 +544,7 @@ impl DiskBackend for VsphereBackend {
             return Ok(Attachment {
                 vm: Some(vm.to_owned()),
                 location,
+                blank: false,
             });
         }
         // Units in use come from every device's controller key and unit:
@@ -636,6 +637,7 @@ impl DiskBackend for VsphereBackend {
         Ok(Attachment {
             vm: Some(vm.to_owned()),
             location,
+            blank: false,
         })
     }
 
@@ -676,6 +678,7 @@ impl DiskBackend for VsphereBackend {
         Ok(Self::location_of(&info, &path, None).map(|location| Attachment {
             vm: Some(vm.to_owned()),
             location,
+            blank: false,
         }))
     }
 
