@@ -128,12 +128,27 @@ impl AgentClient {
         }
     }
 
-    /// The volumes [`AgentClient::list`] lists that are attached to `vm`:
-    /// an embedded agent builds only their details.
+    /// The volumes attached to `vm` by the agent's live view and records
+    /// (`GET /v1/volumes?attached=self`): the agent reads only those.
     pub async fn list_attached(&self, vm: &str) -> Result<Vec<VolumeInfo>, AgentCallError> {
         let all = match self {
             Self::Embedded(s) => return s.list_attached(&Self::caller(vm)?).await.map_err(Self::api),
-            Self::Http(_) => self.list(vm).await?,
+            // An agent that predates the query lists every volume.
+            Self::Http(ep) => {
+                Self::must(
+                    Self::call::<VolumeList>(
+                        ep,
+                        Method::GET,
+                        &format!("{}?{}", paths::PATH_VOLUMES, paths::QUERY_ATTACHED_HERE),
+                        vm,
+                        None,
+                        QUERY_TIMEOUT,
+                    )
+                    .await?,
+                    "list",
+                )?
+                .volumes
+            }
         };
         Ok(all
             .into_iter()

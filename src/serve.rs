@@ -32,7 +32,8 @@ pub enum ServeError {
 }
 
 /// Builds the agent client: remote when a URL is given, else an embedded
-/// agent on the given datastores (directories created if missing).
+/// agent on the given datastores (directories created if missing), whose
+/// start-up checks [`run_with`] runs.
 pub async fn agent_client(cfg: &ServeConfig) -> Result<AgentClient, ServeError> {
     if let Some(url) = &cfg.agent {
         return Endpoint::parse(url).map(AgentClient::Http).map_err(ServeError::Config);
@@ -64,10 +65,11 @@ pub async fn agent_client(cfg: &ServeConfig) -> Result<AgentClient, ServeError> 
     {
         return Err(ServeError::Config(crate::config::machine_id_refused("vsphere")));
     }
+    // Its start-up checks (VolumeService::recover_on_start) run once the
+    // socket is served (see run_with).
     let svc = VolumeService::from_config(&acfg)
         .await
         .map_err(|e| ServeError::Config(crate::error_chain(&e)))?;
-    svc.recover_on_start().await;
     Ok(AgentClient::Embedded(Arc::new(svc)))
 }
 
@@ -94,7 +96,10 @@ pub async fn run(
 }
 
 /// [`run`] with an explicit agent and kernel seam. The socket is served by
-/// [`vmdk_common::server::serve_bounded`] within `cfg.limits`.
+/// [`vmdk_common::server::serve_bounded`] within `cfg.limits`, at once; an
+/// embedded agent's attachment checks and then the plugin's recovery run in
+/// the background, and mutating calls wait for them (the agent's collection
+/// of leftovers follows beside them).
 pub async fn run_with(
     cfg: ServeConfig,
     agent: AgentClient,
@@ -132,9 +137,30 @@ pub async fn run_with(
     let m = manager.clone();
     let interval = cfg.reconcile_interval;
     readiness.set_not_ready("start-up recovery is running");
-    let recovery = manager.spawn_recovery().await;
+    // The socket is served from here on: Activate, Capabilities, Get, List
+    // and Path answer at once; Create, Mount, Unmount and Remove wait for
+    // the embedded agent's attachment checks and then the plugin's
+    // recovery, which hold the manager's gate. The agent's collection of
+    // what cut-off creates and removes left (a listing of every folder)
+    // follows beside them: it touches only names that are no volume, under
+    // locks it takes without waiting. /readyz says ready after all three.
+    let embedded = manager.embedded_agent().cloned();
+    let agent_checks = embedded.clone().map(|svc| async move {
+        svc.recover_attachments_on_start().await;
+    });
+    let recovery = manager
+        .spawn_recovery(async move {
+            if let Some(checks) = agent_checks {
+                checks.await;
+            }
+        })
+        .await;
     let background = tokio::spawn(async move {
         let _ = recovery.await;
+        if let Some(svc) = embedded {
+            svc.collect_incomplete_volumes().await;
+            tracing::info!("agent start-up checks finished");
+        }
         readiness.set_ready();
         if interval == 0 {
             return;

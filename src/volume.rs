@@ -8,7 +8,8 @@
 //! Concurrency: Mount, Unmount and Remove of one volume are serialized by a
 //! per-volume lock (Docker sends concurrent Mounts of one volume when two
 //! containers start together); different volumes proceed in parallel.
-//! Until start-up recovery has finished, those three operations wait for it.
+//! Until start-up recovery has finished, those three operations and Create
+//! wait for it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -528,6 +529,8 @@ impl VolumeManager {
     pub async fn create(&self, name: &str, opts: BTreeMap<String, String>) -> Result<(), PluginError> {
         VolumeRef::parse(name)?;
         let parsed = VolumeOptions::parse(&opts)?;
+        // After the start-up checks, which delete what cut-off creates left.
+        let _gate = self.gate.read().await;
         if let Some(fs) = parsed.fstype {
             if !self.sys.mkfs_available(fs) {
                 let found: Vec<&str> = [FsType::Ext4, FsType::Xfs]
@@ -1135,7 +1138,8 @@ impl VolumeManager {
 
     // ----- recovery ----------------------------------------------------------
 
-    /// Start-up recovery. Holds off Mount, Unmount and Remove until done.
+    /// Start-up recovery. Holds off Create, Mount, Unmount and Remove until
+    /// done.
     ///
     /// 1. Load the state file (a hint).
     /// 2. Adopt volumes mounted under the mount root that the state lacks.
@@ -1151,13 +1155,20 @@ impl VolumeManager {
         self.recover_holding(gate).await;
     }
 
-    /// Takes the recovery gate at once, then finishes [`Self::recover`] in
-    /// the background: a Mount that arrives as soon as the socket is served
-    /// waits for recovery instead of overtaking it.
-    pub async fn spawn_recovery(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+    /// Takes the recovery gate at once, then runs `first` (the embedded
+    /// agent's attachment checks) and [`Self::recover`] in the background: a
+    /// Create, Mount, Unmount or Remove that arrives as soon as the socket is
+    /// served waits for both instead of overtaking them.
+    pub async fn spawn_recovery(
+        self: &Arc<Self>,
+        first: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> tokio::task::JoinHandle<()> {
         let gate = self.gate.clone().write_owned().await;
         let me = self.clone();
-        tokio::spawn(async move { me.recover_holding(gate).await })
+        tokio::spawn(async move {
+            first.await;
+            me.recover_holding(gate).await
+        })
     }
 
     async fn recover_holding(self: &Arc<Self>, _gate: tokio::sync::OwnedRwLockWriteGuard<()>) {

@@ -791,3 +791,146 @@ async fn get_reports_a_damaged_volume_instead_of_an_error() {
         Value::Null
     );
 }
+
+/// Loop devices whose listing (the embedded agent's first start-up check)
+/// waits until the test opens the gate.
+#[derive(Debug, Default)]
+struct GatedLoops {
+    inner: vmdk_agent::backend::loopdev::FakeLoops,
+    open: std::sync::Mutex<bool>,
+    opened: std::sync::Condvar,
+    /// Told when a listing waits at the closed gate.
+    waiting: tokio::sync::Notify,
+}
+
+impl GatedLoops {
+    fn open(&self) {
+        *self.open.lock().unwrap() = true;
+        self.opened.notify_all();
+    }
+}
+
+impl vmdk_agent::backend::loopdev::LoopDevices for GatedLoops {
+    fn attach(&self, file: &std::fs::File, name: &std::path::Path) -> std::io::Result<PathBuf> {
+        self.inner.attach(file, name)
+    }
+    fn backing(&self, device: &std::path::Path) -> std::io::Result<Option<vmdk_agent::store::FileId>> {
+        self.inner.backing(device)
+    }
+    fn detach(&self, device: &std::path::Path, backing: vmdk_agent::store::FileId) -> std::io::Result<()> {
+        self.inner.detach(device, backing)
+    }
+    fn list(&self) -> std::io::Result<Vec<(PathBuf, PathBuf)>> {
+        let mut open = self.open.lock().unwrap();
+        if !*open {
+            self.waiting.notify_one();
+        }
+        while !*open {
+            open = self.opened.wait(open).unwrap();
+        }
+        drop(open);
+        self.inner.list()
+    }
+}
+
+/// `vmdk-plugin serve` serves its socket before the embedded agent's
+/// start-up checks are done: Activate, Capabilities, Get, List and Path
+/// answer meanwhile, and a Create waits for the checks (and the plugin's
+/// recovery after them), then succeeds, as does a Mount.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_socket_answers_reads_while_the_agents_start_up_checks_run() {
+    use vmdk_agent::backend::local::LocalBackend;
+    use vmdk_agent::config::AgentConfig;
+    use vmdk_agent::service::Caller;
+    use vmdk_plugin::agent_client::AgentClient;
+    use vmdk_plugin::http1::{self, Endpoint};
+
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dir.path().join("ds");
+    std::fs::create_dir_all(&ds).unwrap();
+    let mut acfg = AgentConfig::default();
+    acfg.add_datastore_flag(&format!("local={}", ds.display())).unwrap();
+    let loops = Arc::new(GatedLoops::default());
+    let svc = Arc::new(vmdk_agent::VolumeService::new(&acfg, Arc::new(LocalBackend::new(loops.clone()))).unwrap());
+    let req = vmdk_protocol::CreateRequest {
+        name: "old".into(),
+        opts: Default::default(),
+    };
+    svc.create(&Caller::vm("vm-1").unwrap(), &req).await.unwrap();
+    let sys = Arc::new(FakeSys::default());
+    *sys.loops.lock().unwrap() = Some(loops.clone());
+    let sock = dir.path().join("vmdk.sock");
+    let cfg = vmdk_plugin::config::ServeConfig {
+        agent_config: None,
+        vm_id_source: vmdk_plugin::config::VmIdSource::Flag,
+        socket: sock.clone(),
+        agent: None,
+        datastores: Vec::new(),
+        vm_id: "vm-1".into(),
+        mount_root: dir.path().join("mnt"),
+        state_dir: dir.path().join("state"),
+        docker_socket: dir.path().join("no-docker.sock"),
+        reconcile_interval: 0,
+        detach_grace: 0,
+        limits: Default::default(),
+        admin_listen: vmdk_common::admin::AdminListen::Off,
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let waiting = loops.waiting.notified();
+    let server = tokio::spawn(vmdk_plugin::serve::run_with(
+        cfg,
+        AgentClient::Embedded(svc),
+        sys,
+        async move {
+            let _ = rx.await;
+        },
+    ));
+    // The agent's checks are under way, held at the gate.
+    waiting.await;
+    let ep = Endpoint::Unix(sock.clone());
+    let call = |endpoint: &'static str, body: &'static str| {
+        let ep = ep.clone();
+        async move {
+            let (status, bytes) = http1::request(
+                &ep,
+                hyper::Method::POST,
+                &format!("/{endpoint}"),
+                &[],
+                Some(body.as_bytes().to_vec()),
+                std::time::Duration::from_secs(30),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{endpoint}: {e}"));
+            let v: Value = serde_json::from_slice(&bytes).unwrap();
+            assert!(status.is_success(), "{endpoint} {body}: {status} {v}");
+            v
+        }
+    };
+    let v = call("Plugin.Activate", "").await;
+    assert_eq!(v, json!({"Implements": ["VolumeDriver"]}));
+    let v = call("VolumeDriver.Capabilities", "").await;
+    assert_eq!(v["Capabilities"]["Scope"], "global");
+    let v = call("VolumeDriver.Get", r#"{"Name":"old"}"#).await;
+    assert_eq!(v["Volume"]["Name"], "old", "{v}");
+    let v = call("VolumeDriver.List", "").await;
+    assert_eq!(v["Volumes"][0]["Name"], "old", "{v}");
+    let v = call("VolumeDriver.Path", r#"{"Name":"old"}"#).await;
+    assert_eq!(
+        v["Mountpoint"],
+        dir.path().join("mnt/old@local/data").display().to_string()
+    );
+    // A Create waits for the checks: the volume is not made meanwhile.
+    let create = tokio::spawn(call("VolumeDriver.Create", r#"{"Name":"new"}"#));
+    let v = call("VolumeDriver.Get", r#"{"Name":"new"}"#).await;
+    assert_eq!(v["Volume"], Value::Null, "{v}");
+    assert!(!create.is_finished());
+    loops.open();
+    assert_eq!(create.await.unwrap()["Err"], "");
+    let v = call("VolumeDriver.Get", r#"{"Name":"new"}"#).await;
+    assert_eq!(v["Volume"]["Name"], "new", "{v}");
+    let v = call("VolumeDriver.Mount", r#"{"Name":"old","ID":"c1"}"#).await;
+    assert_eq!(v["Err"], "", "{v}");
+    call("VolumeDriver.Unmount", r#"{"Name":"old","ID":"c1"}"#).await;
+    let _ = tx.send(());
+    server.await.unwrap().unwrap();
+}

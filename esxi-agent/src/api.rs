@@ -111,9 +111,16 @@ fn reader(headers: &HeaderMap) -> Result<Caller, ApiError> {
     }
 }
 
-async fn list(State(svc): Svc, headers: HeaderMap) -> ApiResult<impl IntoResponse> {
+async fn list(State(svc): Svc, headers: HeaderMap, uri: axum::http::Uri) -> ApiResult<impl IntoResponse> {
     let caller = reader(&headers)?;
-    let volumes = svc.list(&caller).await?;
+    let attached_here = uri
+        .query()
+        .is_some_and(|q| q.split('&').any(|p| p == vmdk_protocol::agent::QUERY_ATTACHED_HERE));
+    let volumes = if attached_here {
+        svc.list_attached(&caller).await?
+    } else {
+        svc.list(&caller).await?
+    };
     Ok(Json(VolumeList { volumes }))
 }
 

@@ -692,20 +692,11 @@ impl VolumeService {
         Ok(all)
     }
 
-    /// What [`VolumeService::list`] lists of the volumes whose records say
-    /// the calling VM holds them (what a restarted guest checks for stray
-    /// attachments). From the catalog, only these volumes' details are
-    /// built.
+    /// The volumes attached to the calling VM, by the backend's live view
+    /// and their records (what a restarted guest checks for stray
+    /// attachments); see [`VolumeService::attached_here`].
     pub async fn list_attached(&self, caller: &Caller) -> Result<Vec<VolumeInfo>, AgentError> {
-        let vm = caller.vm_id()?;
-        let all = match self.catalog_inventory(Some(vm)).await {
-            Some(listed) => listed?,
-            None => self.list(caller).await?,
-        };
-        Ok(all
-            .into_iter()
-            .filter(|v| v.status == AttachStatus::Attached && v.attached_to.as_deref() == Some(vm))
-            .collect())
+        self.attached_here(caller).await
     }
 
     /// The names of what [`VolumeService::list`] lists, as `(vol@ds,

@@ -557,3 +557,70 @@ async fn start_up_releases_devices_no_metadata_records() {
     assert!(bound[0].ends_with("recorded-flat.vmdk"), "{bound:?}");
     assert!(!dir.join("gone.lck").exists(), "the check left a lock file behind");
 }
+
+/// `GET /v1/volumes?attached=self` (what a restarted plugin checks for
+/// stray attachments) lists the volumes attached to the calling VM on every
+/// datastore, and nothing else: not another VM's, not a detached one, not
+/// one whose sidecar claims an attachment no device backs (a host reboot),
+/// and not a device bound to a file that is no volume.
+#[tokio::test]
+async fn attached_self_lists_only_what_is_attached_to_the_caller() {
+    use vmdk_agent::backend::loopdev::LoopDevices;
+    let f = fixture();
+    for name in ["mine", "theirs", "idle", "claim", "mine@nfs1"] {
+        let (s, v) = create(&f.app, name, json!({"size": "10mb"})).await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+    }
+    let attach = |name: &'static str, vm: &'static str| {
+        let app = f.app.clone();
+        async move {
+            let path = format!("/v1/volumes/{name}/attach");
+            let (s, v) = call(&app, Method::POST, &path, Some(vm), None).await;
+            assert_eq!(s, StatusCode::OK, "{v}");
+            v["device"].as_str().unwrap().to_owned()
+        }
+    };
+    attach("mine", "vmA").await;
+    attach("mine@nfs1", "vmA").await;
+    attach("theirs", "vmB").await;
+    let claim = attach("claim", "vmA").await;
+    // The host rebooted under `claim`: its loop device is gone.
+    let extent = std::fs::canonicalize(f.ds.join("dockvols/_DEFAULT/claim-flat.vmdk")).unwrap();
+    let id = f.loops.backing(Path::new(&claim)).unwrap().unwrap();
+    f.loops.detach(Path::new(&claim), id).unwrap();
+    assert!(f.loops.list().unwrap().iter().all(|(_, b)| *b != extent));
+    // A device bound to a file that is not a volume.
+    let foreign = f.ds.join("dockvols/_DEFAULT/stranger-flat.vmdk");
+    std::fs::write(&foreign, vec![0u8; 4096]).unwrap();
+    bind(&*f.loops, &foreign);
+
+    let names = |v: &Value| -> Vec<String> {
+        v["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let (s, v) = call(&f.app, Method::GET, "/v1/volumes?attached=self", Some("vmA"), None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(names(&v), ["mine@local", "mine@nfs1"], "{v}");
+    for vol in v["volumes"].as_array().unwrap() {
+        assert_eq!(
+            (vol["status"].as_str(), vol["attached_to"].as_str()),
+            (Some("attached"), Some("vmA"))
+        );
+    }
+    let (s, v) = call(&f.app, Method::GET, "/v1/volumes?attached=self", Some("vmB"), None).await;
+    assert_eq!((s, names(&v)), (StatusCode::OK, vec!["theirs@local".to_owned()]), "{v}");
+    let (s, v) = call(&f.app, Method::GET, "/v1/volumes?attached=self", None, None).await;
+    assert_eq!(
+        (s, v["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("missing_vm_id")),
+        "{v}"
+    );
+    // Without the query: every volume, as before.
+    let (s, v) = call(&f.app, Method::GET, "/v1/volumes", Some("vmA"), None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(names(&v).len(), 5, "{v}");
+}

@@ -20,6 +20,12 @@ pub const PATH_VERSION: &str = "/v1/version";
 pub const DEFAULT_PLUGIN_SOCKET: &str = "/run/docker/plugins/vmdk.sock";
 /// `GET` lists, `POST` creates.
 pub const PATH_VOLUMES: &str = "/v1/volumes";
+/// `GET` [`PATH_VOLUMES`] with this query lists only the volumes attached to
+/// the calling VM (`VM-Id`), by the backend's live view and their records:
+/// what a restarted guest checks for stray attachments. An agent that
+/// predates it ignores the query and lists every volume, so a client
+/// filters the answer as well.
+pub const QUERY_ATTACHED_HERE: &str = "attached=self";
 
 /// Path of one volume (the name percent-encoded).
 pub fn volume_path(name: &str) -> String {

@@ -381,4 +381,13 @@ pub trait DiskBackend: Send + Sync + fmt::Debug {
     /// between binding a device and writing the sidecar). Backends that do
     /// not attach on this host return nothing.
     async fn attached_extents(&self) -> Result<Vec<(PathBuf, Attachment)>, BackendError>;
+    /// The disks the hypervisor has attached to `vm`, as the datastore
+    /// paths of their descriptors (`[ds] dockvols/_DEFAULT/vol.vmdk`), read
+    /// in one call; empty when it does not know `vm`. `None` (the default):
+    /// this backend attaches on this host, and [`DiskBackend::attached_extents`]
+    /// says what is attached. The service uses it to find what a restarted
+    /// guest may hold without reading every volume's files.
+    async fn disks_of_vm(&self, _vm: &str) -> Result<Option<Vec<String>>, BackendError> {
+        Ok(None)
+    }
 }

@@ -783,6 +783,15 @@ impl DiskBackend for VsphereBackend {
         Ok(Vec::new())
     }
 
+    async fn disks_of_vm(&self, vm: &str) -> Result<Option<Vec<String>>, BackendError> {
+        match self.vm(vm).await {
+            Ok((_, info)) => Ok(Some(info.disks.into_iter().filter_map(|d| d.file_name).collect())),
+            // A VM the server does not know holds nothing.
+            Err(BackendError::NotFound { .. }) => Ok(Some(Vec::new())),
+            Err(e) => Err(e),
+        }
+    }
+
     async fn folder(
         &self,
         datastore: &Datastore,

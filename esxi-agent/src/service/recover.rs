@@ -4,10 +4,11 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use vmdk_protocol::AttachStatus;
+use vmdk_protocol::{AttachStatus, VolumeInfo};
 
 use super::{Target, VolumeService};
-use crate::datastore::{VolumeFile, VolumeFiles, VolumeFolder, DEFAULT_VMGROUP};
+use crate::datastore::{VolumeFile, VolumeFiles, VolumeFolder, DEFAULT_VMGROUP, DOCKVOLS};
+use crate::error::AgentError;
 use crate::store::FileId;
 
 /// What [`VolumeService::recover_on_start`] did.
@@ -28,6 +29,20 @@ impl VolumeService {
     /// The last two only touch volumes whose lock is free or that they
     /// hold, so another agent on a shared datastore is never disturbed.
     pub async fn recover_on_start(&self) -> StartupRecovery {
+        let released = self.recover_attachments_on_start().await;
+        let collected = self.collect_incomplete_volumes().await;
+        StartupRecovery { released, collected }
+    }
+
+    /// The part of [`VolumeService::recover_on_start`] that comes before
+    /// any attach or detach: prepares each datastore and releases
+    /// unrecorded attachments. It costs the same at any number of volumes
+    /// (it looks only at what is attached). The rest,
+    /// [`VolumeService::collect_incomplete_volumes`], lists every folder,
+    /// and may run beside operations: it only touches names that are no
+    /// volume, under locks it takes without waiting. Returns the volumes
+    /// released.
+    pub async fn recover_attachments_on_start(&self) -> Vec<String> {
         for ds in self.datastores.iter().filter(|d| d.root.is_some()) {
             let d = ds.clone();
             match tokio::task::spawn_blocking(move || d.prepare()).await {
@@ -38,9 +53,7 @@ impl VolumeService {
                 Err(e) => tracing::warn!(datastore = %ds.name, error = %e, "cannot prepare the datastore"),
             }
         }
-        let released = self.release_unrecorded_attachments().await;
-        let collected = self.collect_incomplete_volumes().await;
-        StartupRecovery { released, collected }
+        self.release_unrecorded_attachments().await
     }
 
     /// Deletes what creates and removes cut off by a crash left: the files
@@ -218,6 +231,83 @@ impl VolumeService {
             }
         }
         released
+    }
+
+    /// The volumes live-attached to the calling VM whose sidecars say so:
+    /// what a restarted guest checks for attachments it no longer holds.
+    /// Looks only at what is attached (the `local` backend: the loop devices
+    /// bound to extents in a datastore folder; `vsphere`: the VM's own
+    /// disks, one hypervisor call) and reads only those volumes' files, so
+    /// it costs the same at any number of volumes on the datastores. A
+    /// sidecar that claims an attachment the backend does not have is not
+    /// listed: nothing is attached to release, and the next attach heals the
+    /// claim. A volume whose files cannot be read is skipped (and logged).
+    pub async fn attached_here(&self, caller: &super::Caller) -> Result<Vec<VolumeInfo>, AgentError> {
+        let vm = caller.vm_id()?;
+        let mut targets: BTreeMap<String, Target<'_>> = BTreeMap::new();
+        let backend_err = |source| AgentError::Backend {
+            name: "*".into(),
+            source,
+        };
+        match self.backend.disks_of_vm(vm).await.map_err(backend_err)? {
+            Some(files) => {
+                for file in files {
+                    if let Some(t) = self.target_of_datastore_path(&file) {
+                        targets.insert(t.full.clone(), t);
+                    }
+                }
+            }
+            None => {
+                for (extent, _) in self.backend.attached_extents().await.map_err(backend_err)? {
+                    if let Some(t) = self.target_of_extent(&extent) {
+                        targets.insert(t.full.clone(), t);
+                    }
+                }
+            }
+        }
+        let mut out = Vec::new();
+        for t in targets.values() {
+            let res = async {
+                let Some(folder) = self.folder(t, false).await? else {
+                    return Ok(None);
+                };
+                let Some(meta) = Self::load_meta(t, &*folder).await? else {
+                    return Ok(None);
+                };
+                if super::attached_vm(&meta) != Some(vm) {
+                    return Ok(None);
+                }
+                self.info(t, &meta).await.map(Some)
+            }
+            .await;
+            match res {
+                Ok(Some(info)) => out.push(info),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(volume = %t.full, error = %crate::error::error_chain(&e), "cannot read an attached volume")
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The volume a hypervisor's disk backing (`[ds] dockvols/_DEFAULT/
+    /// vol.vmdk`) is, if it is a volume's descriptor on a configured
+    /// datastore.
+    fn target_of_datastore_path(&self, file: &str) -> Option<Target<'_>> {
+        let (ds, path) = file.strip_prefix('[')?.split_once("] ")?;
+        let name = path.strip_prefix(&format!("{DOCKVOLS}/{DEFAULT_VMGROUP}/"))?;
+        let volume = name.strip_suffix(".vmdk")?;
+        vmdk_protocol::name::validate_volume(volume).ok()?;
+        if VolumeFiles::new(volume).descriptor != name {
+            return None;
+        }
+        let ds = self.datastores.iter().find(|d| d.name == ds)?;
+        Some(Target {
+            full: format!("{volume}@{}", ds.name),
+            ds,
+            volume: volume.to_owned(),
+        })
     }
 
     /// The volume an extent path (as the kernel shows it) belongs to, if it
