@@ -115,16 +115,18 @@ async fn list_and_get_see_what_other_processes_did() {
     assert_eq!(names(&a).await, ["one@local"]);
     assert!(a.get(&vm(), "two").await.is_err());
 
-    // What a restarted guest asks: the volumes attached to it.
+    // Another agent attaches it: List shows the holder, and its detach.
     b.attach(&vm(), "one").await.unwrap();
-    let attached = |v: Vec<vmdk_protocol::VolumeInfo>| v.into_iter().map(|v| v.name).collect::<Vec<_>>();
-    assert_eq!(attached(a.list_attached(&vm()).await.unwrap()), ["one@local"]);
-    let other = Caller::vm("vm-2").unwrap();
-    assert!(a.list_attached(&other).await.unwrap().is_empty());
+    let holder = |v: Vec<vmdk_protocol::VolumeInfo>| {
+        v.into_iter()
+            .find(|v| v.name == "one@local")
+            .and_then(|v| v.attached_to)
+    };
+    assert_eq!(holder(a.list(&vm()).await.unwrap()).as_deref(), Some("vm-1"));
     settle(&a).await;
-    assert_eq!(attached(a.list_attached(&vm()).await.unwrap()), ["one@local"]);
+    assert_eq!(holder(a.list(&vm()).await.unwrap()).as_deref(), Some("vm-1"));
     b.detach(&vm(), "one").await.unwrap();
-    assert!(a.list_attached(&vm()).await.unwrap().is_empty());
+    assert_eq!(holder(a.list(&vm()).await.unwrap()), None);
 
     // A sidecar replaced in place (no rename, so the folder does not
     // change) is seen by Get, which stats the volume's files.
