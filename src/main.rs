@@ -153,6 +153,8 @@ async fn shutdown_signal() {
 }
 
 fn main() -> std::process::ExitCode {
+    // Before any thread starts: few malloc arenas (docs/performance.md).
+    vmdk_common::memory::tune();
     // Before any thread starts: takes systemd's sockets, clears its variables.
     let activation = vmdk_common::systemd::init_from_env();
     let cli = Cli::parse();
@@ -231,7 +233,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
             }
-            let rt = tokio::runtime::Runtime::new()?;
+            // Blocking threads: the requests that may run at once, plus 16
+            // for background work, instead of tokio's 512. A first scan of
+            // 10,000 volumes otherwise leaves hundreds of threads, each with
+            // its touched stack (docs/performance.md). A blocking task that
+            // waits (a volume's flock) belongs to a request or to background
+            // work, so a thread is always left for the lock's holder.
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .max_blocking_threads(cfg.limits.max_requests.saturating_add(16))
+                .build()?;
             rt.block_on(vmdk_plugin::serve::run(cfg, shutdown_signal()))
                 .map_err(|e| anyhow::anyhow!(vmdk_plugin::error_chain(&e)))
         }

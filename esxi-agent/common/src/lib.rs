@@ -8,11 +8,13 @@
 //! * [`logging`], [`metrics`] and [`admin`]: logs, metrics and the admin
 //!   listener (`/healthz`, `/readyz`, `/metrics`) of both daemons;
 //! * [`systemd`]: socket activation and readiness notification;
+//! * [`memory`]: how the daemons use the C allocator;
 //! * [`error_chain`] and [`table`]: how errors and tables are shown.
 #![warn(missing_docs)]
 
 pub mod admin;
 pub mod logging;
+pub mod memory;
 pub mod metrics;
 pub mod server;
 pub mod store;

@@ -539,6 +539,12 @@ impl VolumeService {
                 cat.scanned = if complete { scan.folder } else { None };
                 cat.creating = scan.creating.iter().map(|c| c.as_str().into()).collect();
                 drop(cat);
+                // A first scan's reads are freed now: give their pages back.
+                let reloaded = reload.len();
+                drop((scan, reload));
+                if reloaded >= vmdk_common::memory::TRIM_VOLUMES {
+                    vmdk_common::memory::trim();
+                }
                 let (mut vols, creating) = self.catalog_contents(i, ds, &folder, only_vm);
                 vols.extend(
                     uncached
