@@ -123,8 +123,8 @@ impl FileStamps {
 }
 
 /// What the catalog keeps of one volume: the three file stamps, the
-/// sizes, flags, and every string in one allocation (about 140 bytes
-/// inline and 150 of text; measured in docs/performance.md).
+/// sizes, flags, and every string in one allocation (144 bytes
+/// inline and about 100 of text; see docs/performance.md).
 #[derive(Debug, Clone)]
 pub(super) struct Entry {
     stamps: FileStamps,
