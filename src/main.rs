@@ -153,6 +153,8 @@ async fn shutdown_signal() {
 }
 
 fn main() -> std::process::ExitCode {
+    // Before any thread starts: few malloc arenas (docs/performance.md).
+    vmdk_common::memory::tune();
     // Before any thread starts: takes systemd's sockets, clears its variables.
     let activation = vmdk_common::systemd::init_from_env();
     let cli = Cli::parse();
@@ -231,11 +233,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
             }
-            // Every runtime thread asks for a short scheduler slice, so a
-            // control call is answered soon on a busy host (see
-            // vmdk_common::sched).
+            // Blocking threads: the requests that may run at once, plus 16
+            // for background work, instead of tokio's 512. A first scan of
+            // 10,000 volumes otherwise leaves hundreds of threads, each with
+            // its touched stack (docs/performance.md). A blocking task that
+            // waits (a volume's flock) belongs to a request or to background
+            // work, so a thread is always left for the lock's holder. Every
+            // runtime thread asks for a short scheduler slice, so a control
+            // call is answered soon on a busy host (vmdk_common::sched).
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
+                .max_blocking_threads(cfg.limits.max_requests.saturating_add(16))
                 .on_thread_start(|| {
                     vmdk_common::sched::prefer_short_slice();
                 })

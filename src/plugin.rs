@@ -242,20 +242,56 @@ async fn get(State(m): Mgr, body: Bytes) -> Response {
     }
 }
 
+/// The List answer, serialized from the manager's list as it is (800 KB of
+/// JSON at 10,000 volumes, written into one buffer with no tree of values
+/// in between). Keys in the order `json!` gave them: sorted.
+#[derive(Serialize)]
+struct ListReply<'a> {
+    #[serde(rename = "Err")]
+    err: &'a str,
+    #[serde(rename = "Volumes")]
+    volumes: Listed<'a>,
+}
+
+/// `[{"Mountpoint": ..., "Name": ...}, ...]` of `(name, mountpoint)` pairs.
+struct Listed<'a>(&'a [(String, std::path::PathBuf)]);
+
+impl Serialize for Listed<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Item<'a> {
+            #[serde(rename = "Mountpoint", serialize_with = "shown")]
+            mountpoint: &'a std::path::Path,
+            #[serde(rename = "Name")]
+            name: &'a str,
+        }
+        s.collect_seq(self.0.iter().map(|(name, mp)| Item { mountpoint: mp, name }))
+    }
+}
+
+/// A path as `Path::display` shows it (what the answer always carried).
+fn shown<S: serde::Serializer>(p: &&std::path::Path, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&p.display())
+}
+
 async fn list(State(m): Mgr) -> Response {
     const M: &str = "VolumeDriver.List";
     match m.list().await {
         Ok(vols) => {
-            let vols: Vec<DockerVolume> = vols
-                .into_iter()
-                .map(|(name, mp)| DockerVolume {
-                    name,
-                    mountpoint: mp.display().to_string(),
-                    created_at: None,
-                    status: None,
-                })
-                .collect();
-            ok(json!({"Volumes": vols, "Err": ""}))
+            let size = 32
+                + vols
+                    .iter()
+                    .map(|(n, mp)| n.len() + mp.as_os_str().len() + 32)
+                    .sum::<usize>();
+            let mut body = Vec::with_capacity(size);
+            let reply = ListReply {
+                err: "",
+                volumes: Listed(&vols),
+            };
+            match serde_json::to_writer(&mut body, &reply) {
+                Ok(()) => (StatusCode::OK, [(header::CONTENT_TYPE, CONTENT_TYPE)], body).into_response(),
+                Err(e) => err(M, format!("cannot encode the volume list: {e}")),
+            }
         }
         Err(e) => err(M, crate::error_chain(&e)),
     }

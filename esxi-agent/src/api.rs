@@ -121,7 +121,13 @@ async fn list(State(svc): Svc, headers: HeaderMap, uri: axum::http::Uri) -> ApiR
     } else {
         svc.list(&caller).await?
     };
-    Ok(Json(VolumeList { volumes }))
+    let big = volumes.len() >= vmdk_common::memory::TRIM_VOLUMES;
+    // Serialized (and the list freed) here, so the trim finds it free.
+    let resp = Json(VolumeList { volumes }).into_response();
+    if big {
+        vmdk_common::memory::trim();
+    }
+    Ok(resp)
 }
 
 async fn create(State(svc): Svc, caller: Caller, body: Bytes) -> ApiResult<impl IntoResponse> {

@@ -226,6 +226,8 @@ async fn shutdown_signal() {
 }
 
 fn main() -> ExitCode {
+    // Before any thread starts: few malloc arenas (docs/performance.md).
+    vmdk_common::memory::tune();
     // Before any thread starts: takes systemd's sockets, clears its variables.
     let activation = vmdk_common::systemd::init_from_env();
     let cli = Cli::parse();

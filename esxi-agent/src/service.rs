@@ -708,12 +708,17 @@ impl VolumeService {
         let mut names = match self.catalog_names().await {
             Some(n) => n?,
             None => {
-                return Ok(self
+                let names: Vec<_> = self
                     .list(caller)
                     .await?
                     .into_iter()
                     .map(|v| (v.name, v.volume, v.datastore))
-                    .collect())
+                    .collect();
+                // The full list built for this is freed: give it back.
+                if names.len() >= vmdk_common::memory::TRIM_VOLUMES {
+                    vmdk_common::memory::trim();
+                }
+                return Ok(names);
             }
         };
         let pending = self.pending.all();

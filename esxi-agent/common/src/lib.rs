@@ -9,11 +9,13 @@
 //!   listener (`/healthz`, `/readyz`, `/metrics`) of both daemons;
 //! * [`systemd`]: socket activation and readiness notification;
 //! * [`sched`]: a short scheduler slice for the daemons' threads;
+//! * [`memory`]: how the daemons use the C allocator;
 //! * [`error_chain`] and [`table`]: how errors and tables are shown.
 #![warn(missing_docs)]
 
 pub mod admin;
 pub mod logging;
+pub mod memory;
 pub mod metrics;
 pub mod sched;
 pub mod server;

@@ -143,109 +143,154 @@ impl FileStamps {
     }
 }
 
-/// What the catalog keeps of one volume: about 300 bytes with its strings
-/// (measured in docs/performance.md). Options are packed into one string.
+/// What the catalog keeps of one volume: the three file stamps, the
+/// sizes, flags, and every string in one allocation (144 bytes
+/// inline and about 100 of text; see docs/performance.md).
 #[derive(Debug, Clone)]
 pub(super) struct Entry {
     stamps: FileStamps,
-    /// The stamps were old enough to be trusted when taken. An entry whose
-    /// stamps are not (just written) serves List, never Get, and the next
-    /// scan reads the volume again.
-    verified: bool,
     /// The folder's [`FolderCatalog::seq`] when this agent last wrote the
     /// volume (0: read, not written): a read that began before that write
     /// never replaces it.
     seq: u64,
-    attached: bool,
-    attached_vm: Option<Box<str>>,
-    created: Box<str>,
-    created_by: Box<str>,
-    /// `key \x1f value \x1e` ...
-    opts: Box<str>,
-    formatted: Option<Box<FormatRecord>>,
-    policy_state: Option<Box<PolicyState>>,
     capacity_bytes: u64,
     allocated_bytes: u64,
-    thin: bool,
-    uuid: Option<Box<str>>,
+    /// The attached VM, creation time, creator, disk UUID, and the format
+    /// record's filesystem, time and VM, each ended by [`FIELD_END`]; then
+    /// the options, `key KEY_END value PAIR_END` ...
+    text: Box<str>,
+    policy_state: Option<Box<PolicyState>>,
+    /// [`ATTACHED`], [`THIN`], [`HAS_VM`], [`HAS_UUID`], [`FORMATTED`],
+    /// [`VERIFIED`] (the stamps were old enough to be trusted when taken).
+    flags: u8,
 }
 
 const KEY_END: char = '\u{1f}';
 const PAIR_END: char = '\u{1e}';
+const FIELD_END: char = '\u{1d}';
+/// Fields before the options in [`Entry::text`].
+const FIELDS: usize = 7;
+const ATTACHED: u8 = 1;
+const THIN: u8 = 2;
+const HAS_VM: u8 = 4;
+const HAS_UUID: u8 = 8;
+const FORMATTED: u8 = 16;
+const VERIFIED: u8 = 32;
 
 impl Entry {
     /// An entry for a volume read with `stamps` taken before the read;
-    /// `None` when the metadata cannot be packed (a separator in an
-    /// option: such a volume is simply read every time).
+    /// `verified`: the stamps were old enough to be trusted (an entry whose
+    /// stamps are not, just written, serves List, never Get, and the next
+    /// scan reads the volume again). `None` when the metadata cannot be packed (a separator in a string:
+    /// such a volume is simply read every time).
     pub(super) fn new(stamps: FileStamps, verified: bool, meta: &VolumeMeta, disk: &DiskInfo) -> Option<Self> {
-        let mut opts = String::new();
-        for (k, v) in &meta.vol_opts {
-            if k.contains([KEY_END, PAIR_END]) || v.contains([KEY_END, PAIR_END]) {
-                return None;
-            }
-            opts.push_str(k);
-            opts.push(KEY_END);
-            opts.push_str(v);
-            opts.push(PAIR_END);
+        let fmt = meta.formatted.as_ref();
+        let fields = [
+            meta.attached_vm.as_deref().unwrap_or(""),
+            &meta.created,
+            &meta.created_by,
+            disk.uuid.as_deref().unwrap_or(""),
+            fmt.map_or("", |f| f.fstype.as_str()),
+            fmt.map_or("", |f| f.at.as_str()),
+            fmt.map_or("", |f| f.by.as_str()),
+        ];
+        let seps = [KEY_END, PAIR_END, FIELD_END];
+        let opts = meta.vol_opts.iter().flat_map(|(k, v)| [k, v]);
+        if fields
+            .iter()
+            .copied()
+            .chain(opts.clone().map(String::as_str))
+            .any(|s| s.contains(seps))
+        {
+            return None;
         }
+        let len = fields.iter().map(|f| f.len() + 1).sum::<usize>()
+            + meta.vol_opts.iter().map(|(k, v)| k.len() + v.len() + 2).sum::<usize>();
+        let mut text = String::with_capacity(len);
+        for f in fields {
+            text.push_str(f);
+            text.push(FIELD_END);
+        }
+        for (k, v) in &meta.vol_opts {
+            text.push_str(k);
+            text.push(KEY_END);
+            text.push_str(v);
+            text.push(PAIR_END);
+        }
+        let flag = |on: bool, f: u8| if on { f } else { 0 };
         Some(Self {
             stamps,
-            verified,
             seq: 0,
-            attached: meta.status == AttachStatus::Attached,
-            attached_vm: meta.attached_vm.as_deref().map(Box::from),
-            created: meta.created.as_str().into(),
-            created_by: meta.created_by.as_str().into(),
-            opts: opts.into(),
-            formatted: meta.formatted.clone().map(Box::new),
-            policy_state: meta.policy_state.clone().map(Box::new),
             capacity_bytes: disk.capacity_bytes,
             allocated_bytes: disk.allocated_bytes,
-            thin: disk.thin,
-            uuid: disk.uuid.as_deref().map(Box::from),
+            text: text.into_boxed_str(),
+            policy_state: meta.policy_state.clone().map(Box::new),
+            flags: flag(meta.status == AttachStatus::Attached, ATTACHED)
+                | flag(verified, VERIFIED)
+                | flag(disk.thin, THIN)
+                | flag(meta.attached_vm.is_some(), HAS_VM)
+                | flag(disk.uuid.is_some(), HAS_UUID)
+                | flag(fmt.is_some(), FORMATTED),
         })
+    }
+
+    fn has(&self, flag: u8) -> bool {
+        self.flags & flag != 0
+    }
+
+    /// The first [`FIELDS`] strings, then the packed options.
+    fn fields(&self) -> ([&str; FIELDS], &str) {
+        let mut it = self.text.splitn(FIELDS + 1, FIELD_END);
+        let fields = std::array::from_fn(|_| it.next().unwrap_or(""));
+        (fields, it.next().unwrap_or(""))
     }
 
     /// The metadata as far as Get and List use it (the attachment's device
     /// and time are not kept: an operation that writes the sidecar reads
     /// it again under the volume's lock).
     pub(super) fn meta(&self) -> VolumeMeta {
-        let vol_opts: BTreeMap<String, String> = self
-            .opts
+        let ([vm, created, created_by, _, fstype, at, by], opts) = self.fields();
+        let vol_opts: BTreeMap<String, String> = opts
             .split_terminator(PAIR_END)
             .filter_map(|p| p.split_once(KEY_END))
             .map(|(k, v)| (k.to_owned(), v.to_owned()))
             .collect();
         VolumeMeta {
             version: META_VERSION,
-            status: if self.attached {
+            status: if self.has(ATTACHED) {
                 AttachStatus::Attached
             } else {
                 AttachStatus::Detached
             },
             vol_opts,
-            created: self.created.to_string(),
-            created_by: self.created_by.to_string(),
-            attached_vm: self.attached_vm.as_deref().map(str::to_owned),
+            created: created.to_owned(),
+            created_by: created_by.to_owned(),
+            attached_vm: self.has(HAS_VM).then(|| vm.to_owned()),
             attached_device: None,
             attached_at: None,
-            formatted: self.formatted.as_deref().cloned(),
+            formatted: self.has(FORMATTED).then(|| FormatRecord {
+                fstype: fstype.to_owned(),
+                at: at.to_owned(),
+                by: by.to_owned(),
+            }),
             policy_state: self.policy_state.as_deref().cloned(),
         }
     }
 
     /// The VM the records say holds the volume.
     pub(super) fn holder(&self) -> Option<&str> {
-        self.attached_vm.as_deref().filter(|_| self.attached)
+        let [vm, ..] = self.fields().0;
+        (self.has(ATTACHED) && self.has(HAS_VM)).then_some(vm)
     }
 
     /// The disk as it was read, with `allocated` if a fresher figure is known.
     pub(super) fn disk(&self, allocated: Option<u64>) -> DiskInfo {
+        let [_, _, _, uuid, ..] = self.fields().0;
         DiskInfo {
             capacity_bytes: self.capacity_bytes,
             allocated_bytes: allocated.unwrap_or(self.allocated_bytes),
-            thin: self.thin,
-            uuid: self.uuid.as_deref().map(str::to_owned),
+            thin: self.has(THIN),
+            uuid: self.has(HAS_UUID).then(|| uuid.to_owned()),
         }
     }
 }
@@ -380,7 +425,7 @@ impl Catalog {
             return None;
         }
         let cat = self.folders.get(ds)?.lock().unwrap();
-        let e = cat.vols.get(volume).filter(|e| e.verified && e.stamps == now)?;
+        let e = cat.vols.get(volume).filter(|e| e.has(VERIFIED) && e.stamps == now)?;
         Some((e.meta(), e.disk(Some(ext.allocated))))
     }
 
@@ -581,6 +626,11 @@ impl Catalog {
         c.creating = scan.creating.iter().map(|v| v.as_str().into()).collect();
         c.removed.retain(|(_, at)| *at > seen);
         c.last_scan = Some((began, began.elapsed()));
+        drop(c);
+        // A big re-read leaves its temporary allocations behind.
+        if reload.len() >= vmdk_common::memory::TRIM_VOLUMES {
+            vmdk_common::memory::trim();
+        }
         Ok(uncached)
     }
 }
@@ -690,7 +740,7 @@ impl Scan {
 /// Whether an entry is still good: read with trusted stamps, same
 /// sidecar, disks there.
 pub(super) fn entry_current(e: &Entry, sidecar: Option<Stamp>, disks: bool) -> bool {
-    disks && e.verified && sidecar == Some(e.stamps.meta)
+    disks && e.has(VERIFIED) && sidecar == Some(e.stamps.meta)
 }
 
 #[cfg(test)]
@@ -738,11 +788,49 @@ mod tests {
         };
         let e = Entry::new(stamps, true, &meta, &disk).unwrap();
         assert_eq!(e.meta(), meta);
+        assert_eq!(e.holder(), Some("vm-2"));
         assert_eq!(e.disk(None), disk);
         assert_eq!(e.disk(Some(8192)).allocated_bytes, 8192);
         let mut odd = meta.clone();
         odd.vol_opts.insert("k".into(), "a\u{1f}b".into());
         assert!(Entry::new(stamps, true, &odd, &disk).is_none());
+        let mut odd = meta.clone();
+        odd.created_by = "vm\u{1d}x".into();
+        assert!(Entry::new(stamps, true, &odd, &disk).is_none());
+        // Absent and empty strings stay apart.
+        let bare = VolumeMeta {
+            status: AttachStatus::Detached,
+            vol_opts: BTreeMap::new(),
+            created_by: String::new(),
+            attached_vm: None,
+            formatted: None,
+            policy_state: Some(PolicyState::Pending {
+                profile: "p".into(),
+                profile_id: "id".into(),
+            }),
+            ..meta.clone()
+        };
+        let bare_disk = DiskInfo {
+            thin: false,
+            uuid: None,
+            ..disk.clone()
+        };
+        let e = Entry::new(stamps, true, &bare, &bare_disk).unwrap();
+        assert_eq!(e.meta(), bare);
+        assert_eq!(e.disk(None), bare_disk);
+        assert_eq!(e.holder(), None);
+        let empty = VolumeMeta {
+            attached_vm: Some(String::new()),
+            formatted: Some(FormatRecord {
+                fstype: String::new(),
+                at: String::new(),
+                by: String::new(),
+            }),
+            ..meta.clone()
+        };
+        let e = Entry::new(stamps, true, &empty, &disk).unwrap();
+        assert_eq!(e.meta(), empty);
+        assert_eq!(e.holder(), Some(""));
     }
 
     #[test]
