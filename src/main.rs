@@ -238,15 +238,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             // 10,000 volumes otherwise leaves hundreds of threads, each with
             // its touched stack (docs/performance.md). A blocking task that
             // waits (a volume's flock) belongs to a request or to background
-            // work, so a thread is always left for the lock's holder. Every
-            // runtime thread asks for a short scheduler slice, so a control
-            // call is answered soon on a busy host (vmdk_common::sched).
+            // work, so a thread is always left for the lock's holder.
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .max_blocking_threads(cfg.limits.max_requests.saturating_add(16))
-                .on_thread_start(|| {
-                    vmdk_common::sched::prefer_short_slice();
-                })
                 .build()?;
             rt.block_on(vmdk_plugin::serve::run(cfg, shutdown_signal()))
                 .map_err(|e| anyhow::anyhow!(vmdk_plugin::error_chain(&e)))

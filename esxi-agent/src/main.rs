@@ -269,14 +269,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let (cfg, source) = load_config(cli.config.as_ref(), &cli.datastores, tcp)?;
             tracing::info!(config = %source, "configuration");
-            // Short scheduler slices: see vmdk_common::sched.
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .on_thread_start(|| {
-                    vmdk_common::sched::prefer_short_slice();
-                })
-                .build()
-                .context("start runtime")?;
+            let rt = tokio::runtime::Runtime::new().context("start runtime")?;
             let svc = rt.block_on(service(&cfg))?;
             match raise_fd_limit() {
                 Ok((before, after)) if after > before => {

@@ -8,7 +8,6 @@
 //! * [`logging`], [`metrics`] and [`admin`]: logs, metrics and the admin
 //!   listener (`/healthz`, `/readyz`, `/metrics`) of both daemons;
 //! * [`systemd`]: socket activation and readiness notification;
-//! * [`sched`]: a short scheduler slice for the daemons' threads;
 //! * [`memory`]: how the daemons use the C allocator;
 //! * [`error_chain`] and [`table`]: how errors and tables are shown.
 #![warn(missing_docs)]
@@ -17,7 +16,6 @@ pub mod admin;
 pub mod logging;
 pub mod memory;
 pub mod metrics;
-pub mod sched;
 pub mod server;
 pub mod store;
 pub mod systemd;
