@@ -749,37 +749,10 @@ impl VolumeService {
             let Some((_, folder)) = self.catalog_folder(ds) else {
                 continue;
             };
-            let store_err = |source| AgentError::Store {
-                name: format!("*@{}", ds.name),
-                source,
-            };
-            let fresh = |svc: &Self| -> Result<bool, AgentError> {
-                let st = folder.dir().stat_self().map_err(store_err)?;
-                Ok(match svc.catalog.answer(i, &st) {
-                    catalog::Answer::Stale => false,
-                    catalog::Answer::Tolerated { verify: true } => {
-                        svc.spawn_verify(i);
-                        true
-                    }
-                    _ => true,
-                })
-            };
-            let mut uncached = Vec::new();
-            match fresh(self) {
-                Ok(true) => {}
-                Ok(false) => {
-                    let _scanning = self.catalog.scanning[i].lock().await;
-                    match fresh(self) {
-                        Ok(true) => {}
-                        Ok(false) => match self.refresh(i).await {
-                            Ok(u) => uncached = u,
-                            Err(e) => return Some(Err(e)),
-                        },
-                        Err(e) => return Some(Err(e)),
-                    }
-                }
+            let uncached = match self.catalog_current(i, &folder).await {
+                Ok(u) => u,
                 Err(e) => return Some(Err(e)),
-            }
+            };
             let cat = self.catalog.folders[i].lock().unwrap();
             if !cat.creating.is_empty() {
                 return None;

@@ -430,7 +430,6 @@ impl VolumeService {
         )>,
         AgentError,
     > {
-        use super::catalog::Answer;
         let store_err = |source| AgentError::Store {
             name: format!("*@{}", ds.name),
             source,
@@ -438,22 +437,7 @@ impl VolumeService {
         let Some(folder) = ds.folder(DEFAULT_VMGROUP, false).map_err(store_err)? else {
             return Ok(None);
         };
-        let answer = |svc: &Self| -> Result<Answer, AgentError> {
-            let st = folder.dir().stat_self().map_err(store_err)?;
-            let a = svc.catalog.answer(i, &st);
-            if a == (Answer::Tolerated { verify: true }) {
-                svc.spawn_verify(i);
-            }
-            Ok(a)
-        };
-        if answer(self)? != Answer::Stale {
-            return Ok(Some(self.catalog_contents(i, ds, &folder, only_vm)));
-        }
-        let _scanning = self.catalog.scanning[i].lock().await;
-        if answer(self)? != Answer::Stale {
-            return Ok(Some(self.catalog_contents(i, ds, &folder, only_vm)));
-        }
-        let uncached = self.refresh(i).await?;
+        let uncached = self.catalog_current(i, &folder).await?;
         let (mut vols, creating) = self.catalog_contents(i, ds, &folder, only_vm);
         vols.extend(
             uncached
@@ -469,6 +453,40 @@ impl VolumeService {
                 }),
         );
         Ok(Some((vols, creating)))
+    }
+
+    /// Brings catalog `i` (whose folder is `folder`) up to date unless List
+    /// may answer from it as it is (see `service::catalog`), starting a
+    /// background verification when the catalog asks for one. Returns what
+    /// a scan read but could not keep.
+    pub(super) async fn catalog_current(
+        &self,
+        i: usize,
+        folder: &crate::datastore::LocalFolder,
+    ) -> Result<super::catalog::Uncached, AgentError> {
+        use super::catalog::Answer;
+        let usable = || -> Result<bool, AgentError> {
+            let st = folder.dir().stat_self().map_err(|source| AgentError::Store {
+                name: format!("*@{}", self.datastores[i].name),
+                source,
+            })?;
+            Ok(match self.catalog.answer(i, &st) {
+                Answer::Stale => false,
+                Answer::Tolerated { verify: true } => {
+                    self.spawn_verify(i);
+                    true
+                }
+                _ => true,
+            })
+        };
+        if usable()? {
+            return Ok(Vec::new());
+        }
+        let _scanning = self.catalog.scanning[i].lock().await;
+        if usable()? {
+            return Ok(Vec::new());
+        }
+        self.refresh(i).await
     }
 
     /// Scans catalog `i`'s folder on the blocking pool (the caller holds

@@ -747,19 +747,23 @@ pub(super) fn entry_current(e: &Entry, sidecar: Option<Stamp>, disks: bool) -> b
 mod tests {
     use super::*;
 
-    #[test]
-    fn entries_pack_options_and_give_back_the_metadata() {
+    fn some_stamps() -> FileStamps {
         let st = Stamp {
             ino: 1,
             size: 2,
             ctime_ns: 3,
             mtime_ns: 4,
         };
-        let stamps = FileStamps {
+        FileStamps {
             meta: st,
             descriptor: st,
             extent: st,
-        };
+        }
+    }
+
+    #[test]
+    fn entries_pack_options_and_give_back_the_metadata() {
+        let stamps = some_stamps();
         let meta = VolumeMeta {
             version: META_VERSION,
             status: AttachStatus::Attached,
@@ -835,17 +839,7 @@ mod tests {
 
     #[test]
     fn a_read_that_began_before_a_remove_never_brings_the_volume_back() {
-        let st = Stamp {
-            ino: 1,
-            size: 2,
-            ctime_ns: 3,
-            mtime_ns: 4,
-        };
-        let stamps = FileStamps {
-            meta: st,
-            descriptor: st,
-            extent: st,
-        };
+        let stamps = some_stamps();
         let meta = VolumeMeta {
             version: META_VERSION,
             status: AttachStatus::Detached,
