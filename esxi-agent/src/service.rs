@@ -561,7 +561,18 @@ impl VolumeService {
             stamps = catalog::FileStamps::take(folder, &t.volume, self.catalog.racy_ns).map(|(s, _, ok)| (s, ok));
         }
         let folder = self.existing_folder(&t).await?;
-        let mut meta = Self::existing_meta(&t, &*folder).await?;
+        let mut meta = match Self::existing_meta(&t, &*folder).await {
+            Ok(m) => m,
+            Err(e) => {
+                // What Get found is the truth: a volume the catalog holds
+                // but whose files are gone (removed by another agent) must
+                // not come back in the next List.
+                if let (Some((i, _)), AgentError::NotFound { .. }) = (&cat, &e) {
+                    self.catalog.gone(*i, &t.volume);
+                }
+                return Err(e);
+            }
+        };
         if let Some(holder) = attached_vm(&meta) {
             if let Some(off) = self.holder_powered_off(&t, holder).await {
                 if let Some(checked) = self.recheck_unlocked(&t, &*folder, off).await {

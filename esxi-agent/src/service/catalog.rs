@@ -516,6 +516,18 @@ impl Catalog {
         cat.scanned = None;
     }
 
+    /// A read found `volume` gone though the catalog holds it (another
+    /// process removed it): the entry goes, and List scans again before it
+    /// answers from the catalog.
+    pub(super) fn gone(&self, ds: usize, volume: &str) {
+        let Some(cat) = self.folders.get(ds) else { return };
+        let mut cat = cat.lock().unwrap();
+        if cat.vols.remove(volume).is_some() {
+            cat.complete = false;
+            cat.scanned = None;
+        }
+    }
+
     /// This agent removed `volume` (its files are gone).
     pub(super) fn removed(&self, ds: usize, volume: &str) -> bool {
         let Some(cat) = self.folders.get(ds) else { return false };
