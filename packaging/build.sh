@@ -8,10 +8,11 @@
 # vmdk-agent_VERSION_ARCH.deb    vmdk-agent-VERSION-1.ARCH.rpm
 #
 # It builds both programs with `cargo build --release`, then packages them
-# with cargo-deb and cargo-generate-rpm (metadata in the crates' Cargo.toml,
-# [package.metadata.deb] and [package.metadata.generate-rpm]). Those two
-# tools are installed, pinned, into ~/.cache/vmdk/packaging-tools/ the first
-# time (about 4 minutes of CPU; later runs reuse them).
+# with the distributions' own tools: dpkg-deb and dpkg-shlibdeps (Debian's
+# dpkg and dpkg-dev) and rpmbuild (Debian's rpm package). Nothing else is
+# built or downloaded. What each package holds and says is in
+# packaging/manifest.sh; the maintainer scripts are packaging/deb/PACKAGE/
+# and packaging/rpm/.
 #
 # Options (mostly for the tests, tests/packaging.rs):
 #   --profile NAME   package the binaries of cargo profile NAME (default
@@ -20,21 +21,19 @@
 #   --version V      package version instead of the crates' version (a
 #                    rebuilt package for an upgrade test)
 #   --out DIR        where the packages go (default target/packages)
-#   --fast           faster, larger compression
-#   --tools-only     only install cargo-deb and cargo-generate-rpm
+#   --fast           faster, larger compression (gzip)
+#   --format F       deb, rpm or both (default): on Photon OS, which has
+#                    no dpkg, `--format rpm`
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
-
-CARGO_DEB_VERSION=3.8.0
-CARGO_GENERATE_RPM_VERSION=0.21.1
 
 profile=release
 build=1
 version=
 out=$root/target/packages
 fast=
-tools_only=
+format=both
 while (($#)); do
     case $1 in
     --profile) profile=$2; shift 2 ;;
@@ -42,78 +41,205 @@ while (($#)); do
     --version) version=$2; shift 2 ;;
     --out) out=$2; shift 2 ;;
     --fast) fast=1; shift ;;
-    --tools-only) tools_only=1; shift ;;
+    --format) format=$2; shift 2 ;;
     -h | --help) sed -n '2,/^set -e/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "packaging/build.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
 done
 
-# The tools, pinned and built once into $VMDK_PACKAGING_TOOLS (default
-# ~/.cache/vmdk/packaging-tools, outside the work tree, so a fresh clone on
-# the same machine, like CI's, reuses them). Built with little optimisation: they
-# only copy and compress a few files, and this halves their build time.
-# cargo-deb without its default lzma feature: no C library to build, gzip
-# compression (dpkg and apt read it).
-tools=${VMDK_PACKAGING_TOOLS:-${HOME:-/root}/.cache/vmdk/packaging-tools}
-export PATH=$tools/bin:$PATH
-install_tool() { # name version [cargo install flags...]
-    local name=$1 want=$2
-    shift 2
-    if [[ -x $tools/bin/$name ]] && [[ $("$tools/bin/$name" --version 2>/dev/null) == *"$want"* ]]; then
-        return
-    fi
-    echo "==> installing $name $want into $tools (once)" >&2
-    local start=$SECONDS
-    CARGO_PROFILE_RELEASE_OPT_LEVEL=1 CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 CARGO_PROFILE_RELEASE_DEBUG=0 \
-        CARGO_PROFILE_RELEASE_LTO=false \
-        cargo install --quiet --locked --version "$want" --root "$tools" --target-dir "$tools/build" "$@" "$name"
-    echo "==> $name took $((SECONDS - start)) s" >&2
-}
-# One installer at a time: tests/run.sh installs them in the background while
-# the tests run, and tests/packaging.rs's build waits here until that is done.
-# (tests/run.sh takes this lock itself and hands it to its background run,
-# which says so with VMDK_PACKAGING_TOOLS_LOCKED=1.)
-if [[ -z ${VMDK_PACKAGING_TOOLS_LOCKED:-} ]]; then
-    mkdir -p "$(dirname "$tools")"
-    exec 8>"$tools.lock"
-    flock 8
+case $format in
+deb) tools=(dpkg-deb dpkg-shlibdeps) ;;
+rpm) tools=(rpmbuild) ;;
+both) tools=(dpkg-deb dpkg-shlibdeps rpmbuild) ;;
+*) echo "packaging/build.sh: --format $format: use deb, rpm or both" >&2; exit 2 ;;
+esac
+missing=()
+for tool in "${tools[@]}" strip; do
+    command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+done
+if ((${#missing[@]})); then
+    echo "packaging/build.sh: ${missing[*]} not found (Debian: apt-get install dpkg-dev rpm binutils; Photon OS: tdnf install rpm-build binutils, and --format rpm)" >&2
+    exit 1
 fi
-install_tool cargo-deb "$CARGO_DEB_VERSION" --no-default-features --features gzip
-install_tool cargo-generate-rpm "$CARGO_GENERATE_RPM_VERSION"
-exec 8>&- 9>&-
-[[ -z $tools_only ]] || exit 0
+
+if [[ -z $version ]]; then
+    # [workspace.package] version = "X.Y.Z" in the root Cargo.toml.
+    version=$(sed -n '/^\[workspace\.package\]/,/^\[/s/^version *= *"\([^"]*\)".*/\1/p' Cargo.toml)
+    [[ -n $version ]] || { echo "packaging/build.sh: no [workspace.package] version in Cargo.toml" >&2; exit 1; }
+fi
+# Both formats take this version as it is: digits, letters, dots, plus and
+# tilde (no hyphen, which both use to separate the release).
+[[ $version =~ ^[0-9][0-9A-Za-z.+~]*$ ]] || {
+    echo "packaging/build.sh: version $version is not valid for both .deb and .rpm (digits first, then letters, digits, . + ~)" >&2
+    exit 2
+}
+release=1
 
 if [[ -n $build ]]; then
     cargo build --profile "$profile" -p vmdk-plugin -p vmdk-agent --bin vmdk-plugin --bin vmdk-agent
 fi
 case $profile in
-dev | test) dir=debug ;;
-*) dir=$profile ;;
+dev | test) bindir=target/debug ;;
+*) bindir=target/$profile ;;
 esac
 for bin in vmdk-plugin vmdk-agent; do
-    [[ -x target/$dir/$bin ]] || {
-        echo "packaging/build.sh: target/$dir/$bin is missing (build it, or drop --no-build)" >&2
+    [[ -x $bindir/$bin ]] || {
+        echo "packaging/build.sh: $bindir/$bin is missing (build it, or drop --no-build)" >&2
         exit 1
     }
 done
 
 mkdir -p "$out"
-# cargo-deb strips the binaries itself; cargo-generate-rpm takes them from a
-# staging target directory with stripped copies.
+out=$(cd "$out" && pwd)
 stage=$(mktemp -d "${TMPDIR:-/tmp}/vmdk-package.XXXXXX")
 trap 'rm -rf "$stage"' EXIT
-mkdir -p "$stage/$dir"
-for bin in vmdk-plugin vmdk-agent; do
-    strip --strip-debug -o "$stage/$dir/$bin" "target/$dir/$bin"
+
+# shellcheck source=packaging/manifest.sh
+source packaging/manifest.sh
+
+# Fills $tree with the files of the current package for FORMAT (deb|rpm),
+# and the lists files_bin/files_config/files_doc/files_all (destinations).
+fill_tree() { # format tree
+    local format=$1 tree=$2
+    files_all=() files_config=() files_doc=() files_bin=() files_mode=()
+    file() { # kind mode source destination [deb|rpm]
+        local kind=$1 mode=$2 src=${3/@BIN@/$bindir} dest=$4 only=${5:-}
+        [[ -z $only || $only == "$format" ]] || return 0
+        if [[ $format == deb ]]; then dest=${dest/@UNITDIR@//lib/systemd/system}; else dest=${dest/@UNITDIR@//usr/lib/systemd/system}; fi
+        [[ -f $src ]] || { echo "packaging/build.sh: $src (for $dest) is missing" >&2; exit 1; }
+        mkdir -p "$tree$(dirname "$dest")"
+        if [[ $kind == bin ]]; then
+            strip --strip-debug -o "$tree$dest" "$src"
+            files_bin+=("$dest")
+        else
+            cp "$src" "$tree$dest"
+        fi
+        chmod "$mode" "$tree$dest"
+        files_all+=("$dest")
+        files_mode+=("$mode")
+        case $kind in
+        config) files_config+=("$dest") ;;
+        doc) files_doc+=("$dest") ;;
+        bin | file) ;;
+        *) echo "packaging/build.sh: unknown kind $kind in packaging/manifest.sh" >&2; exit 1 ;;
+        esac
+    }
+    "package_${pkg//-/_}"
+}
+
+build_deb() {
+    local tree=$stage/deb/$pkg
+    mkdir -p "$tree/DEBIAN"
+    fill_tree deb "$tree"
+    # The shared libraries the binaries need, as Debian package
+    # dependencies (what debhelper's ${shlibs:Depends} holds).
+    local shl=$stage/shlibdeps/$pkg shlibs
+    mkdir -p "$shl/debian"
+    printf 'Source: vmdk\n\nPackage: %s\nArchitecture: any\n' "$pkg" >"$shl/debian/control"
+    local bins=()
+    for b in "${files_bin[@]}"; do bins+=("-e$tree$b"); done
+    shlibs=$(cd "$shl" && dpkg-shlibdeps -O "${bins[@]}" 2>/dev/null | sed -n 's/^shlibs:Depends=//p')
+    local depends=${shlibs:+$shlibs, }$deb_depends
+    local size deb_arch
+    deb_arch=$(dpkg --print-architecture)
+    size=$(du -sk --apparent-size --exclude=DEBIAN "$tree" | cut -f1)
+    {
+        echo "Package: $pkg"
+        echo "Version: $version"
+        echo "Architecture: $deb_arch"
+        echo "Maintainer: $maintainer"
+        echo "Installed-Size: $size"
+        echo "Depends: $depends"
+        [[ -z $deb_recommends ]] || echo "Recommends: $deb_recommends"
+        echo "Section: admin"
+        echo "Priority: optional"
+        echo "Homepage: $homepage"
+        echo "Description: $summary"
+        sed 's/^$/./; s/^/ /' <<<"$description"
+    } >"$tree/DEBIAN/control"
+    if ((${#files_config[@]})); then printf '%s\n' "${files_config[@]}" >"$tree/DEBIAN/conffiles"; fi
+    (cd "$tree" && find . -path ./DEBIAN -prune -o -type f -printf '%P\0' | sort -z | xargs -0 md5sum) >"$tree/DEBIAN/md5sums"
+    for s in postinst prerm postrm; do
+        if [[ -f packaging/deb/$pkg/$s ]]; then
+            install -m 755 "packaging/deb/$pkg/$s" "$tree/DEBIAN/$s"
+        fi
+    done
+    local z=(-Zxz)
+    [[ -z $fast ]] || z=(-Zgzip -z1)
+    dpkg-deb --root-owner-group "${z[@]}" --build "$tree" "$out/${pkg}_${version}_${deb_arch}.deb" >/dev/null
+}
+
+build_rpm() {
+    local tree=$stage/rpmroot/$pkg spec=$stage/$pkg.spec
+    mkdir -p "$tree"
+    fill_tree rpm "$tree"
+    {
+        echo "Name: $pkg"
+        echo "Version: $version"
+        echo "Release: $release"
+        echo "Summary: $summary"
+        echo "License: $license"
+        echo "URL: $homepage"
+        echo "Packager: $maintainer"
+        for r in $rpm_requires; do echo "Requires: $r"; done
+        # The files are staged already (stripped above): no debuginfo
+        # package, no rpm post-processing of them.
+        echo '%global debug_package %{nil}'
+        echo '%global __os_install_post %{nil}'
+        echo '%global _build_id_links none'
+        echo
+        echo '%description'
+        echo "$description"
+        echo
+        echo '%install'
+        echo "cp -a '$tree/.' %{buildroot}/"
+        echo
+        echo '%files'
+        local i f d
+        # The directories only this package puts files in, so erasing it
+        # removes them (the system's own, like /usr/bin, are not ours).
+        for d in $(printf '%s\n' "${files_all[@]%/*}" | sort -u); do
+            case $d in
+            /usr/bin | /etc/default | /usr/lib/systemd/system | /usr/share/doc) ;;
+            *) echo "%dir %attr(755,root,root) $d" ;;
+            esac
+        done
+        for i in "${!files_all[@]}"; do
+            f=${files_all[$i]}
+            local attr="%attr(${files_mode[$i]},root,root)"
+            if [[ " ${files_config[*]} " == *" $f "* ]]; then
+                echo "%config(noreplace) $attr $f"
+            elif [[ " ${files_doc[*]} " == *" $f "* ]]; then
+                echo "%doc $attr $f"
+            else
+                echo "$attr $f"
+            fi
+        done
+        for s in post preun postun; do
+            if [[ -f packaging/rpm/$pkg-$s.sh ]]; then
+                echo
+                echo "%$s"
+                cat "packaging/rpm/$pkg-$s.sh"
+            fi
+        done
+    } >"$spec"
+    local payload=w6.xzdio
+    [[ -z $fast ]] || payload=w1.gzdio
+    rpmbuild -bb --quiet \
+        --define "_topdir $stage/rpmbuild" \
+        --define "_rpmdir $out" \
+        --define "_build_name_fmt %%{NAME}-%%{VERSION}-%%{RELEASE}.%%{ARCH}.rpm" \
+        --define "_binary_payload $payload" \
+        "$spec" >"$stage/rpmbuild.log" 2>&1 || {
+        cat "$stage/rpmbuild.log" >&2
+        echo "packaging/build.sh: rpmbuild of $pkg failed (spec: above)" >&2
+        exit 1
+    }
+}
+
+for pkg in vmdk-agent vmdk-plugin; do
+    [[ $format == rpm ]] || build_deb
+    [[ $format == deb ]] || build_rpm
 done
-deb_flags=(--no-build --strip --profile "$profile" --output "$out")
-[[ -z $version ]] || deb_flags+=(--deb-version "$version")
-[[ -z $fast ]] || deb_flags+=(--fast)
-rpm_flags=(--profile "$profile" --target-dir "$stage" --output "$out")
-[[ -z $version ]] || rpm_flags+=(--set-metadata "version = \"$version\"")
-[[ -z $fast ]] || rpm_flags+=(--payload-compress gzip)
-for pkg in vmdk-plugin vmdk-agent; do
-    cargo deb -p "$pkg" "${deb_flags[@]}" >/dev/null
-    cargo generate-rpm -p "$([[ $pkg == vmdk-plugin ]] && echo . || echo esxi-agent)" "${rpm_flags[@]}"
-done
-ls -1 "$out"/*.deb "$out"/*.rpm
+shopt -s nullglob
+printf '%s\n' "$out"/*.deb "$out"/*.rpm

@@ -19,12 +19,13 @@ need=()
 # (tests/vcsim/build.sh) for the vSphere client's tests and
 # tests/vsphere_guest.rs, which also needs qemu-img (qemu-utils).
 # systemd (systemd-socket-activate, systemd-analyze), init-system-helpers
-# (deb-systemd-helper) and rpm serve the socket-activation and packaging
-# tests (tests/socket_activation.rs, tests/packaging.rs). g++ builds
+# (deb-systemd-helper), dpkg-dev (dpkg-shlibdeps) and rpm (rpmbuild) serve
+# the socket-activation and packaging tests (tests/socket_activation.rs,
+# tests/packaging.rs, packaging/build.sh). g++ builds
 # libFuzzer for tests/fuzz.sh (installed here, not by fuzz.sh in the
 # background, where it would race tests/packaging.rs for dpkg's lock).
 for pkg in e2fsprogs xfsprogs util-linux busybox-static qemu-utils docker-compose docker-registry postgresql \
-    golang-go golang-github-vmware-govmomi-dev systemd init-system-helpers rpm g++; do
+    golang-go golang-github-vmware-govmomi-dev systemd init-system-helpers dpkg-dev rpm g++; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if ((${#need[@]})); then
@@ -72,35 +73,17 @@ echo "==> guest image and examples took $((SECONDS - start)) s"
 # Every test binary runs even when one fails; the failures are reported at
 # the end and the command fails.
 failed=()
-# cargo-deb and cargo-generate-rpm for tests/packaging.rs, pinned, built
-# once into ~/.cache/vmdk/packaging-tools (packaging/build.sh --tools-only;
-# about 4 minutes of CPU the first time on a machine, nothing later). They
-# build in the background while the tests run (many of them wait on Docker,
-# QEMU or the disk): this shell takes the tools' lock first and hands it to
-# the background build, so tests/packaging.rs's own build.sh waits for it.
-tools=${VMDK_PACKAGING_TOOLS:-${HOME:-/root}/.cache/vmdk/packaging-tools}
-mkdir -p "$(dirname "$tools")" target
-exec 9>"$tools.lock"
-flock 9
-tools_start=$SECONDS
-echo "==> packaging tools (packaging/build.sh --tools-only), in the background"
-VMDK_PACKAGING_TOOLS_LOCKED=1 bash packaging/build.sh --tools-only >target/packaging-tools.log 2>&1 &
-tools_pid=$!
-exec 9>&-
 # The fuzz targets' release build (about 3 CPU-minutes, its own target
-# directory fuzz/target) goes alongside for the same reason.
+# directory fuzz/target) goes alongside the tests, many of which wait on
+# Docker, QEMU or the disk.
 echo "==> fuzz targets' build (tests/fuzz.sh), in the background"
+mkdir -p target
 VMDK_FUZZ_BUILD_ONLY=1 bash tests/fuzz.sh >target/fuzz-build.log 2>&1 &
 fuzz_build_pid=$!
 start=$SECONDS
 echo "==> cargo test (unit, property, root-only, hostile-datastore and Docker Engine tests)"
 cargo test --workspace --all-targets --no-fail-fast -- --test-threads=2 "$@" || failed+=("cargo test")
 echo "==> cargo test took $((SECONDS - start)) s"
-if ! wait "$tools_pid"; then
-    failed+=("packaging tools")
-fi
-echo "==> packaging tools (started $((SECONDS - tools_start)) s ago):"
-sed 's/^/    /' target/packaging-tools.log
 # (A failed build is built and reported again by the run below.)
 wait "$fuzz_build_pid" || true
 echo "==> fuzz targets' build:"
