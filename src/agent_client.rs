@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use hyper::{Method, StatusCode};
 use serde::de::DeserializeOwned;
-use vmdk_agent::service::Caller;
+use vmdk_agent::service::{Caller, NameList, NamesKey};
 use vmdk_agent::VolumeService;
 use vmdk_protocol::{
     agent as paths, AttachInfo, CreateRequest, ErrorBody, ErrorCode, FormattedRequest, VersionInfo, VolumeInfo,
@@ -156,18 +156,28 @@ impl AgentClient {
             .collect())
     }
 
-    /// The names [`AgentClient::list`] lists, as `(vol@ds, vol, ds)`: an
+    /// The names [`AgentClient::list`] lists, as `(vol@ds, vol, ds)`, or
+    /// `None` when they are those of the list whose key was `known` (see
+    /// [`vmdk_agent::service::VolumeService::list_names_since`]). An
     /// embedded agent answers from its catalog without building each
-    /// volume's details.
-    pub async fn list_names(&self, vm: &str) -> Result<Vec<(String, String, String)>, AgentCallError> {
+    /// volume's details; a separate agent sends every volume, and its lists
+    /// have no key.
+    pub async fn list_names_since(
+        &self,
+        vm: &str,
+        known: Option<&NamesKey>,
+    ) -> Result<Option<NameList>, AgentCallError> {
         match self {
-            Self::Embedded(s) => s.list_names(&Self::caller(vm)?).await.map_err(Self::api),
-            Self::Http(_) => Ok(self
-                .list(vm)
-                .await?
-                .into_iter()
-                .map(|v| (v.name, v.volume, v.datastore))
-                .collect()),
+            Self::Embedded(s) => s.list_names_since(&Self::caller(vm)?, known).await.map_err(Self::api),
+            Self::Http(_) => Ok(Some(NameList {
+                key: None,
+                names: self
+                    .list(vm)
+                    .await?
+                    .into_iter()
+                    .map(|v| (v.name, v.volume, v.datastore))
+                    .collect(),
+            })),
         }
     }
 

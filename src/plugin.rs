@@ -274,25 +274,27 @@ fn shown<S: serde::Serializer>(p: &&std::path::Path, s: S) -> Result<S::Ok, S::E
     s.collect_str(&p.display())
 }
 
+/// The List answer's JSON for `vols`.
+fn encode_list(vols: &[(String, std::path::PathBuf)]) -> Result<Vec<u8>, serde_json::Error> {
+    let size = 32
+        + vols
+            .iter()
+            .map(|(n, mp)| n.len() + mp.as_os_str().len() + 32)
+            .sum::<usize>();
+    let mut body = Vec::with_capacity(size);
+    let reply = ListReply {
+        err: "",
+        volumes: Listed(vols),
+    };
+    serde_json::to_writer(&mut body, &reply)?;
+    Ok(body)
+}
+
 async fn list(State(m): Mgr) -> Response {
     const M: &str = "VolumeDriver.List";
-    match m.list().await {
-        Ok(vols) => {
-            let size = 32
-                + vols
-                    .iter()
-                    .map(|(n, mp)| n.len() + mp.as_os_str().len() + 32)
-                    .sum::<usize>();
-            let mut body = Vec::with_capacity(size);
-            let reply = ListReply {
-                err: "",
-                volumes: Listed(&vols),
-            };
-            match serde_json::to_writer(&mut body, &reply) {
-                Ok(()) => (StatusCode::OK, [(header::CONTENT_TYPE, CONTENT_TYPE)], body).into_response(),
-                Err(e) => err(M, format!("cannot encode the volume list: {e}")),
-            }
-        }
+    match m.list_answer(encode_list).await {
+        Ok(Ok(body)) => (StatusCode::OK, [(header::CONTENT_TYPE, CONTENT_TYPE)], body).into_response(),
+        Ok(Err(e)) => err(M, format!("cannot encode the volume list: {e}")),
         Err(e) => err(M, crate::error_chain(&e)),
     }
 }

@@ -28,6 +28,7 @@ use crate::agent_client::{AgentCallError, AgentClient};
 use crate::docker_api;
 use crate::state::{MountRecord, PluginState, StateStore};
 use crate::sys::{DataDir, SysError, System};
+use vmdk_agent::service::{NameList, NamesKey};
 
 /// Name of the directory inside each volume that Docker mounts.
 pub const DATA_DIR: &str = "data";
@@ -317,6 +318,9 @@ pub struct VolumeManager {
     gate: Arc<RwLock<()>>,
     default_ds: OnceCell<String>,
     docker_reconciled: std::sync::atomic::AtomicBool,
+    /// Docker's List answer as last encoded, with the key of the agent's
+    /// names it came from (see [`VolumeManager::list_answer`]).
+    list_answer: Mutex<Option<(NamesKey, bytes::Bytes)>>,
 }
 
 fn now_secs() -> u64 {
@@ -360,6 +364,7 @@ impl VolumeManager {
             locks: Mutex::new(HashMap::new()),
             gate: Arc::new(RwLock::new(())),
             default_ds: OnceCell::new(),
+            list_answer: Mutex::new(None),
             docker_reconciled: std::sync::atomic::AtomicBool::new(false),
             cfg,
         }))
@@ -579,15 +584,56 @@ impl VolumeManager {
     }
 
     /// `VolumeDriver.List`: canonical names, shortened on the default
-    /// datastore.
+    /// datastore, with their mount points.
     pub async fn list(&self) -> Result<Vec<(String, PathBuf)>, PluginError> {
-        let vols = self
-            .agent
-            .list_names(&self.cfg.vm_id)
+        let names = self.list_names(None).await?.map(|l| l.names).unwrap_or_default();
+        Ok(self.shown(names).await)
+    }
+
+    /// [`VolumeManager::list`] as `encode` writes it for Docker. The answer
+    /// is kept with the key of the agent's names it came from, and given
+    /// again as it is while the agent says the names are the same: a List
+    /// then costs the agent's check of each folder and no encoding. Lists
+    /// without a key (a separate agent, a create under way) are encoded
+    /// every time.
+    pub async fn list_answer<E>(
+        &self,
+        encode: impl FnOnce(&[(String, PathBuf)]) -> Result<Vec<u8>, E>,
+    ) -> Result<Result<bytes::Bytes, E>, PluginError> {
+        // The answer and its key, taken together: a newer answer stored
+        // meanwhile never goes out under an older key.
+        let cached = self.list_answer.lock().unwrap().clone();
+        let list = match (self.list_names(cached.as_ref().map(|(k, _)| k)).await?, cached) {
+            (None, Some((_, body))) => return Ok(Ok(body)),
+            (Some(list), _) => list,
+            (None, None) => NameList {
+                key: None,
+                names: Vec::new(),
+            },
+        };
+        let body = match encode(&self.shown(list.names).await) {
+            Ok(b) => bytes::Bytes::from(b),
+            Err(e) => return Ok(Err(e)),
+        };
+        // Names shown in full because the default datastore was not known
+        // yet are not kept.
+        let key = list.key.filter(|_| self.default_ds.get().is_some());
+        *self.list_answer.lock().unwrap() = key.map(|k| (k, body.clone()));
+        Ok(Ok(body))
+    }
+
+    async fn list_names(&self, known: Option<&NamesKey>) -> Result<Option<NameList>, PluginError> {
+        self.agent
+            .list_names_since(&self.cfg.vm_id, known)
             .await
-            .map_err(PluginError::agent("*"))?;
+            .map_err(PluginError::agent("*"))
+    }
+
+    /// Docker's names (shortened on the default datastore) and mount points
+    /// of `(vol@ds, vol, ds)`.
+    async fn shown(&self, names: Vec<(String, String, String)>) -> Vec<(String, PathBuf)> {
         let default = self.default_datastore().await;
-        Ok(vols
+        names
             .into_iter()
             .filter_map(|(name, volume, datastore)| {
                 // A name that is not a valid vol@ds (or does not match its
@@ -613,7 +659,7 @@ impl VolumeManager {
                 };
                 Some((shown, mp))
             })
-            .collect())
+            .collect()
     }
 
     /// The mount record of a volume, if this VM has it mounted.

@@ -85,14 +85,23 @@ async fn create_get_list_path_remove_as_docker_sends_them() {
     let v = ok(&p.app, "VolumeDriver.Get", r#"{"Name":"vsanvol1@local"}"#).await;
     assert_eq!(v["Volume"]["Name"], "vsanvol1@local");
 
-    let v = ok(&p.app, "VolumeDriver.List", "{}").await;
-    let names: Vec<&str> = v["Volumes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v["Name"].as_str().unwrap())
-        .collect();
-    assert_eq!(names, ["plain", "vsanvol1"]);
+    let list = || async {
+        let v = ok(&p.app, "VolumeDriver.List", "{}").await;
+        v["Volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["Name"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(list().await, ["plain", "vsanvol1"]);
+    // The answer is kept while the names hold (see
+    // VolumeManager::list_answer), and changes with them.
+    assert_eq!(list().await, ["plain", "vsanvol1"]);
+    ok(&p.app, "VolumeDriver.Create", r#"{"Name":"third","Opts":null}"#).await;
+    assert_eq!(list().await, ["plain", "third", "vsanvol1"]);
+    ok(&p.app, "VolumeDriver.Remove", r#"{"Name":"third"}"#).await;
+    assert_eq!(list().await, ["plain", "vsanvol1"]);
 
     let v = ok(&p.app, "VolumeDriver.Path", r#"{"Name":"vsanvol1"}"#).await;
     assert_eq!(v["Mountpoint"], mp.display().to_string());
@@ -100,6 +109,7 @@ async fn create_get_list_path_remove_as_docker_sends_them() {
     ok(&p.app, "VolumeDriver.Remove", r#"{"Name":"vsanvol1"}"#).await;
     let v = ok(&p.app, "VolumeDriver.Get", r#"{"Name":"vsanvol1"}"#).await;
     assert_eq!(v["Volume"], Value::Null);
+    assert_eq!(list().await, ["plain"]);
     // Remove is idempotent.
     ok(&p.app, "VolumeDriver.Remove", r#"{"Name":"vsanvol1"}"#).await;
 }

@@ -162,6 +162,23 @@ impl Target<'_> {
 /// A vmgroup folder as the service uses it.
 type Folder = Box<dyn VolumeFolder>;
 
+/// What [`VolumeService::list_names_since`] lists: the names, as `(vol@ds,
+/// vol, ds)`, sorted, and the key that stands for them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NameList {
+    /// `Some` when the same names will come with the same key, for as long
+    /// as this service runs (a list with a create under way, or a volume
+    /// the catalog could not keep, has none).
+    pub key: Option<NamesKey>,
+    /// `(vol@ds, vol, ds)` of every volume.
+    pub names: Vec<(String, String, String)>,
+}
+
+/// Stands for the names of one [`NameList`]: per datastore, whether its
+/// folder is there and the count of changes to its catalog's names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamesKey(Vec<u64>);
+
 /// The agent's domain service. Cloning shares it (the backend, the
 /// creates running in the background).
 #[derive(Debug, Clone)]
@@ -716,64 +733,120 @@ impl VolumeService {
     /// built); from a full [`VolumeService::list`] when a datastore has no
     /// catalog or another process is creating a volume.
     pub async fn list_names(&self, caller: &Caller) -> Result<Vec<(String, String, String)>, AgentError> {
-        let mut names = match self.catalog_names().await {
-            Some(n) => n?,
-            None => {
-                let names: Vec<_> = self
-                    .list(caller)
-                    .await?
-                    .into_iter()
-                    .map(|v| (v.name, v.volume, v.datastore))
-                    .collect();
-                // The full list built for this is freed: give it back.
-                if names.len() >= vmdk_common::memory::TRIM_VOLUMES {
-                    vmdk_common::memory::trim();
-                }
-                return Ok(names);
+        Ok(self
+            .list_names_since(caller, None)
+            .await?
+            .map(|l| l.names)
+            .unwrap_or_default())
+    }
+
+    /// [`VolumeService::list_names`], or `None` when the names are those of
+    /// the list whose [`NameList::key`] was `known`. A caller that keeps
+    /// what it made of a list (Docker's List answer) reuses it while the
+    /// key holds, and a List then costs a `stat` of each folder.
+    pub async fn list_names_since(
+        &self,
+        caller: &Caller,
+        known: Option<&NamesKey>,
+    ) -> Result<Option<NameList>, AgentError> {
+        let catalogs = match self.catalog_names(known).await {
+            Some(Ok(None)) => return Ok(None),
+            Some(Ok(Some(l))) => Some(l),
+            Some(Err(e)) => return Err(e),
+            None => None,
+        };
+        let Some(mut list) = catalogs else {
+            let names: Vec<_> = self
+                .list(caller)
+                .await?
+                .into_iter()
+                .map(|v| (v.name, v.volume, v.datastore))
+                .collect();
+            // The full list built for this is freed: give it back.
+            if names.len() >= vmdk_common::memory::TRIM_VOLUMES {
+                vmdk_common::memory::trim();
             }
+            return Ok(Some(NameList { key: None, names }));
         };
         let pending = self.pending.all();
         if !pending.is_empty() {
-            names.extend(pending.iter().map(|p| {
+            // Creates under way come and go without a trace in the
+            // catalogs: a list that shows them is never reused.
+            list.key = None;
+            list.names.extend(pending.iter().map(|p| {
                 (
                     p.preview.name.clone(),
                     p.preview.volume.clone(),
                     p.preview.datastore.clone(),
                 )
             }));
-            names.sort();
-            names.dedup();
+            list.names.sort();
+            list.names.dedup();
         }
-        Ok(names)
+        Ok(Some(list))
     }
 
     /// Every volume name in the catalogs, each brought up to date first
     /// unless List may answer from it as it is (see `service::catalog`);
+    /// `Ok(None)` when they are those of the list whose key was `known`;
     /// `None` when a datastore has no catalog or a create of another
     /// process is under way.
-    async fn catalog_names(&self) -> Option<Result<Vec<(String, String, String)>, AgentError>> {
+    async fn catalog_names(&self, known: Option<&NamesKey>) -> Option<Result<Option<NameList>, AgentError>> {
         if self.backend.kind() != "local" || self.datastores.iter().any(|d| d.root.is_none()) {
             return None;
         }
-        let mut out = Vec::new();
+        let mut folders = Vec::with_capacity(self.datastores.len());
+        let mut reusable = true;
         for (i, ds) in self.datastores.iter().enumerate() {
-            let Some((_, folder)) = self.catalog_folder(ds) else {
-                continue;
-            };
-            let uncached = match self.catalog_current(i, &folder).await {
-                Ok(u) => u,
-                Err(e) => return Some(Err(e)),
-            };
+            if let Some((_, folder)) = self.catalog_folder(ds) {
+                match self.catalog_current(i, &folder).await {
+                    // A volume the catalog could not keep is listed from
+                    // the scan's read, not from the catalog's names.
+                    Ok(uncached) => {
+                        reusable &= uncached.is_empty();
+                        folders.push(Some(uncached));
+                    }
+                    Err(e) => return Some(Err(e)),
+                }
+            } else {
+                folders.push(None);
+            }
+        }
+        // Whether a folder is there, and its count of name changes.
+        let key_of = |i: usize, cat: &catalog::FolderCatalog| cat.vols.names() << 1 | u64::from(folders[i].is_some());
+        if let Some(known) = known.filter(|_| reusable) {
+            let mut same = known.0.len() == self.datastores.len();
+            for i in 0..self.datastores.len() {
+                let cat = self.catalog.folders[i].lock().unwrap();
+                if !cat.creating.is_empty() {
+                    return None;
+                }
+                same &= known.0.get(i) == Some(&key_of(i, &cat));
+            }
+            if same {
+                return Some(Ok(None));
+            }
+        }
+        let mut names = Vec::new();
+        let mut key = Vec::with_capacity(self.datastores.len());
+        for (i, ds) in self.datastores.iter().enumerate() {
             let cat = self.catalog.folders[i].lock().unwrap();
             if !cat.creating.is_empty() {
                 return None;
             }
+            key.push(key_of(i, &cat));
+            let Some(uncached) = &folders[i] else {
+                continue;
+            };
             let name = |v: &str| (format!("{v}@{}", ds.name), v.to_string(), ds.name.clone());
-            out.extend(cat.vols.keys().map(|v| name(v)));
-            out.extend(uncached.iter().map(|(v, _, _)| name(v)));
+            names.extend(cat.vols.keys().map(|v| name(v)));
+            names.extend(uncached.iter().map(|(v, _, _)| name(v)));
         }
-        out.sort();
-        Some(Ok(out))
+        names.sort();
+        Some(Ok(Some(NameList {
+            key: reusable.then_some(NamesKey(key)),
+            names,
+        })))
     }
 
     /// `POST /v1/volumes`: creates a volume (or a clone). A create whose

@@ -219,3 +219,86 @@ async fn own_writes_show_at_once_and_foreign_ones_are_still_seen() {
     assert_eq!(names(&a).await, ["one@local"]);
     assert_eq!(names_only(&a).await, ["one@local"]);
 }
+
+/// Docker's List answer is kept by the plugin while the names it came
+/// from hold (`list_names_since` answers `None`). Attaches, detaches and
+/// setting changes keep the names; a create or remove, by this agent or
+/// another, and a volume damaged out of band change them.
+#[tokio::test]
+async fn a_kept_list_answer_lasts_exactly_as_long_as_the_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dir.path().join("local");
+    std::fs::create_dir_all(&ds).unwrap();
+    let a = service(&ds);
+    create(&a, "one").await;
+    settle(&a).await;
+    let since = |known: Option<vmdk_agent::service::NamesKey>| {
+        let a = &a;
+        async move { a.list_names_since(&vm(), known.as_ref()).await.unwrap() }
+    };
+    let listed = |l: &vmdk_agent::service::NameList| l.names.iter().map(|(n, _, _)| n.clone()).collect::<Vec<_>>();
+    // Another process's change shows in List within the catalog's
+    // verification time while this agent is changing the folder too (a
+    // liveness bound here, not a timing claim).
+    let changed = |known: vmdk_agent::service::NamesKey| {
+        let since = &since;
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                if let Some(l) = since(Some(known.clone())).await {
+                    return l;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "another process's change never showed in List"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    let first = since(None).await.expect("a list");
+    assert_eq!(listed(&first), ["one@local"]);
+    let key = first.key.clone().expect("a catalog list has a key");
+    assert_eq!(since(Some(key.clone())).await, None, "nothing changed");
+
+    // This agent's attach and detach, and the admin CLI's `set`, change a
+    // volume but not the names.
+    a.attach(&vm(), "one").await.unwrap();
+    assert_eq!(since(Some(key.clone())).await, None);
+    a.detach(&vm(), "one").await.unwrap();
+    let out = Command::new(BIN)
+        .args(["--datastore", &format!("local={}", ds.display())])
+        .args(["set", "--volume=one", "--options=access=read-only"])
+        .env_remove("VMDK_AGENT_CONFIG")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    settle(&a).await;
+    assert_eq!(since(Some(key.clone())).await, None);
+
+    // Another agent's create.
+    let b = service(&ds);
+    create(&b, "two").await;
+    let after = changed(key.clone()).await;
+    assert_eq!(listed(&after), ["one@local", "two@local"]);
+    let key2 = after.key.clone().expect("a key");
+    assert_ne!(key2, key);
+    assert_eq!(since(Some(key2.clone())).await, None);
+
+    // This agent's remove, then its create.
+    a.remove(&vm(), "two").await.unwrap();
+    let after = since(Some(key2.clone())).await.expect("the names changed");
+    assert_eq!(listed(&after), ["one@local"]);
+    let key3 = after.key.clone().expect("a key");
+    create(&a, "three").await;
+    let after = since(Some(key3.clone())).await.expect("the names changed");
+    assert_eq!(listed(&after), ["one@local", "three@local"]);
+    let key4 = after.key.clone().expect("a key");
+
+    // A volume damaged out of band (its extent deleted) leaves the list.
+    settle(&a).await;
+    assert_eq!(since(Some(key4.clone())).await, None);
+    std::fs::remove_file(folder(&ds).join("three-flat.vmdk")).unwrap();
+    let after = changed(key4).await;
+    assert_eq!(listed(&after), ["one@local"]);
+}

@@ -303,7 +303,7 @@ pub(super) struct FolderCatalog {
     /// (unless [`Catalog::answer`] tolerates it).
     pub(super) scanned: Option<Stamp>,
     /// Volumes by name.
-    pub(super) vols: HashMap<Box<str>, Entry>,
+    pub(super) vols: Vols,
     /// Names with a `.creating` marker and no sidecar at the last scan.
     pub(super) creating: Vec<Box<str>>,
     /// Every volume the last scan found has an entry (none was left out
@@ -323,6 +323,65 @@ pub(super) struct FolderCatalog {
     /// Volumes this agent removed, with the [`FolderCatalog::seq`] of the
     /// removal: a read that began before it never brings one back.
     removed: Vec<(Box<str>, u64)>,
+}
+
+/// A folder's entries by volume name, with a count of the changes to the
+/// set of names: equal counts, equal names (what lets Docker's List reuse
+/// its last answer, see [`VolumeService::list_names_since`]). Every change
+/// goes through these methods, so no change to the names can miss the
+/// count.
+///
+/// [`VolumeService::list_names_since`]: crate::service::VolumeService::list_names_since
+#[derive(Debug, Default)]
+pub(super) struct Vols {
+    map: HashMap<Box<str>, Entry>,
+    names: u64,
+}
+
+impl Vols {
+    pub(super) fn get(&self, volume: &str) -> Option<&Entry> {
+        self.map.get(volume)
+    }
+
+    #[cfg(test)]
+    pub(super) fn contains_key(&self, volume: &str) -> bool {
+        self.map.contains_key(volume)
+    }
+
+    pub(super) fn iter(&self) -> impl Iterator<Item = (&Box<str>, &Entry)> {
+        self.map.iter()
+    }
+
+    pub(super) fn keys(&self) -> impl Iterator<Item = &Box<str>> {
+        self.map.keys()
+    }
+
+    /// The count of changes to the set of names (not to the entries).
+    pub(super) fn names(&self) -> u64 {
+        self.names
+    }
+
+    fn insert(&mut self, volume: Box<str>, e: Entry) {
+        if self.map.insert(volume, e).is_none() {
+            self.names += 1;
+        }
+    }
+
+    fn remove(&mut self, volume: &str) -> Option<Entry> {
+        let e = self.map.remove(volume);
+        if e.is_some() {
+            self.names += 1;
+        }
+        e
+    }
+
+    fn retain(&mut self, keep: impl FnMut(&Box<str>, &mut Entry) -> bool) {
+        let before = self.map.len();
+        self.map.retain(keep);
+        if self.map.len() != before {
+            self.names += 1;
+        }
+    }
 }
 
 /// How [`Catalog::answer`] says List may use a folder's catalog.
@@ -618,11 +677,11 @@ impl Catalog {
                     c.vols.insert((*volume).into(), e);
                 }
                 Some(Err((meta, disk))) => {
-                    c.vols.remove(*volume);
+                    c.vols.remove(volume);
                     uncached.push((volume.to_string(), meta, disk));
                 }
                 None => {
-                    c.vols.remove(*volume);
+                    c.vols.remove(volume);
                 }
             }
         }
