@@ -318,7 +318,8 @@ pub(super) struct FolderCatalog {
     self_changed: bool,
     /// A verification scan is running in the background.
     verifying: bool,
-    /// Counts this agent's writes (see [`Entry::seq`]).
+    /// Counts this agent's writes (see [`Entry::seq`]) and the volumes
+    /// found gone.
     seq: u64,
     /// Volumes this agent removed, with the [`FolderCatalog::seq`] of the
     /// removal: a read that began before it never brings one back.
@@ -354,6 +355,10 @@ impl Vols {
 
     pub(super) fn keys(&self) -> impl Iterator<Item = &Box<str>> {
         self.map.keys()
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.map.len()
     }
 
     /// The count of changes to the set of names (not to the entries).
@@ -405,6 +410,9 @@ pub(super) struct Catalog {
     /// Serializes scans of a folder (a second caller then finds it done).
     pub(super) scanning: Vec<tokio::sync::Mutex<()>>,
 }
+
+/// How many volumes a scan looks at per hold of a folder's lock.
+const LOCK_CHUNK: usize = 512;
 
 /// The least time between two verification scans of a folder this agent
 /// is changing.
@@ -582,6 +590,9 @@ impl Catalog {
         let Some(cat) = self.folders.get(ds) else { return };
         let mut cat = cat.lock().unwrap();
         if cat.vols.remove(volume).is_some() {
+            // Counted, so a scan that ends meanwhile does not trust the
+            // folder.
+            cat.seq += 1;
             cat.complete = false;
             cat.scanned = None;
         }
@@ -623,14 +634,30 @@ impl Catalog {
         };
         let folder_stat = folder.dir().stat_self()?;
         let scan = Scan::run(folder, &folder_stat, self.racy_ns)?;
-        let reload: Vec<&str> = {
-            let c = cat.lock().unwrap();
-            scan.volumes
-                .iter()
-                .filter(|(v, side, disks)| !c.vols.get(v.as_str()).is_some_and(|e| entry_current(e, *side, *disks)))
-                .map(|(v, _, _)| v.as_str())
-                .collect()
-        };
+        // Looked at in chunks, each under the lock on its own: a Get waits
+        // for one chunk at most, never for the whole folder. `found` counts
+        // the volumes found that have an entry, for the set of names the
+        // count of changes `names_before` stands for.
+        let names_before = cat.lock().unwrap().vols.names();
+        let mut found = 0;
+        let reload: Vec<&str> = scan
+            .volumes
+            .chunks(LOCK_CHUNK)
+            .flat_map(|chunk| {
+                let c = cat.lock().unwrap();
+                chunk
+                    .iter()
+                    .filter(|(v, side, disks)| match c.vols.get(v.as_str()) {
+                        Some(e) => {
+                            found += 1;
+                            !entry_current(e, *side, *disks)
+                        }
+                        None => true,
+                    })
+                    .map(|(v, _, _)| v.as_str())
+                    .collect::<Vec<_>>()
+            })
+            .collect();
         let read = |volume: &str| -> Option<Result<Entry, (VolumeMeta, DiskInfo)>> {
             let full = format!("{volume}@{}", ds.name);
             let taken = FileStamps::take(folder, volume, self.racy_ns);
@@ -663,10 +690,15 @@ impl Catalog {
         };
         let results = read_in_parallel(&reload, &read);
         let mut c = cat.lock().unwrap();
-        let present: HashSet<&str> = scan.volumes.iter().map(|(v, _, _)| v.as_str()).collect();
-        // What this agent wrote since the scan began is newer than the
-        // listing.
-        c.vols.retain(|v, e| e.seq > seen || present.contains(&**v));
+        // Entries of volumes no longer in the folder go, unless this agent
+        // wrote them since the scan began (newer than the listing). None
+        // can be there when no name changed since the chunks above and each
+        // entry is of a volume found: then the whole map is not walked
+        // under the lock.
+        if c.vols.names() != names_before || c.vols.len() != found {
+            let present: HashSet<&str> = scan.volumes.iter().map(|(v, _, _)| v.as_str()).collect();
+            c.vols.retain(|v, e| e.seq > seen || present.contains(&**v));
+        }
         let mut uncached = Vec::new();
         for (volume, r) in reload.iter().zip(results) {
             if c.superseded(volume, seen) {
@@ -685,18 +717,28 @@ impl Catalog {
                 }
             }
         }
-        // Trusted only when every volume found has a current entry (one
-        // too young to trust, or unreadable, is looked at again).
-        let settled = scan
-            .volumes
-            .iter()
-            .all(|(v, side, disks)| c.vols.get(v.as_str()).is_some_and(|e| entry_current(e, *side, *disks)));
-        c.scanned = if settled && !c.self_changed { scan.folder } else { None };
         c.seen_folder = Some(Stamp::of(&folder_stat));
         c.complete = uncached.is_empty();
         c.creating = scan.creating.iter().map(|v| v.as_str().into()).collect();
         c.removed.retain(|(_, at)| *at > seen);
         c.last_scan = Some((began, began.elapsed()));
+        let updated = c.seq;
+        drop(c);
+        // Trusted only when every volume found has a current entry (one
+        // too young to trust, or unreadable, is looked at again), checked
+        // in chunks, and nothing was written or found gone meanwhile.
+        let settled = scan.volumes.chunks(LOCK_CHUNK).all(|chunk| {
+            let c = cat.lock().unwrap();
+            chunk
+                .iter()
+                .all(|(v, side, disks)| c.vols.get(v.as_str()).is_some_and(|e| entry_current(e, *side, *disks)))
+        });
+        let mut c = cat.lock().unwrap();
+        c.scanned = if settled && !c.self_changed && c.seq == updated {
+            scan.folder
+        } else {
+            None
+        };
         drop(c);
         // A big re-read leaves its temporary allocations behind.
         if reload.len() >= vmdk_common::memory::TRIM_VOLUMES {
