@@ -435,7 +435,7 @@ impl VolumeManager {
             (g.state.clone(), g.generation)
         };
         let store = self.store.clone();
-        let res = tokio::task::spawn_blocking(move || store.save(&snapshot))
+        let res = vmdk_common::runtime::spawn_blocking(move || store.save(&snapshot))
             .await
             .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
         match res {
@@ -472,7 +472,7 @@ impl VolumeManager {
         f: impl FnOnce(&dyn System) -> Result<T, SysError> + Send + 'static,
     ) -> Result<T, PluginError> {
         let sys = self.sys.clone();
-        tokio::task::spawn_blocking(move || f(sys.as_ref()))
+        vmdk_common::runtime::spawn_blocking(move || f(sys.as_ref()))
             .await
             .unwrap_or_else(|e| {
                 Err(SysError::Io {

@@ -528,13 +528,15 @@ impl LocalFolder {
     {
         let me = self.clone();
         let shown = self.dir().shown().clone();
-        tokio::task::spawn_blocking(move || f(&me)).await.unwrap_or_else(|e| {
-            Err(E::from(StoreError::Io {
-                op: "run a file call in",
-                file: shown,
-                source: std::io::Error::other(e.to_string()),
-            }))
-        })
+        vmdk_common::runtime::spawn_blocking(move || f(&me))
+            .await
+            .unwrap_or_else(|e| {
+                Err(E::from(StoreError::Io {
+                    op: "run a file call in",
+                    file: shown,
+                    source: std::io::Error::other(e.to_string()),
+                }))
+            })
     }
 
     /// [`VolumeFolder::lock`], on the calling thread.

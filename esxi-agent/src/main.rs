@@ -315,7 +315,7 @@ async fn ls(svc: &VolumeService, socket: Option<PathBuf>, args: &LsArgs) -> anyh
                 args.plugin_socket.clone(),
             ];
             let svc = svc.clone();
-            tokio::task::spawn_blocking(move || served_volumes(&svc, &sockets))
+            vmdk_common::runtime::spawn_blocking(move || served_volumes(&svc, &sockets))
                 .await
                 .context("ask the running agent")?
         }

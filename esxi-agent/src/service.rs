@@ -1266,7 +1266,7 @@ impl VolumeService {
             .map_err(Self::backend_err(&t))?;
         folder.clear_markers(&t.volume).await.map_err(Self::store_err(&t))?;
         let ds = t.ds.clone();
-        let _ = tokio::task::spawn_blocking(move || ds.refill_reserve()).await;
+        let _ = vmdk_common::runtime::spawn_blocking(move || ds.refill_reserve()).await;
         tracing::info!(volume = %t.full, vm, "removed volume");
         Ok(())
     }

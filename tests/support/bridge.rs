@@ -643,7 +643,7 @@ async fn qmp<T: Send + 'static>(
     f: impl FnOnce(&Hotplug) -> Result<T, crate::guest::GuestError> + Send + 'static,
 ) -> Result<T, String> {
     let h = hotplug.clone();
-    match tokio::task::spawn_blocking(move || f(&h)).await {
+    match vmdk_common::runtime::spawn_blocking(move || f(&h)).await {
         Ok(r) => r.map_err(|e| e.to_string()),
         Err(e) => Err(format!("the QMP call panicked: {e}")),
     }

@@ -16,6 +16,7 @@ pub mod admin;
 pub mod logging;
 pub mod memory;
 pub mod metrics;
+pub mod runtime;
 pub mod server;
 pub mod store;
 pub mod systemd;

@@ -492,7 +492,7 @@ impl LocalBackend {
         f: impl FnOnce(&LocalBackend) -> Result<T, BackendError> + Send + 'static,
     ) -> Result<T, BackendError> {
         let me = self.clone();
-        tokio::task::spawn_blocking(move || f(&me))
+        vmdk_common::runtime::spawn_blocking(move || f(&me))
             .await
             .map_err(|e| BackendError::Device {
                 op: "run a blocking call for",
@@ -579,7 +579,7 @@ impl DiskBackend for LocalBackend {
     ) -> Result<Option<Box<dyn VolumeFolder>>, StoreError> {
         let (ds, group) = (datastore.clone(), vmgroup.to_owned());
         let shown = datastore.shown();
-        tokio::task::spawn_blocking(move || ds.folder(&group, create))
+        vmdk_common::runtime::spawn_blocking(move || ds.folder(&group, create))
             .await
             .map_err(|e| StoreError::Io {
                 op: "open a folder of",

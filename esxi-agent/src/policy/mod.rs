@@ -537,7 +537,7 @@ impl PolicyStore {
         f: impl FnOnce(&PolicyStore) -> Result<T, PolicyError> + Send + 'static,
     ) -> Result<T, PolicyError> {
         let store = self.clone();
-        tokio::task::spawn_blocking(move || f(&store))
+        vmdk_common::runtime::spawn_blocking(move || f(&store))
             .await
             .map_err(|e| PolicyError::Io {
                 op: "run policy worker for",

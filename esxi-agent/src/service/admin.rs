@@ -502,7 +502,7 @@ impl VolumeService {
             return Ok(Vec::new());
         };
         let (catalog, backend) = (self.catalog.clone(), self.backend.clone());
-        tokio::task::spawn_blocking(move || catalog.refresh_blocking(i, &ds, &folder, &*backend))
+        vmdk_common::runtime::spawn_blocking(move || catalog.refresh_blocking(i, &ds, &folder, &*backend))
             .await
             .map_err(|e| AgentError::Internal(format!("the folder scan failed: {e}")))?
             .map_err(store_err)

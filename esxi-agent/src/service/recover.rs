@@ -45,7 +45,7 @@ impl VolumeService {
     pub async fn recover_attachments_on_start(&self) -> Vec<String> {
         for ds in self.datastores.iter().filter(|d| d.root.is_some()) {
             let d = ds.clone();
-            match tokio::task::spawn_blocking(move || d.prepare()).await {
+            match vmdk_common::runtime::spawn_blocking(move || d.prepare()).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
                     tracing::warn!(datastore = %ds.name, error = %crate::error::error_chain(&e), "cannot prepare the datastore")
