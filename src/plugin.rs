@@ -65,6 +65,23 @@ fn ok(body: Value) -> Response {
     reply(StatusCode::OK, body)
 }
 
+/// Get's answer, serialized straight from the volume (no tree of values in
+/// between): keys in the order `json!` gave them, sorted.
+#[derive(Serialize)]
+struct GetReply<'a> {
+    #[serde(rename = "Err")]
+    err: &'a str,
+    #[serde(rename = "Volume")]
+    volume: &'a DockerVolume,
+}
+
+fn ok_volume(v: &DockerVolume) -> Response {
+    match serde_json::to_vec(&GetReply { err: "", volume: v }) {
+        Ok(body) => (StatusCode::OK, [(header::CONTENT_TYPE, CONTENT_TYPE)], body).into_response(),
+        Err(e) => err("VolumeDriver.Get", format!("cannot encode the volume: {e}")),
+    }
+}
+
 fn err(method: &str, msg: String) -> Response {
     tracing::warn!(method, error = %msg, "request failed");
     reply(StatusCode::INTERNAL_SERVER_ERROR, json!({ "Err": msg }))
@@ -208,7 +225,7 @@ async fn get(State(m): Mgr, body: Bytes) -> Response {
                 created_at: Some(info.created.clone()),
                 status: Some(inspect_status(&info, rec.as_ref())),
             };
-            ok(json!({"Volume": v, "Err": ""}))
+            ok_volume(&v)
         }
         Ok(None) => ok(json!({"Volume": null, "Err": ""})),
         Err(e) => {
@@ -237,7 +254,7 @@ async fn get(State(m): Mgr, body: Bytes) -> Response {
                 created_at: None,
                 status: Some(status),
             };
-            ok(json!({"Volume": v, "Err": ""}))
+            ok_volume(&v)
         }
     }
 }
