@@ -44,17 +44,18 @@ pub struct DockerRequest {
     pub id: String,
 }
 
-/// A volume in Get and List responses.
+/// A volume in Get's answer; `S` is its `Status`. Keys in byte order, as
+/// the `json!` maps before it had them.
 #[derive(Debug, Serialize)]
-struct DockerVolume {
-    #[serde(rename = "Name")]
-    name: String,
-    #[serde(rename = "Mountpoint")]
-    mountpoint: String,
+struct DockerVolume<'a, S> {
     #[serde(rename = "CreatedAt", skip_serializing_if = "Option::is_none")]
-    created_at: Option<String>,
-    #[serde(rename = "Status", skip_serializing_if = "Option::is_none")]
-    status: Option<serde_json::Map<String, Value>>,
+    created_at: Option<&'a str>,
+    #[serde(rename = "Mountpoint")]
+    mountpoint: &'a str,
+    #[serde(rename = "Name")]
+    name: &'a str,
+    #[serde(rename = "Status")]
+    status: S,
 }
 
 fn reply(status: StatusCode, body: Value) -> Response {
@@ -68,14 +69,14 @@ fn ok(body: Value) -> Response {
 /// Get's answer, serialized straight from the volume (no tree of values in
 /// between): keys in the order `json!` gave them, sorted.
 #[derive(Serialize)]
-struct GetReply<'a> {
+struct GetReply<'a, S> {
     #[serde(rename = "Err")]
     err: &'a str,
     #[serde(rename = "Volume")]
-    volume: &'a DockerVolume,
+    volume: &'a DockerVolume<'a, S>,
 }
 
-fn ok_volume(v: &DockerVolume) -> Response {
+fn ok_volume<S: Serialize>(v: &DockerVolume<'_, S>) -> Response {
     match serde_json::to_vec(&GetReply { err: "", volume: v }) {
         Ok(body) => (StatusCode::OK, [(header::CONTENT_TYPE, CONTENT_TYPE)], body).into_response(),
         Err(e) => err("VolumeDriver.Get", format!("cannot encode the volume: {e}")),
@@ -220,10 +221,10 @@ async fn get(State(m): Mgr, body: Bytes) -> Response {
                 Err(e) => return err(M, crate::error_chain(&e)),
             };
             let v = DockerVolume {
-                name: req.name.clone(),
-                mountpoint: mountpoint.display().to_string(),
-                created_at: Some(info.created.clone()),
-                status: Some(inspect_status(&info, rec.as_ref())),
+                name: &req.name,
+                mountpoint: &mountpoint.to_string_lossy(),
+                created_at: Some(&info.created),
+                status: inspect_status(&info, rec.as_ref()),
             };
             ok_volume(&v)
         }
@@ -249,10 +250,10 @@ async fn get(State(m): Mgr, body: Bytes) -> Response {
             status.insert("error".into(), json!(crate::error_chain(&e)));
             status.insert("mounts".into(), json!(rec.map_or(0, |r| r.ids.len())));
             let v = DockerVolume {
-                name: req.name.clone(),
-                mountpoint: mountpoint.display().to_string(),
+                name: &req.name,
+                mountpoint: &mountpoint.to_string_lossy(),
                 created_at: None,
-                status: Some(status),
+                status,
             };
             ok_volume(&v)
         }

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{OnceCell, RwLock};
-use vmdk_protocol::options::{self as opt, VolumeOptions};
+use vmdk_protocol::options::VolumeOptions;
 use vmdk_protocol::size::human_bytes;
 use vmdk_protocol::{
     AccessMode, AttachStatus, CreateRequest, ErrorCode, FormatRecord, FsType, NameError, OptionError, VolumeInfo,
@@ -1474,75 +1474,99 @@ pub fn volume_mounts(
         .collect()
 }
 
-/// The `Status` map shown by `docker volume inspect`.
-pub fn inspect_status(info: &VolumeInfo, rec: Option<&MountRecord>) -> serde_json::Map<String, serde_json::Value> {
-    use serde_json::json;
-    let mut m = serde_json::Map::new();
-    m.insert("datastore".into(), json!(info.datastore));
-    m.insert(
-        "capacity".into(),
-        json!({"size": human_bytes(info.capacity_bytes), "allocated": human_bytes(info.allocated_bytes)}),
-    );
-    m.insert("diskformat".into(), json!(info.disk_format.as_str()));
-    m.insert("fstype".into(), json!(info.fstype));
-    m.insert(
-        opt::VSAN_POLICY_NAME.into(),
-        json!(info.vsan_policy.clone().unwrap_or_else(|| "[VSAN default]".into())),
-    );
-    if let Some(state) = &info.vsan_policy_state {
-        m.insert(
-            "vsan-policy-state".into(),
-            json!(match state {
-                vmdk_protocol::PolicyState::Applied { profile, .. } => format!("applied (storage profile {profile})"),
-                vmdk_protocol::PolicyState::Pending { profile, .. } =>
-                    format!("pending (storage profile {profile}, set at the next attach)"),
-                vmdk_protocol::PolicyState::Recorded { reason } => format!("recorded, not applied: {reason}"),
-            }),
-        );
-    }
-    m.insert("access".into(), json!(info.access.as_str()));
-    m.insert("attach-as".into(), json!(info.attach_as.as_str()));
-    m.insert(
-        "status".into(),
-        json!(match info.status {
-            AttachStatus::Attached => "attached",
-            AttachStatus::Detached => "detached",
-        }),
-    );
-    m.insert(
-        "attached to VM".into(),
-        json!(info.attached_to.clone().unwrap_or_else(|| "detached".into())),
-    );
-    m.insert("created".into(), json!(info.created));
-    m.insert("created by VM".into(), json!(info.created_by));
-    m.insert(
-        "clone-from".into(),
-        json!(info.clone_from.clone().unwrap_or_else(|| "None".into())),
-    );
-    m.insert("disk-uuid".into(), json!(info.disk_uuid));
-    m.insert(
-        "formatted".into(),
-        json!(match &info.formatted {
+/// The `Status` of a volume in Get's answer (what `docker volume inspect`
+/// shows). Borrowed from the volume, and serialized with its keys in byte
+/// order (as a `serde_json::Map` would have them).
+#[derive(Debug, serde::Serialize)]
+pub struct InspectStatus<'a> {
+    access: &'a str,
+    #[serde(rename = "attach-as")]
+    attach_as: &'a str,
+    #[serde(rename = "attached to VM")]
+    attached_to: &'a str,
+    capacity: Capacity,
+    #[serde(rename = "clone-from")]
+    clone_from: &'a str,
+    created: &'a str,
+    #[serde(rename = "created by VM")]
+    created_by: &'a str,
+    datastore: &'a str,
+    #[serde(rename = "disk-uuid")]
+    disk_uuid: &'a str,
+    diskformat: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    formatted: String,
+    fstype: &'a str,
+    mounts: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    progress: Option<String>,
+    status: &'a str,
+    vmgroup: &'a str,
+    #[serde(rename = "vsan-policy-name")]
+    vsan_policy_name: &'a str,
+    #[serde(rename = "vsan-policy-state", skip_serializing_if = "Option::is_none")]
+    vsan_policy_state: Option<String>,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct Capacity {
+    allocated: String,
+    size: String,
+}
+
+/// The `Status` of `info` in Get's answer, `rec` its mount record here.
+pub fn inspect_status<'a>(info: &'a VolumeInfo, rec: Option<&MountRecord>) -> InspectStatus<'a> {
+    let mut st = InspectStatus {
+        access: info.access.as_str(),
+        attach_as: info.attach_as.as_str(),
+        attached_to: info.attached_to.as_deref().unwrap_or("detached"),
+        capacity: Capacity {
+            allocated: human_bytes(info.allocated_bytes),
+            size: human_bytes(info.capacity_bytes),
+        },
+        clone_from: info.clone_from.as_deref().unwrap_or("None"),
+        created: &info.created,
+        created_by: &info.created_by,
+        datastore: &info.datastore,
+        disk_uuid: &info.disk_uuid,
+        diskformat: info.disk_format.as_str(),
+        error: None,
+        formatted: match &info.formatted {
             Some(f) => format!("{} on {} by VM {}", f.fstype, f.at, f.by),
             None => "not yet (formatted at the first mount)".to_owned(),
+        },
+        fstype: &info.fstype,
+        mounts: rec.map_or(0, |r| r.ids.len()),
+        progress: None,
+        status: match info.status {
+            AttachStatus::Attached => "attached",
+            AttachStatus::Detached => "detached",
+        },
+        vmgroup: &info.vmgroup,
+        vsan_policy_name: info.vsan_policy.as_deref().unwrap_or("[VSAN default]"),
+        vsan_policy_state: info.vsan_policy_state.as_ref().map(|state| match state {
+            vmdk_protocol::PolicyState::Applied { profile, .. } => format!("applied (storage profile {profile})"),
+            vmdk_protocol::PolicyState::Pending { profile, .. } => {
+                format!("pending (storage profile {profile}, set at the next attach)")
+            }
+            vmdk_protocol::PolicyState::Recorded { reason } => format!("recorded, not applied: {reason}"),
         }),
-    );
-    m.insert("vmgroup".into(), json!(info.vmgroup));
-    m.insert("mounts".into(), json!(rec.map(|r| r.ids.len()).unwrap_or(0)));
+    };
     // A create that runs on after its answer (eagerzeroedthick, clone).
     if let Some(c) = &info.creating {
         match &c.failed {
             None => {
-                m.insert("status".into(), json!("creating"));
-                m.insert("progress".into(), json!(format!("{} {}%", c.step, c.percent)));
+                st.status = "creating";
+                st.progress = Some(format!("{} {}%", c.step, c.percent));
             }
             Some(cause) => {
-                m.insert("status".into(), json!("failed"));
-                m.insert("error".into(), json!(format!("the create failed: {cause}")));
+                st.status = "failed";
+                st.error = Some(format!("the create failed: {cause}"));
             }
         }
     }
-    m
+    st
 }
 
 #[cfg(test)]
@@ -1584,23 +1608,24 @@ mod tests {
             "creating": {"step": "zeroing", "percent": 42, "started": "2026-12-01T00:00:00Z"}
         });
         let mut info: VolumeInfo = serde_json::from_value(json).unwrap();
-        let st = inspect_status(&info, None);
+        let st = serde_json::to_value(inspect_status(&info, None)).unwrap();
+        assert_eq!(st[vmdk_protocol::options::VSAN_POLICY_NAME], "[VSAN default]");
         assert_eq!(st["status"], "creating");
         assert_eq!(st["progress"], "zeroing 42%");
-        assert!(!st.contains_key("error"));
+        assert!(st.get("error").is_none());
         info.creating.as_mut().unwrap().failed = Some("no space left".into());
-        let st = inspect_status(&info, None);
+        let st = serde_json::to_value(inspect_status(&info, None)).unwrap();
         assert_eq!(st["status"], "failed");
         assert_eq!(st["error"], "the create failed: no space left");
         info.creating = None;
-        let st = inspect_status(&info, None);
+        let st = serde_json::to_value(inspect_status(&info, None)).unwrap();
         assert_eq!(st["status"], "detached");
-        assert!(!st.contains_key("progress"));
-        assert!(!st.contains_key("vsan-policy-state"));
+        assert!(st.get("progress").is_none());
+        assert!(st.get("vsan-policy-state").is_none());
         info.vsan_policy_state = Some(vmdk_protocol::PolicyState::Recorded {
             reason: "ESXi without vCenter has no storage policies".into(),
         });
-        let st = inspect_status(&info, None);
+        let st = serde_json::to_value(inspect_status(&info, None)).unwrap();
         assert_eq!(
             st["vsan-policy-state"],
             "recorded, not applied: ESXi without vCenter has no storage policies"
