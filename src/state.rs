@@ -177,8 +177,17 @@ impl StateStore {
 
     /// Saves atomically; the file is readable by its owner only (0600).
     pub fn save(&self, state: &PluginState) -> io::Result<()> {
+        self.save_with(state, true)
+    }
+
+    /// [`StateStore::save`]; with `durable` false the rename is left to
+    /// the file system's next commit (see
+    /// [`vmdk_common::store::Dir::write_atomic_deferred`]): for saves that
+    /// only release mounts, whose loss in a crash leaves records that
+    /// recovery checks against the live mounts.
+    pub fn save_with(&self, state: &PluginState, durable: bool) -> io::Result<()> {
         use std::os::unix::fs::PermissionsExt;
-        vmdk_common::store::atomic_write(&self.path, &state.encode())?;
+        vmdk_common::store::atomic_write_with(&self.path, &state.encode(), durable)?;
         if std::fs::metadata(&self.path)?.permissions().mode() & 0o777 != 0o600 {
             std::fs::set_permissions(&self.path, std::fs::Permissions::from_mode(0o600))?;
         }
@@ -204,6 +213,22 @@ mod tests {
                 device: "/dev/loop0".into(),
                 fstype: "ext4".into(),
                 read_only: false,
+            },
+        );
+        store.save(&s).unwrap();
+        assert_eq!(store.load(), s);
+        // A save whose rename is left to the next commit reads back the same.
+        s.mounts.clear();
+        store.save_with(&s, false).unwrap();
+        assert_eq!(store.load(), s);
+        s.mounts.insert(
+            "w@local".into(),
+            MountRecord {
+                ids: [("def".to_string(), 3)].into(),
+                nested: BTreeMap::new(),
+                device: "/dev/loop1".into(),
+                fstype: "xfs".into(),
+                read_only: true,
             },
         );
         store.save(&s).unwrap();

@@ -300,6 +300,36 @@ pub struct ManagerConfig {
 struct Versioned {
     state: PluginState,
     generation: u64,
+    /// The generation of the newest update that must be durable when it
+    /// returns (any but a release, see [`releases`]).
+    claimed: u64,
+}
+
+/// Saves: the generation last saved, and the last saved durably.
+#[derive(Debug, Default)]
+struct Saved {
+    any: u64,
+    durable: u64,
+}
+
+/// Whether a record going from `before` to `after` only releases: the
+/// record goes, or loses mount IDs or nested mounts and nothing else
+/// changes. A crash that loses such a save leaves a record claiming more
+/// mounts than are live, which recovery and the next Mount check against
+/// the live system (docs/recovery.md), so its rename need not be durable
+/// before the Unmount answers.
+fn releases(before: Option<&MountRecord>, after: Option<&MountRecord>) -> bool {
+    match (before, after) {
+        (Some(_), None) => true,
+        (Some(b), Some(a)) => {
+            a.device == b.device
+                && a.fstype == b.fstype
+                && a.read_only == b.read_only
+                && a.ids.iter().all(|(id, t)| b.ids.get(id) == Some(t))
+                && a.nested.iter().all(|(id, n)| b.nested.get(id).is_some_and(|m| n <= m))
+        }
+        _ => false,
+    }
 }
 
 /// The mount logic and state of this VM.
@@ -310,10 +340,10 @@ pub struct VolumeManager {
     cfg: ManagerConfig,
     store: StateStore,
     state: Mutex<Versioned>,
-    /// Held by the one save under way; holds the generation last saved.
+    /// Held by the one save under way; holds the generations last saved.
     /// Concurrent updates coalesce: a save writes the newest state, so an
     /// update whose generation it covers returns without writing again.
-    saved: tokio::sync::Mutex<u64>,
+    saved: tokio::sync::Mutex<Saved>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     gate: Arc<RwLock<()>>,
     default_ds: OnceCell<String>,
@@ -360,7 +390,7 @@ impl VolumeManager {
             sys,
             store,
             state: Mutex::new(Versioned::default()),
-            saved: tokio::sync::Mutex::new(0),
+            saved: tokio::sync::Mutex::new(Saved::default()),
             locks: Mutex::new(HashMap::new()),
             gate: Arc::new(RwLock::new(())),
             default_ds: OnceCell::new(),
@@ -414,6 +444,9 @@ impl VolumeManager {
     /// write: the write runs on the blocking pool, and updates of other
     /// volumes that arrive meanwhile are saved together by the next write
     /// (group commit), so N concurrent Mounts cost about two writes, not N.
+    /// A save that covers only releases (see [`releases`]) leaves its
+    /// rename to the file system's next commit; one that covers any other
+    /// change makes it durable before the update returns.
     async fn update<T>(&self, name: &str, f: impl FnOnce(&mut PluginState) -> T) -> Result<T, PluginError> {
         let (out, before, after, mine) = {
             let mut g = self.state.lock().unwrap();
@@ -424,23 +457,33 @@ impl VolumeManager {
                 return Ok(out);
             }
             g.generation += 1;
-            (out, before, after, g.generation)
+            let claim = !releases(before.as_ref(), after.as_ref());
+            if claim {
+                g.claimed = g.generation;
+            }
+            (out, before, after, (g.generation, claim))
         };
+        let (mine, claim) = mine;
         let mut saved = self.saved.lock().await;
-        if *saved >= mine {
+        // Covered by a save that began after this update, durable if this
+        // update must be.
+        if saved.any >= mine && (!claim || saved.durable >= mine) {
             return Ok(out);
         }
-        let (snapshot, generation) = {
+        let (snapshot, generation, durable) = {
             let g = self.state.lock().unwrap();
-            (g.state.clone(), g.generation)
+            (g.state.clone(), g.generation, g.claimed > saved.durable)
         };
         let store = self.store.clone();
-        let res = vmdk_common::runtime::spawn_blocking(move || store.save(&snapshot))
+        let res = vmdk_common::runtime::spawn_blocking(move || store.save_with(&snapshot, durable))
             .await
             .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
         match res {
             Ok(()) => {
-                *saved = generation;
+                saved.any = generation;
+                if durable {
+                    saved.durable = generation;
+                }
                 Ok(out)
             }
             Err(source) => {
@@ -1572,6 +1615,38 @@ pub fn inspect_status<'a>(info: &'a VolumeInfo, rec: Option<&MountRecord>) -> In
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_release_of_mounts_is_saved_without_a_durable_rename() {
+        let rec = |ids: &[&str], nested: &[(&str, u32)]| MountRecord {
+            ids: ids.iter().map(|i| (i.to_string(), 7)).collect(),
+            nested: nested.iter().map(|(i, n)| (i.to_string(), *n)).collect(),
+            device: "/dev/loop0".into(),
+            fstype: "ext4".into(),
+            read_only: false,
+        };
+        let two = rec(&["a", "b"], &[("a", 2)]);
+        // Releases: the record goes, an ID goes, a nested mount goes.
+        assert!(releases(Some(&two), None));
+        assert!(releases(Some(&two), Some(&rec(&["a"], &[("a", 2)]))));
+        assert!(releases(Some(&two), Some(&rec(&["a", "b"], &[("a", 1)]))));
+        assert!(releases(Some(&two), Some(&rec(&["a", "b"], &[]))));
+        // Claims: a new record, a new ID, a nested mount more, an ID taken
+        // again at another time, another device or mode.
+        assert!(!releases(None, Some(&two)));
+        assert!(!releases(Some(&two), Some(&rec(&["a", "b", "c"], &[("a", 2)]))));
+        assert!(!releases(Some(&two), Some(&rec(&["a", "b"], &[("a", 3)]))));
+        assert!(!releases(Some(&two), Some(&rec(&["a", "b"], &[("a", 2), ("b", 1)]))));
+        let mut later = two.clone();
+        later.ids.insert("a".into(), 8);
+        assert!(!releases(Some(&two), Some(&later)));
+        let mut other = rec(&["a"], &[]);
+        other.device = "/dev/loop1".into();
+        assert!(!releases(Some(&two), Some(&other)));
+        let mut ro = rec(&["a"], &[]);
+        ro.read_only = true;
+        assert!(!releases(Some(&two), Some(&ro)));
+    }
 
     #[test]
     fn device_paths_from_the_agent_must_stay_under_dev() {

@@ -514,6 +514,21 @@ impl Dir {
     /// `name` that is not a regular file is refused, not replaced. On
     /// failure the temp file is removed.
     pub fn write_atomic(&self, name: &str, data: &[u8]) -> Result<(), StoreError> {
+        self.replace(name, data)?;
+        self.sync()
+    }
+
+    /// [`Dir::write_atomic`] without the directory's fsync: the content is
+    /// on disk before the name points at it (never torn), but the rename
+    /// itself becomes durable with the file system's next commit (a few
+    /// seconds), so a crash before then leaves the old content. Only for a
+    /// change whose loss a later check repairs (see the callers).
+    pub fn write_atomic_deferred(&self, name: &str, data: &[u8]) -> Result<(), StoreError> {
+        self.replace(name, data)
+    }
+
+    /// Writes `data` to a temp file, fsyncs it and renames it over `name`.
+    fn replace(&self, name: &str, data: &[u8]) -> Result<(), StoreError> {
         check_name(name)?;
         if let Some(st) = self.stat(name)? {
             if st.kind != FileKind::Regular {
@@ -541,8 +556,7 @@ impl Dir {
         if res.is_err() {
             let _ = nix::unistd::unlinkat(self.fd.as_fd(), tmp.as_str(), nix::unistd::UnlinkatFlags::NoRemoveDir);
         }
-        res?;
-        self.sync()
+        res
     }
 
     /// A new temp file, locked (see [`TEMP_PREFIX`]).
@@ -813,6 +827,12 @@ pub fn tighten_file_mode(file: &File, mode: u32) -> io::Result<bool> {
 /// plugin's state directory); `path` itself is never followed if it is a
 /// link.
 pub fn atomic_write(path: &Path, data: &[u8]) -> io::Result<()> {
+    atomic_write_with(path, data, true)
+}
+
+/// [`atomic_write`], the rename made durable now (`durable`) or with the
+/// file system's next commit (see [`Dir::write_atomic_deferred`]).
+pub fn atomic_write_with(path: &Path, data: &[u8], durable: bool) -> io::Result<()> {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -823,7 +843,13 @@ pub fn atomic_write(path: &Path, data: &[u8]) -> io::Result<()> {
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no UTF-8 file name"))?;
     let shown = DsPath::new("local", &dir.display().to_string());
     Dir::open_trusted(dir, shown)
-        .and_then(|d| d.write_atomic(name, data))
+        .and_then(|d| {
+            if durable {
+                d.write_atomic(name, data)
+            } else {
+                d.write_atomic_deferred(name, data)
+            }
+        })
         .map_err(|e| match e {
             StoreError::Io { source, .. } => source,
             other => io::Error::other(other.to_string()),
