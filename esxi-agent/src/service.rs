@@ -285,7 +285,7 @@ impl VolumeService {
     /// next List reads no volume file unless a folder changed (tests).
     #[doc(hidden)]
     pub fn catalog_settled(&self) -> bool {
-        self.catalog.folders.iter().all(|f| f.lock().unwrap().scanned.is_some())
+        self.catalog.folders.iter().all(|f| f.read().unwrap().scanned.is_some())
     }
 
     /// Sets how long a create whose long part has begun runs before it is
@@ -817,7 +817,7 @@ impl VolumeService {
         if let Some(known) = known.filter(|_| reusable) {
             let mut same = known.0.len() == self.datastores.len();
             for i in 0..self.datastores.len() {
-                let cat = self.catalog.folders[i].lock().unwrap();
+                let cat = self.catalog.folders[i].read().unwrap();
                 if !cat.creating.is_empty() {
                     return None;
                 }
@@ -830,7 +830,7 @@ impl VolumeService {
         let mut names = Vec::new();
         let mut key = Vec::with_capacity(self.datastores.len());
         for (i, ds) in self.datastores.iter().enumerate() {
-            let cat = self.catalog.folders[i].lock().unwrap();
+            let cat = self.catalog.folders[i].read().unwrap();
             if !cat.creating.is_empty() {
                 return None;
             }

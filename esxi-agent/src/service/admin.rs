@@ -540,7 +540,7 @@ impl VolumeService {
         Vec<(Target<'a>, VolumeMeta, crate::backend::DiskInfo)>,
         Vec<(Target<'a>, crate::datastore::LocalFolder)>,
     ) {
-        let cat = self.catalog.folders[i].lock().unwrap();
+        let cat = self.catalog.folders[i].read().unwrap();
         let target = |volume: &str| Target {
             full: format!("{volume}@{}", ds.name),
             ds,

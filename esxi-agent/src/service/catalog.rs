@@ -39,7 +39,7 @@
 //! An entry keeps compact strings and no sidecar: see [`Entry`].
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::Mutex;
+use std::sync::RwLock;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use vmdk_protocol::{AttachStatus, FormatRecord, PolicyState};
@@ -406,7 +406,7 @@ pub(super) enum Answer {
 pub(super) struct Catalog {
     /// Stamps younger than this are not trusted ([`RACY_NS`]).
     pub(super) racy_ns: i128,
-    pub(super) folders: Vec<Mutex<FolderCatalog>>,
+    pub(super) folders: Vec<RwLock<FolderCatalog>>,
     /// Serializes scans of a folder (a second caller then finds it done).
     pub(super) scanning: Vec<tokio::sync::Mutex<()>>,
 }
@@ -427,7 +427,7 @@ impl Catalog {
     pub(super) fn new(datastores: usize) -> Self {
         Self {
             racy_ns: RACY_NS,
-            folders: (0..datastores).map(|_| Mutex::default()).collect(),
+            folders: (0..datastores).map(|_| RwLock::default()).collect(),
             scanning: (0..datastores).map(|_| tokio::sync::Mutex::new(())).collect(),
         }
     }
@@ -447,7 +447,7 @@ impl Catalog {
         let Some(cat) = self.folders.get(ds) else {
             return Answer::Stale;
         };
-        let mut cat = cat.lock().unwrap();
+        let mut cat = cat.write().unwrap();
         if cat.scanned.is_some() && cat.scanned == Some(Stamp::of(st)) {
             return Answer::Fresh;
         }
@@ -480,7 +480,7 @@ impl Catalog {
     /// [`Catalog::wrote`] ended.
     pub(super) fn verified(&self, ds: usize) {
         if let Some(cat) = self.folders.get(ds) {
-            cat.lock().unwrap().verifying = false;
+            cat.write().unwrap().verifying = false;
         }
     }
 
@@ -491,7 +491,7 @@ impl Catalog {
         if !trusted {
             return None;
         }
-        let cat = self.folders.get(ds)?.lock().unwrap();
+        let cat = self.folders.get(ds)?.read().unwrap();
         let e = cat.vols.get(volume).filter(|e| e.has(VERIFIED) && e.stamps == now)?;
         Some((e.meta(), e.disk(Some(ext.allocated))))
     }
@@ -499,7 +499,7 @@ impl Catalog {
     /// The folder's write count, taken before a read whose result is then
     /// given to [`Catalog::store`].
     pub(super) fn seq(&self, ds: usize) -> u64 {
-        self.folders.get(ds).map_or(0, |c| c.lock().unwrap().seq)
+        self.folders.get(ds).map_or(0, |c| c.read().unwrap().seq)
     }
 
     /// Records what a read of `volume` found (stamps taken before it, when
@@ -515,7 +515,7 @@ impl Catalog {
         seen: u64,
     ) {
         let Some(cat) = self.folders.get(ds) else { return };
-        let mut cat = cat.lock().unwrap();
+        let mut cat = cat.write().unwrap();
         if cat.superseded(volume, seen) {
             return;
         }
@@ -545,7 +545,7 @@ impl Catalog {
     ) -> bool {
         let Some(cat) = self.folders.get(ds) else { return false };
         let taken = FileStamps::take(folder, volume, self.racy_ns);
-        let mut cat = cat.lock().unwrap();
+        let mut cat = cat.write().unwrap();
         cat.seq += 1;
         cat.self_changed = true;
         let seq = cat.seq;
@@ -576,7 +576,7 @@ impl Catalog {
     /// and List scans again before it answers from the catalog.
     pub(super) fn forget(&self, ds: usize, volume: &str) {
         let Some(cat) = self.folders.get(ds) else { return };
-        let mut cat = cat.lock().unwrap();
+        let mut cat = cat.write().unwrap();
         cat.seq += 1;
         cat.vols.remove(volume);
         cat.complete = false;
@@ -588,7 +588,7 @@ impl Catalog {
     /// answers from the catalog.
     pub(super) fn gone(&self, ds: usize, volume: &str) {
         let Some(cat) = self.folders.get(ds) else { return };
-        let mut cat = cat.lock().unwrap();
+        let mut cat = cat.write().unwrap();
         if cat.vols.remove(volume).is_some() {
             // Counted, so a scan that ends meanwhile does not trust the
             // folder.
@@ -601,7 +601,7 @@ impl Catalog {
     /// This agent removed `volume` (its files are gone).
     pub(super) fn removed(&self, ds: usize, volume: &str) -> bool {
         let Some(cat) = self.folders.get(ds) else { return false };
-        let mut cat = cat.lock().unwrap();
+        let mut cat = cat.write().unwrap();
         cat.seq += 1;
         cat.self_changed = true;
         let seq = cat.seq;
@@ -628,7 +628,7 @@ impl Catalog {
         };
         let began = Instant::now();
         let seen = {
-            let mut c = cat.lock().unwrap();
+            let mut c = cat.write().unwrap();
             c.self_changed = false;
             c.seq
         };
@@ -638,13 +638,13 @@ impl Catalog {
         // for one chunk at most, never for the whole folder. `found` counts
         // the volumes found that have an entry, for the set of names the
         // count of changes `names_before` stands for.
-        let names_before = cat.lock().unwrap().vols.names();
+        let names_before = cat.read().unwrap().vols.names();
         let mut found = 0;
         let reload: Vec<&str> = scan
             .volumes
             .chunks(LOCK_CHUNK)
             .flat_map(|chunk| {
-                let c = cat.lock().unwrap();
+                let c = cat.read().unwrap();
                 chunk
                     .iter()
                     .filter(|(v, side, disks)| match c.vols.get(v.as_str()) {
@@ -689,7 +689,7 @@ impl Catalog {
             }
         };
         let results = read_in_parallel(&reload, &read);
-        let mut c = cat.lock().unwrap();
+        let mut c = cat.write().unwrap();
         // Entries of volumes no longer in the folder go, unless this agent
         // wrote them since the scan began (newer than the listing). None
         // can be there when no name changed since the chunks above and each
@@ -728,12 +728,12 @@ impl Catalog {
         // too young to trust, or unreadable, is looked at again), checked
         // in chunks, and nothing was written or found gone meanwhile.
         let settled = scan.volumes.chunks(LOCK_CHUNK).all(|chunk| {
-            let c = cat.lock().unwrap();
+            let c = cat.read().unwrap();
             chunk
                 .iter()
                 .all(|(v, side, disks)| c.vols.get(v.as_str()).is_some_and(|e| entry_current(e, *side, *disks)))
         });
-        let mut c = cat.lock().unwrap();
+        let mut c = cat.write().unwrap();
         c.scanned = if settled && !c.self_changed && c.seq == updated {
             scan.folder
         } else {
@@ -972,7 +972,7 @@ mod tests {
             uuid: None,
         };
         let c = Catalog::new(1);
-        let has = |c: &Catalog| c.folders[0].lock().unwrap().vols.contains_key("v");
+        let has = |c: &Catalog| c.folders[0].read().unwrap().vols.contains_key("v");
         let seen = c.seq(0);
         c.store(0, "v", (stamps, true), &meta, &disk, seen);
         assert!(has(&c));
