@@ -649,10 +649,11 @@ impl VolumeManager {
         let list = match (self.list_names(cached.as_ref().map(|(k, _)| k)).await?, cached) {
             (None, Some((_, body))) => return Ok(Ok(body)),
             (Some(list), _) => list,
-            (None, None) => NameList {
+            // Not answered without a known key; asked again in full.
+            (None, None) => self.list_names(None).await?.unwrap_or(NameList {
                 key: None,
                 names: Vec::new(),
-            },
+            }),
         };
         let body = match encode(&self.shown(list.names).await) {
             Ok(b) => bytes::Bytes::from(b),
