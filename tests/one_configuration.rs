@@ -116,6 +116,11 @@ fn admin_commands_agree_with_a_plugin_that_embeds_the_agent() {
         dir.path(),
         &["--datastore".into(), format!("vsanDatastore={},vsan", ds.display())],
     );
+    // The plugin serves its socket before its start-up work, which
+    // prepares the datastore and records its type (docs/recovery.md); a
+    // Remove waits for that work, as every mutating call does.
+    let removed = call(&plugin.socket, "VolumeDriver.Remove", r#"{"Name":"no-such-volume"}"#);
+    assert_eq!(removed["Err"], "", "{removed}");
     let flag = format!("vsanDatastore={}", ds.display());
     let none = dir.path().join("no-agent.sock");
     let status = ok(&[
