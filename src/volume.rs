@@ -448,7 +448,7 @@ impl VolumeManager {
     /// rename to the file system's next commit; one that covers any other
     /// change makes it durable before the update returns.
     async fn update<T>(&self, name: &str, f: impl FnOnce(&mut PluginState) -> T) -> Result<T, PluginError> {
-        let (out, before, after, mine) = {
+        let (out, before, after, mine, claim) = {
             let mut g = self.state.lock().unwrap();
             let before = g.state.mounts.get(name).cloned();
             let out = f(&mut g.state);
@@ -461,9 +461,8 @@ impl VolumeManager {
             if claim {
                 g.claimed = g.generation;
             }
-            (out, before, after, (g.generation, claim))
+            (out, before, after, g.generation, claim)
         };
-        let (mine, claim) = mine;
         let mut saved = self.saved.lock().await;
         // Covered by a save that began after this update, durable if this
         // update must be.

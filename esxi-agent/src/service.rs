@@ -179,6 +179,17 @@ pub struct NameList {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NamesKey(Vec<u64>);
 
+/// What the catalogs say of the volume names.
+enum FromCatalogs {
+    /// Those of the list whose key the caller knew.
+    Same,
+    /// These.
+    Listed(NameList),
+    /// A datastore has no catalog, or another process is creating a
+    /// volume: only a full list says.
+    Unavailable,
+}
+
 /// The agent's domain service. Cloning shares it (the backend, the
 /// creates running in the background).
 #[derive(Debug, Clone)]
@@ -749,24 +760,22 @@ impl VolumeService {
         caller: &Caller,
         known: Option<&NamesKey>,
     ) -> Result<Option<NameList>, AgentError> {
-        let catalogs = match self.catalog_names(known).await {
-            Some(Ok(None)) => return Ok(None),
-            Some(Ok(Some(l))) => Some(l),
-            Some(Err(e)) => return Err(e),
-            None => None,
-        };
-        let Some(mut list) = catalogs else {
-            let names: Vec<_> = self
-                .list(caller)
-                .await?
-                .into_iter()
-                .map(|v| (v.name, v.volume, v.datastore))
-                .collect();
-            // The full list built for this is freed: give it back.
-            if names.len() >= vmdk_common::memory::TRIM_VOLUMES {
-                vmdk_common::memory::trim();
+        let mut list = match self.catalog_names(known).await? {
+            FromCatalogs::Same => return Ok(None),
+            FromCatalogs::Listed(l) => l,
+            FromCatalogs::Unavailable => {
+                let names: Vec<_> = self
+                    .list(caller)
+                    .await?
+                    .into_iter()
+                    .map(|v| (v.name, v.volume, v.datastore))
+                    .collect();
+                // The full list built for this is freed: give it back.
+                if names.len() >= vmdk_common::memory::TRIM_VOLUMES {
+                    vmdk_common::memory::trim();
+                }
+                return Ok(Some(NameList { key: None, names }));
             }
-            return Ok(Some(NameList { key: None, names }));
         };
         let pending = self.pending.all();
         if !pending.is_empty() {
@@ -787,30 +796,22 @@ impl VolumeService {
     }
 
     /// Every volume name in the catalogs, each brought up to date first
-    /// unless List may answer from it as it is (see `service::catalog`);
-    /// `Ok(None)` when they are those of the list whose key was `known`;
-    /// `None` when a datastore has no catalog or a create of another
-    /// process is under way.
-    async fn catalog_names(&self, known: Option<&NamesKey>) -> Option<Result<Option<NameList>, AgentError>> {
+    /// unless List may answer from it as it is (see `service::catalog`).
+    async fn catalog_names(&self, known: Option<&NamesKey>) -> Result<FromCatalogs, AgentError> {
         if self.backend.kind() != "local" || self.datastores.iter().any(|d| d.root.is_none()) {
-            return None;
+            return Ok(FromCatalogs::Unavailable);
         }
         let mut folders = Vec::with_capacity(self.datastores.len());
         let mut reusable = true;
         for (i, ds) in self.datastores.iter().enumerate() {
-            if let Some((_, folder)) = self.catalog_folder(ds) {
-                match self.catalog_current(i, &folder).await {
-                    // A volume the catalog could not keep is listed from
-                    // the scan's read, not from the catalog's names.
-                    Ok(uncached) => {
-                        reusable &= uncached.is_empty();
-                        folders.push(Some(uncached));
-                    }
-                    Err(e) => return Some(Err(e)),
-                }
-            } else {
-                folders.push(None);
-            }
+            let uncached = match self.catalog_folder(ds) {
+                Some((_, folder)) => Some(self.catalog_current(i, &folder).await?),
+                None => None,
+            };
+            // A volume the catalog could not keep is listed from the
+            // scan's read, not from the catalog's names.
+            reusable &= uncached.as_ref().is_none_or(Vec::is_empty);
+            folders.push(uncached);
         }
         // Whether a folder is there, and its count of name changes.
         let key_of = |i: usize, cat: &catalog::FolderCatalog| cat.vols.names() << 1 | u64::from(folders[i].is_some());
@@ -819,12 +820,12 @@ impl VolumeService {
             for i in 0..self.datastores.len() {
                 let cat = self.catalog.folders[i].read().unwrap();
                 if !cat.creating.is_empty() {
-                    return None;
+                    return Ok(FromCatalogs::Unavailable);
                 }
                 same &= known.0.get(i) == Some(&key_of(i, &cat));
             }
             if same {
-                return Some(Ok(None));
+                return Ok(FromCatalogs::Same);
             }
         }
         let mut names = Vec::new();
@@ -832,7 +833,7 @@ impl VolumeService {
         for (i, ds) in self.datastores.iter().enumerate() {
             let cat = self.catalog.folders[i].read().unwrap();
             if !cat.creating.is_empty() {
-                return None;
+                return Ok(FromCatalogs::Unavailable);
             }
             key.push(key_of(i, &cat));
             let Some(uncached) = &folders[i] else {
@@ -843,10 +844,10 @@ impl VolumeService {
             names.extend(uncached.iter().map(|(v, _, _)| name(v)));
         }
         names.sort();
-        Some(Ok(Some(NameList {
+        Ok(FromCatalogs::Listed(NameList {
             key: reusable.then_some(NamesKey(key)),
             names,
-        })))
+        }))
     }
 
     /// `POST /v1/volumes`: creates a volume (or a clone). A create whose

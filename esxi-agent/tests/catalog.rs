@@ -27,6 +27,27 @@ fn service(ds: &Path) -> VolumeService {
         .with_catalog_window(Duration::from_millis(100))
 }
 
+/// A `local` datastore directory in a scratch directory (kept while the
+/// first value lives).
+fn datastore() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dir.path().join("local");
+    std::fs::create_dir_all(&ds).unwrap();
+    (dir, ds)
+}
+
+/// `vmdk-agent set --options=access=read-only` on `volume`, as an
+/// administrator runs it beside the service.
+fn set_read_only(ds: &Path, volume: &str) {
+    let out = Command::new(BIN)
+        .args(["--datastore", &format!("local={}", ds.display())])
+        .args(["set", &format!("--volume={volume}"), "--options=access=read-only"])
+        .env_remove("VMDK_AGENT_CONFIG")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+}
+
 fn vm() -> Caller {
     Caller::vm("vm-1").unwrap()
 }
@@ -78,9 +99,7 @@ fn folder(ds: &Path) -> PathBuf {
 
 #[tokio::test]
 async fn list_and_get_see_what_other_processes_did() {
-    let dir = tempfile::tempdir().unwrap();
-    let ds = dir.path().join("local");
-    std::fs::create_dir_all(&ds).unwrap();
+    let (_dir, ds) = datastore();
     let a = service(&ds);
     create(&a, "one").await;
     settle(&a).await;
@@ -97,13 +116,7 @@ async fn list_and_get_see_what_other_processes_did() {
     // The admin CLI changes a setting: Get and List show it.
     settle(&a).await;
     assert_eq!(a.get(&vm(), "one").await.unwrap().access, AccessMode::ReadWrite);
-    let out = Command::new(BIN)
-        .args(["--datastore", &format!("local={}", ds.display())])
-        .args(["set", "--volume=one", "--options=access=read-only"])
-        .env_remove("VMDK_AGENT_CONFIG")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
+    set_read_only(&ds, "one");
     assert_eq!(a.get(&vm(), "one").await.unwrap().access, AccessMode::ReadOnly);
     let listed = a.list(&vm()).await.unwrap();
     assert_eq!(listed[0].access, AccessMode::ReadOnly);
@@ -144,9 +157,7 @@ async fn list_and_get_see_what_other_processes_did() {
 /// Get's answer from the catalog carries the extent's current allocation.
 #[tokio::test]
 async fn get_shows_the_current_allocation() {
-    let dir = tempfile::tempdir().unwrap();
-    let ds = dir.path().join("local");
-    std::fs::create_dir_all(&ds).unwrap();
+    let (_dir, ds) = datastore();
     let a = service(&ds);
     create(&a, "v").await;
     settle(&a).await;
@@ -168,9 +179,7 @@ async fn get_shows_the_current_allocation() {
 /// sees it at once.
 #[tokio::test]
 async fn own_writes_show_at_once_and_foreign_ones_are_still_seen() {
-    let dir = tempfile::tempdir().unwrap();
-    let ds = dir.path().join("local");
-    std::fs::create_dir_all(&ds).unwrap();
+    let (_dir, ds) = datastore();
     let a = service(&ds);
     for v in ["one", "busy"] {
         create(&a, v).await;
@@ -226,9 +235,7 @@ async fn own_writes_show_at_once_and_foreign_ones_are_still_seen() {
 /// another, and a volume damaged out of band change them.
 #[tokio::test]
 async fn a_kept_list_answer_lasts_exactly_as_long_as_the_names() {
-    let dir = tempfile::tempdir().unwrap();
-    let ds = dir.path().join("local");
-    std::fs::create_dir_all(&ds).unwrap();
+    let (_dir, ds) = datastore();
     let a = service(&ds);
     create(&a, "one").await;
     settle(&a).await;
@@ -266,13 +273,7 @@ async fn a_kept_list_answer_lasts_exactly_as_long_as_the_names() {
     a.attach(&vm(), "one").await.unwrap();
     assert_eq!(since(Some(key.clone())).await, None);
     a.detach(&vm(), "one").await.unwrap();
-    let out = Command::new(BIN)
-        .args(["--datastore", &format!("local={}", ds.display())])
-        .args(["set", "--volume=one", "--options=access=read-only"])
-        .env_remove("VMDK_AGENT_CONFIG")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
+    set_read_only(&ds, "one");
     settle(&a).await;
     assert_eq!(since(Some(key.clone())).await, None);
 

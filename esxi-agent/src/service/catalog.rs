@@ -729,9 +729,7 @@ impl Catalog {
         // in chunks, and nothing was written or found gone meanwhile.
         let settled = scan.volumes.chunks(LOCK_CHUNK).all(|chunk| {
             let c = cat.read().unwrap();
-            chunk
-                .iter()
-                .all(|(v, side, disks)| c.vols.get(v.as_str()).is_some_and(|e| entry_current(e, *side, *disks)))
+            chunk.iter().all(|(v, side, disks)| c.current(v, *side, *disks))
         });
         let mut c = cat.write().unwrap();
         c.scanned = if settled && !c.self_changed && c.seq == updated {
@@ -749,6 +747,12 @@ impl Catalog {
 }
 
 impl FolderCatalog {
+    /// Whether `volume`'s entry is current for what a scan found (see
+    /// [`entry_current`]).
+    fn current(&self, volume: &str, sidecar: Option<Stamp>, disks: bool) -> bool {
+        self.vols.get(volume).is_some_and(|e| entry_current(e, sidecar, disks))
+    }
+
     /// This agent wrote or removed `volume` after a read that began at
     /// write count `seen`.
     fn superseded(&self, volume: &str, seen: u64) -> bool {
